@@ -1,0 +1,45 @@
+"""The one exception family of tiesafe.
+
+Every error a user can cause (a bad file, a refused pickle, wrong arguments) is a
+:class:`TiesafeError` whose ``str()`` is the single line the CLI prints: the file,
+the problem and, where there is one, what to do instead. Anything else that
+escapes is a bug (exit code 1).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class TiesafeError(Exception):
+    """A problem with the user's input; its message is what the user reads.
+
+    Example:
+        >>> str(TiesafeError("broken", path="model.bin"))
+        'model.bin: broken'
+    """
+
+    def __init__(self, message: str, *, path: str | Path | None = None) -> None:
+        self.path = None if path is None else str(path)
+        self.problem = message
+        super().__init__(f"{self.path}: {message}" if self.path else message)
+
+
+class UnsafeCheckpointError(TiesafeError):
+    """The pickle asks for something outside what a weights file needs."""
+
+
+class CorruptFileError(TiesafeError):
+    """The file is truncated, inconsistent or not the format it claims to be."""
+
+
+class UnsupportedError(TiesafeError):
+    """Valid input that safetensors cannot represent (complex128, sparse, ...)."""
+
+
+class TieMetadataError(TiesafeError):
+    """Tie metadata in a safetensors header is malformed or inconsistent."""
+
+
+class VerificationError(TiesafeError):
+    """The written output does not reproduce the source bit for bit."""

@@ -1,0 +1,41 @@
+"""Arithmetic on tensor geometry (shape, stride, element offset): pure, no torch."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+def numel(shape: Sequence[int]) -> int:
+    """Number of elements of a shape (1 for a 0-dim tensor)."""
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def extent(offset: int, shape: Sequence[int], stride: Sequence[int]) -> int:
+    """One past the last element a strided window touches (``offset`` if it is empty)."""
+    if numel(shape) == 0:
+        return offset
+    return offset + sum((n - 1) * s for n, s in zip(shape, stride, strict=True)) + 1
+
+
+def contiguous_strides(shape: Sequence[int]) -> tuple[int, ...]:
+    """Row-major strides of a dense tensor of ``shape``."""
+    strides, step = [], 1
+    for n in reversed(shape):
+        strides.append(step)
+        step *= n
+    return tuple(reversed(strides))
+
+
+def is_contiguous(shape: Sequence[int], stride: Sequence[int]) -> bool:
+    """Row-major dense, as torch defines it (size-1 dims may have any stride)."""
+    if numel(shape) == 0:
+        return True
+    expected = 1
+    for n, s in zip(reversed(shape), reversed(stride), strict=True):
+        if n != 1 and s != expected:
+            return False
+        expected *= n
+    return True

@@ -1,0 +1,641 @@
+"""Read the structure of a torch checkpoint without running any code from it.
+
+A ``.bin``/``.pt`` file is a pickle, and a pickle is a program: ``torch.load`` (even
+with ``weights_only``) executes it. We never do. A restricted unpickler maps the
+handful of globals a weights file names (the tensor rebuild functions, storage
+classes, dtypes, ``OrderedDict``) to *our own* descriptor builders and refuses
+every other global by name. Tensor data is never read here: the result is a
+:class:`Checkpoint` of names -> :class:`TensorRef` and storage keys -> byte ranges
+of the file, which the writer copies without ever holding them in memory.
+
+Two layouts exist: torch's zip archive (``torch.save`` since 1.6) and the legacy
+stream of pickles followed by raw storages. Both are handled here by hand because
+torch's own reader must materialise every tensor, and no other library reads
+the format without torch.
+"""
+
+from __future__ import annotations
+
+import _compat_pickle
+import collections
+import io
+import pickle
+import struct
+import zipfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from .dtypes import (
+    BY_STORAGE_CLASS,
+    BY_TORCH_NAME,
+    BYTE,
+    UNSUPPORTED_STORAGE_CLASSES,
+    UNSUPPORTED_TORCH_DTYPES,
+    DType,
+)
+from .errors import CorruptFileError, TiesafeError, UnsafeCheckpointError, UnsupportedError
+from .geometry import extent, is_contiguous, numel
+
+LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+LEGACY_PROTOCOL = 1001
+# data.pkl holds structure only; a real one is kilobytes to a few MB. Anything
+# far beyond is a decompression bomb or not a checkpoint.
+MAX_PICKLE_BYTES = 256 * 1024 * 1024
+# No real tensor has more elements than this; it also keeps byte arithmetic sane.
+MAX_ELEMENTS = 1 << 56
+
+# Keys under which training frameworks wrap the weights, most specific first.
+WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "module", "network", "ema", "net")
+
+
+@dataclass(frozen=True)
+class StorageRecord:
+    """Where one storage's bytes lie in the checkpoint file."""
+
+    key: str
+    offset: int  # byte offset of the first byte in the file
+    nbytes: int
+    location: str  # device it was saved from ("cpu", "cuda:0", ...): recorded, never needed
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    """A tensor as a window on a storage: no data, only geometry."""
+
+    storage: str
+    dtype: DType
+    offset: int  # in elements of ``dtype``
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        return numel(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+    @property
+    def span(self) -> tuple[int, int]:
+        """Byte range ``[start, end)`` of the storage that the tensor touches."""
+        size = self.dtype.itemsize
+        return self.offset * size, extent(self.offset, self.shape, self.stride) * size
+
+    @property
+    def is_contiguous(self) -> bool:
+        return is_contiguous(self.shape, self.stride)
+
+
+@dataclass
+class Checkpoint:
+    """A parsed checkpoint: tensor names in file order, storages, what was skipped."""
+
+    path: Path
+    format: str  # "zip" or "legacy"
+    tensors: dict[str, TensorRef]
+    storages: dict[str, StorageRecord]
+    skipped: list[str] = field(default_factory=list)
+    wrapper: str | None = None  # key path the weights were found under, if any
+
+
+# --------------------------------------------------------------------------- markers
+# The objects our unpickler hands out instead of torch's. None of them runs code.
+
+
+class _Inert:
+    """Refuses ``BUILD`` (``__setstate__``), the one hook a pickle has on our objects."""
+
+    def __setstate__(self, state: object) -> None:
+        raise UnsafeCheckpointError("the pickle tries to set the state of a tensor descriptor")
+
+
+@dataclass(frozen=True, eq=False)
+class _StorageType(_Inert):
+    name: str
+    dtype: DType | None  # None: unsupported (see ``unsupported``)
+    unsupported: str | None = None
+
+
+@dataclass(frozen=True, eq=False)
+class _DTypeMarker(_Inert):
+    dtype: DType | None
+    name: str
+
+
+@dataclass(frozen=True, eq=False)
+class _StorageNode(_Inert):
+    key: str
+    dtype: DType
+    element_offset: int  # legacy storage views start inside their root storage
+    unsupported: str | None
+
+
+@dataclass(frozen=True, eq=False)
+class _TensorNode(_Inert):
+    ref: TensorRef | None
+    unsupported: str | None = None
+
+
+@dataclass(frozen=True, eq=False)
+class _TypeMarker(_Inert):
+    name: str
+
+
+def _ints(value: object, what: str) -> tuple[int, ...]:
+    if not isinstance(value, (tuple, list)) or not all(
+        type(v) is int
+        for v in value  # bool is not a size
+    ):
+        raise CorruptFileError(f"tensor {what} is not a tuple of integers: {value!r:.80}")
+    return tuple(value)
+
+
+def _tensor(storage: object, offset: object, size: object, stride: object, dtype: DType | None = None) -> _TensorNode:
+    if not isinstance(storage, _StorageNode):
+        raise CorruptFileError("a tensor's storage is not a storage record")
+    if storage.unsupported:
+        return _TensorNode(None, storage.unsupported)
+    if dtype is None:
+        dtype = storage.dtype
+    shape, strides = _ints(size, "shape"), _ints(stride, "stride")
+    if type(offset) is not int or offset < 0:
+        raise CorruptFileError(f"tensor storage offset is invalid: {offset!r:.80}")
+    if len(shape) != len(strides):
+        raise CorruptFileError(f"tensor shape {shape} and stride {strides} differ in length")
+    if any(n < 0 for n in shape) or any(s < 0 for s in strides):
+        raise CorruptFileError(f"tensor shape {shape} or stride {strides} is negative")
+    if numel(shape) > MAX_ELEMENTS or offset > MAX_ELEMENTS or any(s > MAX_ELEMENTS for s in strides):
+        raise CorruptFileError(f"tensor shape {shape} / stride {strides} / offset {offset} is implausibly large")
+    # Untyped storages count bytes; the tensor's offset counts its own elements.
+    base = storage.element_offset * storage.dtype.itemsize
+    if base % dtype.itemsize:
+        raise CorruptFileError("a storage view is not aligned to its tensor's dtype")
+    ref = TensorRef(storage.key, dtype, base // dtype.itemsize + offset, shape, strides)
+    return _TensorNode(ref)
+
+
+def _rebuild_tensor(storage: object, offset: object, size: object, stride: object) -> _TensorNode:
+    return _tensor(storage, offset, size, stride)
+
+
+def _rebuild_tensor_v2(storage: object, offset: object, size: object, stride: object, *_ignored: object) -> _TensorNode:
+    # requires_grad, backward_hooks and metadata do not change the bytes.
+    return _tensor(storage, offset, size, stride)
+
+
+def _rebuild_tensor_v3(
+    storage: object,
+    offset: object,
+    size: object,
+    stride: object,
+    requires_grad: object,
+    hooks: object,
+    dtype: object,
+    *_ignored: object,
+) -> _TensorNode:
+    if not isinstance(dtype, _DTypeMarker):
+        raise CorruptFileError("a tensor's dtype is not a torch dtype")
+    if dtype.dtype is None:
+        return _TensorNode(None, dtype.name)
+    return _tensor(storage, offset, size, stride, dtype.dtype)
+
+
+def _rebuild_parameter(data: object, *_ignored: object) -> object:
+    return data
+
+
+def _rebuild_from_type_v2(func: object, new_type: object, args: object, state: object) -> object:
+    # A tensor with Python attributes: the attributes are dropped, the data kept.
+    if func not in (_rebuild_tensor, _rebuild_tensor_v2, _rebuild_tensor_v3, _rebuild_parameter):
+        raise UnsafeCheckpointError("the pickle rebuilds a tensor through an unexpected function")
+    if not isinstance(new_type, _TypeMarker) or not isinstance(args, tuple):
+        raise UnsafeCheckpointError("the pickle rebuilds a tensor of an unexpected type")
+    return func(*args)
+
+
+def _unsupported_tensor(kind: str) -> Callable[..., _TensorNode]:
+    def build(*_args: object) -> _TensorNode:
+        return _TensorNode(None, kind)
+
+    return build
+
+
+def _codecs_encode(text: object, encoding: object = "utf-8") -> bytes:
+    # Protocol-2 pickles spell bytes as _codecs.encode(str, "latin1").
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1", "utf-8", "utf8"):
+        raise UnsafeCheckpointError("the pickle calls _codecs.encode with unexpected arguments")
+    return text.encode(str(encoding))
+
+
+def _torch_size(*args: object) -> tuple[int, ...]:
+    return _ints(args[0] if args else (), "size")
+
+
+def _layout_name(name: object) -> str:
+    # Sparse tensors name their layout by string; only the name is kept.
+    if not isinstance(name, str):
+        raise UnsafeCheckpointError("the pickle asks for a layout by a non-string name")
+    return name
+
+
+def _torch_device(*args: object) -> str:
+    if not all(isinstance(a, (str, int)) for a in args):
+        raise UnsafeCheckpointError("the pickle builds a torch.device from unexpected arguments")
+    return ":".join(str(a) for a in args)
+
+
+def _allowed_globals() -> dict[tuple[str, str], object]:
+    allowed: dict[tuple[str, str], object] = {
+        ("collections", "OrderedDict"): collections.OrderedDict,
+        ("builtins", "set"): set,
+        ("builtins", "frozenset"): frozenset,
+        ("_codecs", "encode"): _codecs_encode,
+        ("torch", "Size"): _torch_size,
+        ("torch", "device"): _torch_device,
+        ("torch", "Tensor"): _TypeMarker("torch.Tensor"),
+        ("torch.nn.parameter", "Parameter"): _TypeMarker("torch.nn.Parameter"),
+        ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
+        ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
+        ("torch._utils", "_rebuild_tensor_v3"): _rebuild_tensor_v3,
+        ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+        ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
+        ("torch._tensor", "_rebuild_from_type_v2"): _rebuild_from_type_v2,
+        ("torch.serialization", "_get_layout"): _layout_name,
+        ("torch._utils", "_rebuild_sparse_tensor"): _unsupported_tensor("sparse"),
+        ("torch._utils", "_rebuild_sparse_csr_tensor"): _unsupported_tensor("sparse"),
+        ("torch._utils", "_rebuild_qtensor"): _unsupported_tensor("quantized"),
+        ("torch._utils", "_rebuild_nested_tensor"): _unsupported_tensor("nested"),
+        ("torch._utils", "_rebuild_meta_tensor_no_storage"): _unsupported_tensor("meta (no data)"),
+        ("torch._utils", "_rebuild_wrapper_subclass"): _unsupported_tensor("tensor subclass"),
+        ("torch._utils", "_rebuild_device_tensor_from_numpy"): _unsupported_tensor("numpy-backed"),
+        ("torch._utils", "_rebuild_device_tensor_from_cpu_tensor"): _unsupported_tensor("device"),
+        ("torch.storage", "UntypedStorage"): _StorageType("UntypedStorage", BYTE),
+    }
+    for name, dtype in BY_STORAGE_CLASS.items():
+        allowed[("torch", name)] = _StorageType(name, dtype)
+    for name, kind in UNSUPPORTED_STORAGE_CLASSES.items():
+        allowed[("torch", name)] = _StorageType(name, None, kind)
+    for name, dtype in BY_TORCH_NAME.items():
+        allowed[("torch", name)] = _DTypeMarker(dtype, name)
+    for name in UNSUPPORTED_TORCH_DTYPES:
+        allowed[("torch", name)] = _DTypeMarker(None, name)
+    # Layouts and quantization schemes only travel as arguments of unsupported tensors.
+    for marker in (
+        "strided",
+        "sparse_coo",
+        "sparse_csr",
+        "sparse_csc",
+        "sparse_bsr",
+        "sparse_bsc",
+        "per_tensor_affine",
+        "per_channel_affine",
+        "per_tensor_symmetric",
+        "per_channel_symmetric",
+        "per_channel_affine_float_qparams",
+    ):
+        allowed[("torch", marker)] = _TypeMarker(f"torch.{marker}")
+    return allowed
+
+
+_ALLOWED = _allowed_globals()
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """``pickle.Unpickler`` whose every global resolves to an inert builder of ours.
+
+    ``find_class`` is the only door from a pickle to a callable (``GLOBAL``,
+    ``STACK_GLOBAL``, ``INST``, ``OBJ``, ``EXT*`` all go through it), so closing it
+    is what the Python docs prescribe for restricting unpickling.
+    """
+
+    def __init__(self, file: BinaryIO, on_storage: Callable[[tuple[object, ...]], _StorageNode] | None) -> None:
+        super().__init__(file)
+        self._on_storage = on_storage
+
+    def find_class(self, module: str, name: str) -> Any:
+        # Protocol < 3 pickles use Python 2 names (__builtin__.set, commands.call):
+        # translate them as pickle itself does, for lookup and for the message.
+        if (module, name) in _compat_pickle.NAME_MAPPING:
+            module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+        elif module in _compat_pickle.IMPORT_MAPPING:
+            module = _compat_pickle.IMPORT_MAPPING[module]
+        try:
+            return _ALLOWED[(module, name)]
+        except (KeyError, TypeError):
+            raise UnsafeCheckpointError(
+                f"refused: the pickle asks for '{module}.{name}', which a weights file does not need "
+                "(tiesafe never runs code from a checkpoint)"
+            ) from None
+
+    def persistent_load(self, pid: Any) -> Any:
+        if self._on_storage is None or not isinstance(pid, tuple) or not pid:
+            raise CorruptFileError(f"unexpected persistent id {pid!r:.80}")
+        tag = pid[0].decode("ascii", "replace") if isinstance(pid[0], bytes) else pid[0]
+        if tag != "storage":
+            raise UnsafeCheckpointError(f"refused: persistent id of kind {tag!r:.40} (only storages are allowed)")
+        return self._on_storage(pid[1:])
+
+
+def _unpickle(stream: BinaryIO, on_storage: Callable[[tuple[object, ...]], _StorageNode] | None = None) -> Any:
+    try:
+        return _RestrictedUnpickler(stream, on_storage).load()
+    except TiesafeError:
+        raise
+    except RecursionError:
+        raise CorruptFileError("the pickle nests too deeply") from None
+    except MemoryError:
+        raise CorruptFileError("the pickle needs more memory than a weights file can") from None
+    except Exception as exc:  # any malformed pickle: one line, no traceback
+        raise CorruptFileError(f"the pickle is malformed ({type(exc).__name__}: {exc})"[:300]) from None
+
+
+def _storage_fields(data: tuple[object, ...]) -> tuple[_StorageType, str, str, int]:
+    if len(data) < 4:
+        raise CorruptFileError("a storage record has too few fields")
+    storage_type, key, location, numel = data[:4]
+    if isinstance(key, bytes):
+        key = key.decode("ascii", "replace")
+    if isinstance(location, bytes):
+        location = location.decode("ascii", "replace")
+    if not isinstance(storage_type, _StorageType):
+        raise CorruptFileError("a storage record does not name a storage type")
+    if not isinstance(key, str) or not isinstance(location, str):
+        raise CorruptFileError("a storage record has a non-string key or location")
+    if type(numel) is not int or numel < 0 or numel > MAX_ELEMENTS:
+        raise CorruptFileError(f"storage {key!r} has an invalid size {numel!r:.40}")
+    return storage_type, key, location, numel
+
+
+# --------------------------------------------------------------------------- zip format
+
+
+def _local_data_offset(raw: BinaryIO, info: zipfile.ZipInfo, file_size: int) -> int:
+    # The central directory does not give where data starts: the local header's
+    # extra field (torch pads it to align storages) may differ, so read it.
+    raw.seek(info.header_offset)
+    header = raw.read(30)
+    if len(header) != 30 or header[:4] != b"PK\x03\x04":
+        raise CorruptFileError(f"zip member {info.filename!r} has no valid local header")
+    name_len, extra_len = struct.unpack("<HH", header[26:30])
+    start = info.header_offset + 30 + name_len + extra_len
+    if start + info.file_size > file_size:
+        raise CorruptFileError(f"zip member {info.filename!r} claims more bytes than the file holds")
+    return int(start)
+
+
+def _read_zip(path: Path, raw: BinaryIO, file_size: int) -> tuple[Any, dict[str, StorageRecord]]:
+    try:
+        archive = zipfile.ZipFile(raw)
+        infos = archive.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
+        raise CorruptFileError(f"damaged zip archive ({exc})") from None
+    if not infos:
+        raise CorruptFileError("empty zip archive")
+    names = [i.filename for i in infos]
+    if len(set(names)) != len(names):
+        raise CorruptFileError("zip archive holds duplicate member names")
+    prefix = names[0].split("/", 1)[0]
+    pickle_name = f"{prefix}/data.pkl"
+    if pickle_name not in names:
+        if any(n.endswith(".npy") for n in names):
+            raise CorruptFileError("this is a NumPy .npz archive, not a torch checkpoint")
+        if any(n.endswith("constants.pkl") or "/code/" in n for n in names):
+            raise CorruptFileError("this is a TorchScript archive (torch.jit.save), not a checkpoint")
+        raise CorruptFileError("zip archive without data.pkl: not a torch checkpoint")
+    for name in names:
+        if not name.startswith(prefix + "/") or ".." in name.split("/") or name.startswith("/"):
+            raise CorruptFileError(f"zip member {name!r:.80} lies outside the archive folder {prefix!r}")
+    by_name = {i.filename: i for i in infos}
+    byteorder = by_name.get(f"{prefix}/byteorder")
+    if byteorder is not None and archive.read(byteorder).strip() not in (b"little", b""):
+        raise UnsupportedError("big-endian checkpoints are not supported; re-save on a little-endian machine")
+    pickle_info = by_name[pickle_name]
+    if pickle_info.file_size > MAX_PICKLE_BYTES:
+        raise CorruptFileError(f"data.pkl claims {pickle_info.file_size} bytes: too large for a weights file")
+    try:
+        pickle_bytes = archive.read(pickle_info)
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError) as exc:
+        raise CorruptFileError(f"cannot read data.pkl ({exc})") from None
+
+    records: dict[str, StorageRecord] = {}
+    nodes: dict[str, _StorageNode] = {}
+
+    def on_storage(data: tuple[object, ...]) -> _StorageNode:
+        storage_type, key, location, numel = _storage_fields(data)
+        if key in nodes:
+            return nodes[key]
+        member = by_name.get(f"{prefix}/data/{key}")
+        if member is None:
+            raise CorruptFileError(f"storage {key!r} has no record in the archive")
+        if member.compress_type != zipfile.ZIP_STORED or member.compress_size != member.file_size:
+            raise CorruptFileError(f"storage {key!r} is compressed; torch writes storages uncompressed")
+        dtype = storage_type.dtype or BYTE
+        if numel * dtype.itemsize > member.file_size:
+            raise CorruptFileError(
+                f"storage {key!r} should hold {numel * dtype.itemsize} bytes but its record has {member.file_size}"
+            )
+        offset = _local_data_offset(raw, member, file_size)
+        records[key] = StorageRecord(key, offset, numel * dtype.itemsize, location)
+        nodes[key] = _StorageNode(key, dtype, 0, storage_type.unsupported)
+        return nodes[key]
+
+    return _unpickle(io.BytesIO(pickle_bytes), on_storage), records
+
+
+# --------------------------------------------------------------------------- legacy format
+
+
+def _read_legacy(raw: BinaryIO, file_size: int) -> tuple[Any, dict[str, StorageRecord]]:
+    if _unpickle(raw) != LEGACY_MAGIC:
+        raise CorruptFileError("not a torch checkpoint (no zip archive and no legacy magic number)")
+    if _unpickle(raw) != LEGACY_PROTOCOL:
+        raise CorruptFileError("unknown legacy torch protocol version")
+    sys_info = _unpickle(raw)
+    if isinstance(sys_info, dict) and sys_info.get("little_endian") is False:
+        raise UnsupportedError("big-endian checkpoints are not supported; re-save on a little-endian machine")
+
+    roots: dict[str, tuple[DType, int, str, str | None]] = {}  # key -> dtype, numel, location, unsupported
+    nodes: dict[tuple[str, str], _StorageNode] = {}
+
+    def on_storage(data: tuple[object, ...]) -> _StorageNode:
+        storage_type, key, location, numel = _storage_fields(data)
+        view = data[4] if len(data) > 4 else None
+        dtype = storage_type.dtype or BYTE
+        roots.setdefault(key, (dtype, numel, location, storage_type.unsupported))
+        view_key, element_offset = key, 0
+        if view is not None:
+            if not (isinstance(view, tuple) and len(view) == 3 and type(view[1]) is int and view[1] >= 0):
+                raise CorruptFileError(f"storage {key!r} has a malformed view record")
+            view_key, element_offset = str(view[0]), view[1]
+        if (key, view_key) not in nodes:
+            nodes[(key, view_key)] = _StorageNode(key, dtype, element_offset, storage_type.unsupported)
+        return nodes[(key, view_key)]
+
+    result = _unpickle(raw, on_storage)
+    keys = _unpickle(raw)
+    if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+        raise CorruptFileError("the legacy storage key list is malformed")
+    records: dict[str, StorageRecord] = {}
+    position = raw.tell()
+    for key in keys:
+        if key not in roots:
+            raise CorruptFileError(f"storage {key!r} is listed but never used")
+        dtype, numel, location, _ = roots[key]
+        raw.seek(position)
+        header = raw.read(8)
+        if len(header) != 8:
+            raise CorruptFileError(f"storage {key!r} is cut off (file ends at byte {file_size})")
+        (stored_numel,) = struct.unpack("<q", header)
+        if stored_numel != numel:
+            raise CorruptFileError(f"storage {key!r} holds {stored_numel} elements but is described with {numel}")
+        start, nbytes = position + 8, numel * dtype.itemsize
+        if start + nbytes > file_size:
+            raise CorruptFileError(
+                f"storage {key!r} is cut off (needs {nbytes} bytes at {start}, file has {file_size})"
+            )
+        records[key] = StorageRecord(key, start, nbytes, location)
+        position = start + nbytes
+    missing = set(roots) - set(records)
+    if missing:
+        raise CorruptFileError(f"storage {sorted(missing)[0]!r} is used but has no data")
+    return result, records
+
+
+# --------------------------------------------------------------------------- top level
+
+
+def _sniff_foreign(head: bytes) -> str | None:
+    """Name the format of a file that is clearly not a torch checkpoint."""
+    if not head:
+        return "the file is empty"
+    if head.startswith(b"GGUF"):
+        return "this is a GGUF file, not a torch checkpoint"
+    if head.startswith(b"\x89HDF\r\n\x1a\n"):
+        return "this is an HDF5 (.h5) file, not a torch checkpoint"
+    if head.startswith(b"\x93NUMPY"):
+        return "this is a NumPy .npy file, not a torch checkpoint"
+    if len(head) >= 9 and head[8:9] == b"{":
+        (n,) = struct.unpack("<Q", head[:8])
+        if n < (1 << 27):
+            return "this is a safetensors file already (use 'tiesafe inspect' on it)"
+    if len(head) > 262 and head[257:262] == b"ustar":
+        return "this is a tar archive (torch < 0.4 checkpoint format), which tiesafe does not read"
+    if head[:1] != b"\x80" and not head.startswith(b"PK"):
+        if all(32 <= b < 127 or b in (9, 10, 13) for b in head[:512]):
+            return "this is a text file, not a torch checkpoint"
+        return "not a torch checkpoint (neither a zip archive nor a pickle)"
+    return None
+
+
+def _walk(obj: Any, prefix: str) -> Iterator[tuple[str, Any]]:
+    for key, value in obj.items():
+        yield f"{prefix}{key}", value
+
+
+def _is_state_dict(obj: Any) -> bool:
+    return isinstance(obj, dict) and any(isinstance(v, _TensorNode) for v in obj.values())
+
+
+def _find_weights(obj: Any, key: str | None) -> tuple[dict[Any, Any], str | None]:
+    if key is not None:
+        node = obj
+        for part in key.split("/"):
+            if not isinstance(node, dict) or part not in node:
+                raise TiesafeError(f"no entry {key!r} in the checkpoint (looked up by --key)")
+            node = node[part]
+        if not isinstance(node, dict):
+            raise TiesafeError(f"entry {key!r} is not a dict of tensors")
+        return node, key
+    if _is_state_dict(obj):
+        return obj, None
+    if isinstance(obj, _TensorNode):
+        raise TiesafeError("the checkpoint is a single tensor, not a state dict")
+    if isinstance(obj, dict):
+        for wrapper in WRAPPER_KEYS:
+            inner = obj.get(wrapper)
+            if isinstance(inner, dict):
+                try:
+                    found, path = _find_weights(inner, None)
+                except TiesafeError:
+                    continue
+                return found, wrapper if path is None else f"{wrapper}/{path}"
+        dicts = [str(k) for k, v in obj.items() if isinstance(v, dict)]
+        hint = f" (entries holding dicts: {', '.join(dicts[:8])}; pick one with --key)" if dicts else ""
+        raise TiesafeError(f"no tensors found at the top level of the checkpoint{hint}")
+    raise TiesafeError(f"the checkpoint holds a {type(obj).__name__}, not a state dict")
+
+
+def _collect(weights: dict[Any, Any], everything: Any, wrapper: str | None) -> tuple[dict[str, TensorRef], list[str]]:
+    tensors: dict[str, TensorRef] = {}
+    skipped: list[str] = []
+    for name, value in weights.items():
+        if not isinstance(value, _TensorNode):
+            skipped.append(str(name))
+            continue
+        if not isinstance(name, str):
+            raise CorruptFileError(f"tensor name {name!r:.60} is not a string")
+        if value.ref is None:
+            raise UnsupportedError(
+                f"tensor {name!r} is {value.unsupported}, which safetensors cannot store; "
+                "convert it to a supported dtype/layout before saving"
+            )
+        tensors[name] = value.ref
+    if wrapper is not None and isinstance(everything, dict):
+        top = wrapper.split("/", 1)[0]
+        skipped = [f"{wrapper}/{s}" for s in skipped] + [str(k) for k in everything if k != top]
+    return tensors, skipped
+
+
+def read_checkpoint(path: str | Path, *, key: str | None = None) -> Checkpoint:
+    """Parse a torch checkpoint's structure without reading tensor data.
+
+    ``key`` picks the state dict inside a training checkpoint explicitly
+    (``"model/ema"`` for nested dicts); by default the weights are found at the top
+    level or under a usual wrapper key (``state_dict``, ``model``, ``module``, ...).
+
+    Example:
+        >>> ckpt = read_checkpoint("pytorch_model.bin")  # doctest: +SKIP
+        >>> ckpt.tensors["lm_head.weight"].storage == ckpt.tensors["transformer.wte.weight"].storage
+        True
+    """
+    path = Path(path)
+    try:
+        with open(path, "rb") as raw:
+            file_size = raw.seek(0, io.SEEK_END)
+            raw.seek(0)
+            head = raw.read(512)
+            foreign = _sniff_foreign(head)
+            if foreign:
+                raise CorruptFileError(foreign)
+            raw.seek(0)
+            if head.startswith(b"PK"):
+                obj, records = _read_zip(path, raw, file_size)
+                fmt = "zip"
+            else:
+                obj, records = _read_legacy(raw, file_size)
+                fmt = "legacy"
+        weights, wrapper = _find_weights(obj, key)
+        tensors, skipped = _collect(weights, obj, wrapper)
+        for name, ref in tensors.items():
+            record = records.get(ref.storage)
+            if record is None:
+                raise CorruptFileError(f"tensor {name!r} uses storage {ref.storage!r}, which has no data")
+            if ref.span[1] > record.nbytes:
+                raise CorruptFileError(
+                    f"tensor {name!r} reaches byte {ref.span[1]} of storage {ref.storage!r}, "
+                    f"which holds {record.nbytes}"
+                )
+    except TiesafeError as exc:
+        if exc.path is None:
+            exc = type(exc)(exc.problem, path=path)
+        raise exc from None
+    except IsADirectoryError:
+        raise TiesafeError("is a folder, not a checkpoint file", path=path) from None
+    except FileNotFoundError:
+        raise TiesafeError("no such file", path=path) from None
+    except PermissionError:
+        raise TiesafeError("permission denied", path=path) from None
+    return Checkpoint(path, fmt, tensors, records, skipped, wrapper)
