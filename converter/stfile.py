@@ -1,0 +1,125 @@
+"""Read and validate a safetensors header (untrusted input), without torch.
+
+``inspect``, ``verify`` and the loader need the exact byte offsets of every tensor
+and must refuse hostile headers with one clear line; the safetensors library does
+not expose offsets, so this short parser follows the format's specification:
+8-byte little-endian header length, a JSON object, then the data section in which
+tensors tile ``[0, data_size)`` without gaps or overlaps.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from .dtypes import BY_CODE, DType
+from .errors import CorruptFileError, TiesafeError
+from .geometry import numel
+
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's own limit
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One tensor of a safetensors file: dtype, shape, and its bytes in the file."""
+
+    name: str
+    dtype: DType
+    shape: tuple[int, ...]
+    start: int  # absolute byte offset in the file
+    nbytes: int
+
+
+@dataclass
+class SafetensorsFile:
+    """A validated safetensors header: entries in data order and the metadata."""
+
+    path: Path
+    entries: dict[str, Entry]
+    metadata: dict[str, str]
+    data_start: int
+    size: int
+
+
+def _entry(name: str, spec: object, data_start: int) -> tuple[Entry, int, int]:
+    if not isinstance(spec, dict):
+        raise CorruptFileError(f"header entry {name!r} is not an object")
+    dtype = BY_CODE.get(spec.get("dtype"))  # type: ignore[arg-type]
+    if dtype is None:
+        raise CorruptFileError(f"tensor {name!r} has unknown dtype {spec.get('dtype')!r:.40}")
+    shape, offsets = spec.get("shape"), spec.get("data_offsets")
+    if not isinstance(shape, list) or not all(type(n) is int and n >= 0 for n in shape):
+        raise CorruptFileError(f"tensor {name!r} has an invalid shape")
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(type(o) is int and o >= 0 for o in offsets)
+        or offsets[0] > offsets[1]
+    ):
+        raise CorruptFileError(f"tensor {name!r} has invalid data_offsets")
+    begin, end = offsets
+    needed = numel(shape) * dtype.itemsize
+    if needed != end - begin:
+        raise CorruptFileError(
+            f"tensor {name!r}: {dtype.code}{shape} needs {needed} bytes, data_offsets give {end - begin}"
+        )
+    return Entry(name, dtype, tuple(shape), data_start + begin, end - begin), begin, end
+
+
+def read_safetensors(path: str | Path) -> SafetensorsFile:
+    """Parse and validate the header of a safetensors file.
+
+    Example:
+        >>> st = read_safetensors("model.safetensors")  # doctest: +SKIP
+        >>> st.entries["transformer.wte.weight"].dtype.code
+        'F32'
+    """
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise CorruptFileError("too short for a safetensors file")
+            (length,) = struct.unpack("<Q", prefix)
+            if length > MAX_HEADER_BYTES or 8 + length > size:
+                raise CorruptFileError(f"header length {length} runs past the end of the file ({size} bytes)")
+            raw = f.read(length)
+        try:
+            header = json.loads(raw)
+        except (ValueError, RecursionError) as exc:
+            raise CorruptFileError(f"header is not valid JSON ({str(exc)[:80]})") from None
+        if not isinstance(header, dict):
+            raise CorruptFileError("header is not a JSON object")
+        metadata = header.pop("__metadata__", None) or {}
+        if not isinstance(metadata, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+        ):
+            raise CorruptFileError("__metadata__ must map strings to strings")
+        data_start = 8 + length
+        spans: list[tuple[int, int, str]] = []
+        entries: dict[str, Entry] = {}
+        for name, spec in header.items():
+            entry, begin, end = _entry(name, spec, data_start)
+            entries[name] = entry
+            spans.append((begin, end, name))
+        spans.sort()
+        position = 0
+        for begin, end, name in spans:
+            if begin != position:
+                what = "overlaps the tensor before it" if begin < position else "leaves a gap before it"
+                raise CorruptFileError(f"tensor {name!r} {what} (data offsets out of order)")
+            position = end
+        if data_start + position != size:
+            raise CorruptFileError(f"data section holds {size - data_start} bytes, the header describes {position}")
+    except TiesafeError as exc:
+        raise type(exc)(exc.problem, path=path) from None
+    except FileNotFoundError:
+        raise TiesafeError("no such file", path=path) from None
+    except IsADirectoryError:
+        raise TiesafeError("is a folder, not a safetensors file", path=path) from None
+    ordered = dict(sorted(entries.items(), key=lambda item: item[1].start))
+    return SafetensorsFile(path, ordered, metadata, data_start, size)
