@@ -1,0 +1,28 @@
+"""tiesafe: convert PyTorch pickle checkpoints to safetensors, keeping tied weights.
+
+Example:
+    >>> import converter
+    >>> report = converter.convert_file("gpt2/pytorch_model.bin")  # doctest: +SKIP
+    >>> sd = converter.load_file(report.output)  # doctest: +SKIP
+    >>> sd["lm_head.weight"] is sd["transformer.wte.weight"]  # doctest: +SKIP
+    True
+"""
+
+from __future__ import annotations
+
+from .convert import ConversionReport, InspectReport, convert_file, inspect, verify_file
+from .errors import TiesafeError
+from .loader import load_file
+from .torchfile import read_checkpoint
+
+__all__ = [
+    "ConversionReport",
+    "InspectReport",
+    "TiesafeError",
+    "convert_file",
+    "inspect",
+    "load_file",
+    "read_checkpoint",
+    "verify_file",
+]
+__version__ = "0.1.0"

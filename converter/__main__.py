@@ -1,0 +1,5 @@
+"""``python -m converter`` is the ``tiesafe`` command."""
+
+from .cli import main
+
+main()

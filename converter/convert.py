@@ -1,0 +1,259 @@
+"""Convert one checkpoint file, and inspect one file: the public operations.
+
+Each function strings the pipeline together (read -> analyse -> plan -> write ->
+verify) and returns a plain report dataclass; the CLI only renders it.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import TiesafeError
+from .geometry import numel
+from .layout import plan_file
+from .sharing import SharedGroup, SharingPlan, plan_sharing
+from .stfile import read_safetensors
+from .ties import StoredInfo, TieRecord, decode
+from .torchfile import Checkpoint, read_checkpoint
+from .verify import VerifyReport, output_windows, verify_output
+from .writer import write_file
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+_HF_SHARD = re.compile(r"^pytorch_model(-\d+-of-\d+)?\.bin$")
+
+
+@dataclass
+class ConversionReport:
+    """What one conversion did: names, ties, bytes, verification."""
+
+    source: str
+    output: str
+    tensors: int  # names in the source
+    stored: int  # tensors with bytes of their own in the output
+    aliases: dict[str, str]
+    views: list[str]  # names only tiesafe restores (plain loaders do not see them)
+    materialized: list[str]
+    groups: list[SharedGroup]
+    skipped: list[str]  # non-tensor entries of the checkpoint
+    bytes_all_names: int  # what writing every name separately would take
+    bytes_written: int  # tensor data in the output
+    file_size: int
+    verified: bool
+    seconds: float = 0.0
+    wrapper: str | None = None
+
+    @property
+    def bytes_saved(self) -> int:
+        return self.bytes_all_names - self.bytes_written
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["bytes_saved"] = self.bytes_saved
+        return data
+
+
+def default_output(src: Path) -> Path:
+    """``pytorch_model.bin`` -> ``model.safetensors`` (as transformers names it), ``x.pt`` -> ``x.safetensors``.
+
+    Example:
+        >>> default_output(Path("run/pytorch_model-00001-of-00002.bin")).name
+        'model-00001-of-00002.safetensors'
+    """
+    if _HF_SHARD.match(src.name):
+        return src.with_name(src.name.replace("pytorch_model", "model", 1)).with_suffix(".safetensors")
+    return src.with_suffix(".safetensors")
+
+
+def _report(
+    ckpt: Checkpoint, sharing: SharingPlan, dst: Path, file_size: int, data_size: int, verified: bool
+) -> ConversionReport:
+    return ConversionReport(
+        source=str(ckpt.path),
+        output=str(dst),
+        tensors=len(ckpt.tensors),
+        stored=len(sharing.stored),
+        aliases=dict(sharing.ties.aliases),
+        views=sorted(sharing.ties.views),
+        materialized=list(sharing.materialized),
+        groups=list(sharing.groups),
+        skipped=list(ckpt.skipped),
+        bytes_all_names=sum(t.nbytes for t in ckpt.tensors.values()),
+        bytes_written=data_size,
+        file_size=file_size,
+        verified=verified,
+        wrapper=ckpt.wrapper,
+    )
+
+
+def _resolve_output(src: Path, dst: str | Path | None, overwrite: bool) -> Path:
+    out = default_output(src) if dst is None else Path(dst)
+    if out.is_dir():
+        out = out / default_output(src).name
+    if out.resolve() == src.resolve():
+        raise TiesafeError("output would replace the source; choose another output path", path=src)
+    if out.exists() and not overwrite:
+        raise TiesafeError("output exists already; pass --overwrite to replace it", path=out)
+    if out.suffix != ".safetensors":
+        raise TiesafeError("output name must end in .safetensors", path=out)
+    return out
+
+
+def convert_file(
+    src: str | Path,
+    dst: str | Path | None = None,
+    *,
+    verify: bool = True,
+    materialize_views: bool = False,
+    key: str | None = None,
+    metadata: dict[str, str] | None = None,
+    overwrite: bool = False,
+) -> ConversionReport:
+    """Convert one torch checkpoint to a deduplicated safetensors file with ties.
+
+    No code from ``src`` runs. Shared storage is written once and recorded in the
+    header; by default the output is verified bit for bit before it is renamed
+    into place, so a failure leaves nothing behind.
+
+    Example:
+        >>> report = convert_file("gpt2/pytorch_model.bin")  # doctest: +SKIP
+        >>> report.output, report.aliases
+        ('gpt2/model.safetensors', {'lm_head.weight': 'transformer.wte.weight'})
+    """
+    started = time.perf_counter()
+    src = Path(src)
+    ckpt = read_checkpoint(src, key=key)
+    out = _resolve_output(src, dst, overwrite)
+    sharing = plan_sharing(ckpt.tensors, materialize_views=materialize_views)
+    plan = plan_file(ckpt, sharing, metadata=metadata)
+
+    def check(tmp: Path) -> None:
+        verify_output(ckpt, [read_safetensors(tmp)], sharing.ties)
+
+    try:
+        write_file(plan, out, check=check if verify else None)
+    except TiesafeError as exc:
+        raise type(exc)(exc.problem, path=out) from None
+    report = _report(ckpt, sharing, out, plan.file_size, plan.data_size, verify)
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def verify_file(
+    src: str | Path, dst: str | Path, *, materialize_views: bool | None = None, key: str | None = None
+) -> VerifyReport:
+    """Check that ``dst`` reproduces every tensor of checkpoint ``src``, ties included.
+
+    ``materialize_views`` is detected from ``dst`` when not given.
+
+    Example:
+        >>> verify_file("pytorch_model.bin", "model.safetensors").names  # doctest: +SKIP
+        149
+    """
+    ckpt = read_checkpoint(src, key=key)
+    out = read_safetensors(dst)
+    if materialize_views is None:
+        _, record = output_windows([out])
+        materialize_views = not record.views and bool(plan_sharing(ckpt.tensors).ties.views)
+    sharing = plan_sharing(ckpt.tensors, materialize_views=materialize_views)
+    return verify_output(ckpt, [out], sharing.ties)
+
+
+@dataclass
+class TensorInfo:
+    name: str
+    dtype: str
+    shape: list[int]
+    nbytes: int
+    stored_as: str  # "stored", "alias of X", "view of X", "copy of X"
+
+
+@dataclass
+class InspectReport:
+    """The tensors of a file, their ties and their bytes."""
+
+    path: str
+    format: str  # "safetensors", "zip" or "legacy"
+    tensors: list[TensorInfo]
+    groups: list[SharedGroup] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    bytes_all_names: int = 0
+    bytes_stored: int = 0
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def bytes_saved(self) -> int:
+        return self.bytes_all_names - self.bytes_stored
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["bytes_saved"] = self.bytes_saved
+        return data
+
+
+def _how_stored(name: str, record: TieRecord) -> str:
+    if name in record.aliases:
+        return f"alias of {record.aliases[name]}"
+    if name in record.views:
+        return f"view of {record.views[name].base}"
+    if name in record.copies:
+        return f"copy of {record.copies[name]}"
+    return "stored"
+
+
+def inspect(path: str | Path, *, key: str | None = None) -> InspectReport:
+    """Describe a ``.bin``/``.pt`` checkpoint or a ``.safetensors`` file.
+
+    For a checkpoint: every tensor and how tiesafe would store it. For a
+    safetensors file: every name it gives (stored and tied) as the loader sees it.
+
+    Example:
+        >>> [t.stored_as for t in inspect("model.safetensors").tensors][-1]  # doctest: +SKIP
+        'alias of transformer.wte.weight'
+    """
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        st = read_safetensors(path)
+        info = {e.name: e for e in st.entries.values()}
+        record = decode(st.metadata, {n: StoredInfo(e.dtype.code, e.shape) for n, e in info.items()})
+        tensors = [
+            TensorInfo(e.name, e.dtype.code, list(e.shape), e.nbytes, "stored")
+            for e in info.values()
+            if e.name not in record.hidden
+        ]
+        for name in record.names():
+            target = record.aliases.get(name) or record.copies.get(name)
+            if target is not None:
+                e = info[target]
+                tensors.append(TensorInfo(name, e.dtype.code, list(e.shape), e.nbytes, _how_stored(name, record)))
+            else:
+                v = record.views[name]
+                size = numel(v.shape) * info[v.base].dtype.itemsize
+                tensors.append(TensorInfo(name, v.dtype, list(v.shape), size, _how_stored(name, record)))
+        stored_bytes = sum(e.nbytes for e in info.values())
+        return InspectReport(
+            str(path),
+            "safetensors",
+            tensors,
+            bytes_all_names=sum(t.nbytes for t in tensors),
+            bytes_stored=stored_bytes,
+            metadata=dict(st.metadata),
+        )
+    ckpt = read_checkpoint(path, key=key)
+    sharing = plan_sharing(ckpt.tensors)
+    tensors = [
+        TensorInfo(n, r.dtype.code, list(r.shape), r.nbytes, _how_stored(n, sharing.ties))
+        for n, r in ckpt.tensors.items()
+    ]
+    return InspectReport(
+        str(path),
+        ckpt.format,
+        tensors,
+        groups=list(sharing.groups),
+        skipped=list(ckpt.skipped),
+        bytes_all_names=sum(t.nbytes for t in tensors),
+        bytes_stored=sum(s.ref.nbytes for s in sharing.stored),
+    )
