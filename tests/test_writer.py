@@ -1,0 +1,77 @@
+"""Writes are atomic, durable, verified before they land, and follow the umask."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+import converter
+from converter import verify as verify_module
+from converter.errors import VerificationError
+
+
+def _checkpoint(tmp_path: Path) -> Path:
+    path = tmp_path / "x.bin"
+    w = torch.randn(32, 4)
+    torch.save({"w": w, "tied": w, "b": torch.randn(4)}, path)
+    return path
+
+
+def test_failed_verification_leaves_nothing_behind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    source = _checkpoint(tmp_path)
+    real_equal = verify_module._Comparer.equal
+    monkeypatch.setattr(verify_module._Comparer, "equal", lambda self, a, b: False)
+    with pytest.raises(VerificationError, match="differs from the source"):
+        converter.convert_file(source)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.bin"]  # no output, no temp file
+    monkeypatch.setattr(verify_module._Comparer, "equal", real_equal)
+    assert Path(converter.convert_file(source).output).exists()
+
+
+def test_an_existing_output_survives_a_failed_overwrite(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    source = _checkpoint(tmp_path)
+    output = Path(converter.convert_file(source).output)
+    before = output.read_bytes()
+    monkeypatch.setattr(verify_module._Comparer, "equal", lambda self, a, b: False)
+    with pytest.raises(VerificationError):
+        converter.convert_file(source, overwrite=True)
+    assert output.read_bytes() == before
+
+
+def test_file_mode_follows_the_umask(tmp_path: Path) -> None:
+    source = _checkpoint(tmp_path)
+    old = os.umask(0o027)
+    try:
+        output = Path(converter.convert_file(source).output)
+    finally:
+        os.umask(old)
+    assert output.stat().st_mode & 0o777 == 0o640
+
+
+def test_no_verify_skips_the_check(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    source = _checkpoint(tmp_path)
+    monkeypatch.setattr(verify_module._Comparer, "equal", lambda self, a, b: False)
+    report = converter.convert_file(source, verify=False)
+    assert report.verified is False and Path(report.output).exists()
+
+
+def test_output_may_not_replace_the_source(tmp_path: Path) -> None:
+    source = tmp_path / "x.safetensors"
+    torch.save({"w": torch.ones(1)}, source)
+    with pytest.raises(converter.TiesafeError, match="replace the source"):
+        converter.convert_file(source, source)
+
+
+def test_verify_file_catches_a_false_tie(tmp_path: Path) -> None:
+    """An output claiming a tie the source does not have is refused even if values agree."""
+    from safetensors.torch import save_file
+
+    w = torch.zeros(4)
+    source = tmp_path / "x.bin"
+    torch.save({"a": w, "b": w.clone()}, source)  # equal values, not shared
+    save_file({"a": w}, tmp_path / "fake.safetensors", metadata={"format": "pt", "b": "a"})
+    with pytest.raises(VerificationError):
+        converter.verify_file(source, tmp_path / "fake.safetensors")
