@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Create the project's virtual environment (.venv) if missing and install tiesafe
+# into it. Sourced by demo.sh and test.sh; safe to run again (does nothing when
+# pyproject.toml has not changed since the last install).
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${TIESAFE_VENV:-$ROOT/.venv}"
+PYTHON="${PYTHON:-python3}"
+
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "setup: creating $VENV" >&2
+  "$PYTHON" -m venv "$VENV"
+fi
+stamp="$VENV/.tiesafe-installed"
+want="$(sha256sum "$ROOT/pyproject.toml" | cut -d' ' -f1)"
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+  echo "setup: installing torch (CPU build) and tiesafe into $VENV" >&2
+  # torch first, pinned: a bare 'torch' requirement would pull a multi-GB CUDA build.
+  "$VENV/bin/pip" install --quiet --disable-pip-version-check "torch==2.13.0"
+  "$VENV/bin/pip" install --quiet --disable-pip-version-check -e "$ROOT[dev]"
+  echo "$want" > "$stamp"
+fi
+export PATH="$VENV/bin:$PATH"
