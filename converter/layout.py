@@ -9,33 +9,20 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from pathlib import Path
+from typing import Protocol
 
 from . import ties
 from .sharing import SharingPlan
-from .torchfile import Checkpoint, TensorRef
+from .torchfile import Checkpoint
+from .windows import FileWindow
 
 FORMAT_METADATA = {"format": "pt"}  # transformers refuses safetensors files without it
 
 
-@dataclass(frozen=True)
-class SourceBytes:
-    """Where a stored tensor's bytes are: a storage of a source file plus geometry.
+class TensorSource(Protocol):
+    """Bytes that are not in a file (a live tensor): they write themselves."""
 
-    When ``ref`` is contiguous the bytes are one range and are copied as they are;
-    otherwise they are gathered (``strided.gather``) one tensor at a time.
-    """
-
-    path: Path
-    storage_offset: int  # byte offset of the storage in ``path``
-    ref: TensorRef
-
-    @property
-    def contiguous_range(self) -> tuple[int, int] | None:
-        """``(file offset, length)`` when the bytes are one range, else None."""
-        if not self.ref.is_contiguous:
-            return None
-        return self.storage_offset + self.ref.span[0], self.ref.nbytes
+    def write_into(self, fd: int, offset: int) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -45,7 +32,7 @@ class PlannedTensor:
     shape: tuple[int, ...]
     begin: int  # offset in the data section
     end: int
-    source: SourceBytes
+    source: FileWindow | TensorSource  # a FileWindow is copied by the kernel
 
 
 @dataclass
@@ -91,7 +78,7 @@ def plan_file(checkpoint: Checkpoint, sharing: SharingPlan, *, metadata: dict[st
     position = 0
     for s in stored:
         record = checkpoint.storages[s.ref.storage]
-        source = SourceBytes(checkpoint.path, record.offset, s.ref)
+        source = FileWindow(record.path, record.offset, s.ref)
         tensors.append(PlannedTensor(s.name, s.ref.dtype.code, s.ref.shape, position, position + s.ref.nbytes, source))
         position += s.ref.nbytes
     entries = {**(metadata or {}), **FORMAT_METADATA, **ties.encode(sharing.ties)}

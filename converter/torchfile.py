@@ -55,6 +55,7 @@ class StorageRecord:
     """Where one storage's bytes lie in the checkpoint file."""
 
     key: str
+    path: Path  # the file holding the bytes (a sharded set has several)
     offset: int  # byte offset of the first byte in the file
     nbytes: int
     location: str  # device it was saved from ("cpu", "cuda:0", ...): recorded, never needed
@@ -438,7 +439,7 @@ def _read_zip(path: Path, raw: BinaryIO, file_size: int) -> tuple[Any, dict[str,
                 f"storage {key!r} should hold {numel * dtype.itemsize} bytes but its record has {member.file_size}"
             )
         offset = _local_data_offset(raw, member, file_size)
-        records[key] = StorageRecord(key, offset, numel * dtype.itemsize, location)
+        records[key] = StorageRecord(key, path, offset, numel * dtype.itemsize, location)
         nodes[key] = _StorageNode(key, dtype, 0, storage_type.unsupported)
         return nodes[key]
 
@@ -448,7 +449,7 @@ def _read_zip(path: Path, raw: BinaryIO, file_size: int) -> tuple[Any, dict[str,
 # --------------------------------------------------------------------------- legacy format
 
 
-def _read_legacy(raw: BinaryIO, file_size: int) -> tuple[Any, dict[str, StorageRecord]]:
+def _read_legacy(path: Path, raw: BinaryIO, file_size: int) -> tuple[Any, dict[str, StorageRecord]]:
     if _unpickle(raw) != LEGACY_MAGIC:
         raise CorruptFileError("not a torch checkpoint (no zip archive and no legacy magic number)")
     if _unpickle(raw) != LEGACY_PROTOCOL:
@@ -496,7 +497,7 @@ def _read_legacy(raw: BinaryIO, file_size: int) -> tuple[Any, dict[str, StorageR
             raise CorruptFileError(
                 f"storage {key!r} is cut off (needs {nbytes} bytes at {start}, file has {file_size})"
             )
-        records[key] = StorageRecord(key, start, nbytes, location)
+        records[key] = StorageRecord(key, path, start, nbytes, location)
         position = start + nbytes
     missing = set(roots) - set(records)
     if missing:
@@ -615,7 +616,7 @@ def read_checkpoint(path: str | Path, *, key: str | None = None) -> Checkpoint:
                 obj, records = _read_zip(path, raw, file_size)
                 fmt = "zip"
             else:
-                obj, records = _read_legacy(raw, file_size)
+                obj, records = _read_legacy(path, raw, file_size)
                 fmt = "legacy"
         weights, wrapper = _find_weights(obj, key)
         tensors, skipped = _collect(weights, obj, wrapper)

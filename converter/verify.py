@@ -21,25 +21,10 @@ from .errors import VerificationError
 from .geometry import contiguous_strides
 from .sharing import overlap_clusters
 from .stfile import SafetensorsFile
-from .strided import gather
 from .torchfile import Checkpoint, TensorRef
+from .windows import FileWindow, gather
 
 _BLOCK = 16 * 1024 * 1024
-
-
-@dataclass(frozen=True)
-class Window:
-    """A tensor as a window on a file: the window's storage starts at ``storage_offset``."""
-
-    path: Path
-    storage_offset: int
-    ref: TensorRef
-
-    @property
-    def contiguous_range(self) -> tuple[int, int] | None:
-        if not self.ref.is_contiguous:
-            return None
-        return self.storage_offset + self.ref.span[0], self.ref.nbytes
 
 
 @dataclass
@@ -51,18 +36,18 @@ class VerifyReport:
     tied_names: int
 
 
-def output_windows(files: Iterable[SafetensorsFile]) -> tuple[dict[str, Window], ties.TieRecord]:
+def output_windows(files: Iterable[SafetensorsFile]) -> tuple[dict[str, FileWindow], ties.TieRecord]:
     """Resolve every name an output set gives (stored names and ties) to a window.
 
     Hidden spans are not names of the source and are left out.
     """
-    stored: dict[str, Window] = {}
+    stored: dict[str, FileWindow] = {}
     metadata: dict[str, str] = {}
     for f in files:
         metadata.update(f.metadata)
         for entry in f.entries.values():
             ref = TensorRef(entry.name, entry.dtype, 0, entry.shape, contiguous_strides(entry.shape))
-            stored[entry.name] = Window(f.path, entry.start, ref)
+            stored[entry.name] = FileWindow(f.path, entry.start, ref)
     info = {n: ties.StoredInfo(w.ref.dtype.code, w.ref.shape) for n, w in stored.items()}
     record = ties.decode(metadata, info)
     windows = {n: w for n, w in stored.items() if n not in record.hidden}
@@ -71,7 +56,7 @@ def output_windows(files: Iterable[SafetensorsFile]) -> tuple[dict[str, Window],
     for name, view in record.views.items():
         base = stored[view.base]
         ref = TensorRef(view.base, base.ref.dtype, view.offset, view.shape, view.stride)
-        windows[name] = Window(base.path, base.storage_offset, ref)
+        windows[name] = FileWindow(base.path, base.storage_offset, ref)
     return windows, record
 
 
@@ -104,7 +89,7 @@ class _Comparer:
                 return True
         return False
 
-    def equal(self, out: Window, src: Window) -> bool:
+    def equal(self, out: FileWindow, src: FileWindow) -> bool:
         out_range, src_range = out.contiguous_range, src.contiguous_range
         if out_range is None or src_range is None:
             self.bytes_compared += 2 * src.ref.nbytes
@@ -155,7 +140,8 @@ def verify_output(checkpoint: Checkpoint, files: list[SafetensorsFile], expected
                     f"but {ref.dtype.code}{list(ref.shape)} in the source",
                     path=where,
                 )
-            source = Window(checkpoint.path, checkpoint.storages[ref.storage].offset, ref)
+            storage = checkpoint.storages[ref.storage]
+            source = FileWindow(storage.path, storage.offset, ref)
             if not comparer.equal(window, source):
                 raise VerificationError(f"tensor {name!r} differs from the source", path=where)
     finally:
@@ -164,7 +150,7 @@ def verify_output(checkpoint: Checkpoint, files: list[SafetensorsFile], expected
 
 
 def _check_no_false_sharing(
-    checkpoint: Checkpoint, windows: dict[str, Window], record: ties.TieRecord, where: Path
+    checkpoint: Checkpoint, windows: dict[str, FileWindow], record: ties.TieRecord, where: Path
 ) -> None:
     """Names that share bytes in the output must have shared bytes in the source."""
     cluster_of: dict[str, int] = {}

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from .layout import FilePlan
-from .strided import gather
+from .windows import FileWindow, gather
 
 _CHUNK = 64 * 1024 * 1024  # per copy_file_range call; the kernel may copy less
 
@@ -103,6 +103,9 @@ def write_file(plan: FilePlan, dst: str | Path, *, check: Callable[[Path], None]
             base = len(plan.header)
             for tensor in plan.tensors:
                 source = tensor.source
+                if not isinstance(source, FileWindow):
+                    source.write_into(fd, base + tensor.begin)
+                    continue
                 if source.path not in sources:
                     sources[source.path] = os.open(source.path, os.O_RDONLY)
                 src = sources[source.path]

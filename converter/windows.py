@@ -1,14 +1,18 @@
-"""Gather the bytes of a non-contiguous tensor from a file, one tensor at a time.
+"""Tensors as windows on files: one byte range, or strided elements to gather.
 
-The only place on the conversion path that needs torch: a transposed or strided
-tensor's elements are not one byte range, and ``as_strided(...).contiguous()`` is
-the well-tested way to rearrange them. torch is imported here, lazily, so that
-checkpoints without such tensors convert without paying its import.
+The writer copies a window's bytes from a source checkpoint; verification
+compares a window of the output with one of the source. A contiguous window is
+one byte range and never needs torch. A transposed or strided one is gathered,
+one tensor at a time, with ``as_strided(...).contiguous()`` -- the only place on
+the conversion path that needs torch, imported lazily so that checkpoints
+without such tensors convert without paying for it.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, cast
 
 from .torchfile import TensorRef
@@ -16,6 +20,22 @@ from .torchfile import TensorRef
 # Element sizes to an integer dtype of the same width: moving bytes never needs
 # the real dtype (float8, bool, ... all travel as raw integers).
 _RAW_DTYPE_NAMES = {1: "uint8", 2: "int16", 4: "int32", 8: "int64"}
+
+
+@dataclass(frozen=True)
+class FileWindow:
+    """A tensor in a file: its storage starts at byte ``storage_offset`` of ``path``."""
+
+    path: Path
+    storage_offset: int
+    ref: TensorRef
+
+    @property
+    def contiguous_range(self) -> tuple[int, int] | None:
+        """``(file offset, length)`` when the bytes are one range, else None."""
+        if not self.ref.is_contiguous:
+            return None
+        return self.storage_offset + self.ref.span[0], self.ref.nbytes
 
 
 def read_exact(fd: int, offset: int, nbytes: int) -> bytes:
