@@ -14,7 +14,7 @@ from typing import Any
 
 from .errors import TiesafeError
 from .geometry import numel
-from .layout import plan_file
+from .layout import plan_file, stored_items
 from .sharing import SharedGroup, SharingPlan, plan_sharing
 from .stfile import read_safetensors
 from .ties import StoredInfo, TieRecord, decode
@@ -128,7 +128,7 @@ def convert_file(
     ckpt = read_checkpoint(src, key=key)
     out = _resolve_output(src, dst, overwrite)
     sharing = plan_sharing(ckpt.tensors, materialize_views=materialize_views)
-    plan = plan_file(ckpt, sharing, metadata=metadata)
+    plan = plan_file(stored_items(ckpt, sharing), sharing.ties, metadata=metadata)
 
     def check(tmp: Path) -> None:
         verify_output(ckpt, [read_safetensors(tmp)], sharing.ties)

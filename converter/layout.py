@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from . import ties
+from .dtypes import DType
+from .geometry import numel
 from .sharing import SharingPlan
 from .torchfile import Checkpoint
 from .windows import FileWindow
@@ -66,20 +68,104 @@ def encode_header(tensors: list[PlannedTensor], metadata: dict[str, str]) -> byt
     return len(text).to_bytes(8, "little") + text
 
 
-def plan_file(checkpoint: Checkpoint, sharing: SharingPlan, *, metadata: dict[str, str] | None = None) -> FilePlan:
-    """Lay the stored tensors of ``sharing`` out in one file, with the tie record.
+@dataclass(frozen=True)
+class StoredItem:
+    """A tensor to store under its own name, and where its bytes come from."""
+
+    name: str
+    dtype: DType
+    shape: tuple[int, ...]
+    source: FileWindow | TensorSource
+
+    @property
+    def nbytes(self) -> int:
+        return numel(self.shape) * self.dtype.itemsize
+
+
+@dataclass
+class SetPlan:
+    """The files of an output: one file, or shards and the content of their index."""
+
+    files: dict[str, FilePlan]  # file name -> plan, in shard order
+    index: dict[str, Any] | None  # model.safetensors.index.json, None for a single file
+
+    @property
+    def data_size(self) -> int:
+        return sum(p.data_size for p in self.files.values())
+
+
+def stored_items(checkpoint: Checkpoint, sharing: SharingPlan) -> list[StoredItem]:
+    """The stored tensors of ``sharing`` with their bytes located in the checkpoint's files."""
+    items = []
+    for s in sharing.stored:
+        storage = checkpoint.storages[s.ref.storage]
+        items.append(StoredItem(s.name, s.ref.dtype, s.ref.shape, FileWindow(storage.path, storage.offset, s.ref)))
+    return items
+
+
+def plan_file(items: list[StoredItem], record: ties.TieRecord, *, metadata: dict[str, str] | None = None) -> FilePlan:
+    """Lay ``items`` out in one file whose header carries ``record``.
 
     Tensors are ordered by element size (largest first, which keeps every tensor
-    aligned after the 8-aligned header) and otherwise in checkpoint order, so that
-    the source is read front to back. Same input, same bytes.
+    aligned after the 8-aligned header) and otherwise in the given (source) order,
+    so that the source is read front to back. Same input, same bytes.
+
+    Example:
+        >>> plan = plan_file(stored_items(ckpt, sharing), sharing.ties)  # doctest: +SKIP
+        >>> plan.header[8:9]
+        b'{'
     """
-    stored = sorted(sharing.stored, key=lambda s: -s.ref.dtype.itemsize)  # stable: keeps source order
+    ordered = sorted(items, key=lambda item: -item.dtype.itemsize)  # stable: keeps source order
     tensors: list[PlannedTensor] = []
     position = 0
-    for s in stored:
-        record = checkpoint.storages[s.ref.storage]
-        source = FileWindow(record.path, record.offset, s.ref)
-        tensors.append(PlannedTensor(s.name, s.ref.dtype.code, s.ref.shape, position, position + s.ref.nbytes, source))
-        position += s.ref.nbytes
-    entries = {**(metadata or {}), **FORMAT_METADATA, **ties.encode(sharing.ties)}
+    for item in ordered:
+        tensors.append(
+            PlannedTensor(item.name, item.dtype.code, item.shape, position, position + item.nbytes, item.source)
+        )
+        position += item.nbytes
+    entries = {**(metadata or {}), **FORMAT_METADATA, **ties.encode(record)}
     return FilePlan(tensors, entries, encode_header(tensors, entries))
+
+
+def shard_name(index: int, count: int, stem: str = "model") -> str:
+    """``model-00001-of-00003.safetensors``, as transformers names shards."""
+    return f"{stem}-{index:05d}-of-{count:05d}.safetensors"
+
+
+def plan_shards(
+    items: list[StoredItem],
+    record: ties.TieRecord,
+    *,
+    max_shard_size: int,
+    metadata: dict[str, str] | None = None,
+    stem: str = "model",
+) -> SetPlan:
+    """Split ``items`` into shards of at most ``max_shard_size`` bytes, in source order.
+
+    The split is huggingface_hub's (greedy in source order; a tensor larger than the
+    limit gets a shard of its own), so shards match what ``save_pretrained`` writes.
+    Each shard carries the ties whose target it stores, so every shard validates on
+    its own and the shards' records together are ``record``.
+
+    Example:
+        >>> plan = plan_shards(items, sharing.ties, max_shard_size=5 * 10**9)  # doctest: +SKIP
+        >>> list(plan.files)
+        ['model.safetensors']
+    """
+    from huggingface_hub import split_state_dict_into_shards_factory
+
+    by_name = {item.name: item for item in items}
+    split = split_state_dict_into_shards_factory(
+        by_name,
+        get_storage_size=lambda item: item.nbytes,
+        filename_pattern=stem + "{suffix}.safetensors",
+        max_shard_size=max_shard_size,
+    )
+    files = {
+        filename: plan_file([by_name[n] for n in names], ties.restrict(record, set(names)), metadata=metadata)
+        for filename, names in split.filename_to_tensors.items()
+    }
+    if len(files) == 1:
+        return SetPlan(files, None)
+    total = sum(item.nbytes for item in items)
+    return SetPlan(files, {"metadata": {"total_size": total}, "weight_map": dict(split.tensor_to_filename)})

@@ -221,3 +221,27 @@ def _check_target(
         raise _fail(f"{kind} {name!r} points to {target!r}, which is itself a tie (chains and cycles are refused)")
     if target not in stored:
         raise _fail(f"{kind} {name!r} points to {target!r}, which is not in the file")
+
+
+def restrict(record: TieRecord, stored: set[str]) -> TieRecord:
+    """The part of ``record`` whose targets are in ``stored`` (the ties one shard carries)."""
+    return TieRecord(
+        aliases={n: t for n, t in record.aliases.items() if t in stored},
+        views={n: v for n, v in record.views.items() if v.base in stored},
+        copies={n: t for n, t in record.copies.items() if t in stored},
+        hidden=[h for h in record.hidden if h in stored],
+    )
+
+
+def merge(records: list[TieRecord]) -> TieRecord:
+    """The record of a sharded set from its shards' records; a name tied twice is refused."""
+    merged = TieRecord()
+    for record in records:
+        for name in record.names():
+            if name in merged.aliases or name in merged.views or name in merged.copies:
+                raise _fail(f"{name!r} is tied in more than one shard")
+        merged.aliases.update(record.aliases)
+        merged.views.update(record.views)
+        merged.copies.update(record.copies)
+        merged.hidden.extend(record.hidden)
+    return merged

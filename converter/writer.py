@@ -18,6 +18,7 @@ from pathlib import Path
 from .layout import FilePlan
 from .windows import FileWindow, gather
 
+TEMP_SUFFIX = ".tiesafe-tmp"  # temporary files are named .<final name>.<random>.tiesafe-tmp
 _CHUNK = 64 * 1024 * 1024  # per copy_file_range call; the kernel may copy less
 
 
@@ -57,32 +58,129 @@ def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
         offset += written
 
 
+def _create_temp(dst: Path) -> tuple[int, Path]:
+    """A new file beside ``dst`` under a name recognisably ours, with the umask's mode."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=TEMP_SUFFIX, dir=dst.parent)
+    os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; a normal file follows the umask
+    return fd, Path(tmp_name)
+
+
+def _fsync_dir(folder: Path) -> None:
+    dir_fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # makes a rename in it durable
+    finally:
+        os.close(dir_fd)
+
+
 @contextlib.contextmanager
 def atomic_output(dst: Path) -> Iterator[tuple[int, Path]]:
     """Yield ``(fd, temp path)`` in ``dst``'s folder; on success fsync and rename to ``dst``.
 
     On any exception the temporary file is removed and ``dst`` is left as it was.
     """
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tiesafe-tmp", dir=dst.parent)
-    tmp = Path(tmp_name)
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; a normal file follows the umask
-        yield fd, tmp
-        os.fsync(fd)
-        os.close(fd)
-        fd = -1
-        os.replace(tmp, dst)
-        dir_fd = os.open(dst.parent, os.O_RDONLY)
+    with StagedWrites() as staged:
+        yield staged.open(dst)
+
+
+class StagedWrites:
+    """Files that appear together: each is written under a temporary name, synced, and
+    all are renamed into place when the block ends without error (in the order they
+    were staged, so an index staged last appears last). On error every temporary file
+    is removed and no final name is touched.
+
+    Example:
+        >>> with StagedWrites() as staged:  # doctest: +SKIP
+        ...     staged.write_plan(shard_plan, out / "model-00001-of-00002.safetensors")
+        ...     staged.write_bytes(index_json, out / "model.safetensors.index.json")
+    """
+
+    def __init__(self) -> None:
+        self._staged: list[tuple[Path, Path]] = []  # (temporary, final)
+        self._open: list[int] = []
+
+    def __enter__(self) -> StagedWrites:
+        return self
+
+    def __exit__(self, kind: object, error: object, trace: object) -> None:
+        if error is None:
+            self._commit()
+        else:
+            self._discard()
+
+    def open(self, dst: Path) -> tuple[int, Path]:
+        """A descriptor to write ``dst``'s content to; synced and closed at commit."""
+        fd, tmp = _create_temp(dst)
+        self._staged.append((tmp, dst))
+        self._open.append(fd)
+        return fd, tmp
+
+    def write_plan(self, plan: FilePlan, dst: Path, check: Callable[[Path], None] | None = None) -> int:
+        """Write a planned safetensors file; ``check`` runs on its synced temporary file."""
+        fd, tmp = self.open(dst)
+        _write_plan(fd, plan)
+        if check is not None:
+            os.fsync(fd)
+            check(tmp)
+        return plan.file_size
+
+    def write_bytes(self, data: bytes, dst: Path) -> None:
+        fd, _ = self.open(dst)
+        _pwrite_all(fd, data, 0)
+
+    def copy_file(self, src: Path, dst: Path) -> int:
+        """Copy ``src`` as it is (config, tokenizer, ...), inside the kernel."""
+        fd, _ = self.open(dst)
+        with open(src, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            _copy_range(f.fileno(), fd, 0, 0, size)
+        return size
+
+    def _commit(self) -> None:
         try:
-            os.fsync(dir_fd)  # make the rename itself durable
-        finally:
-            os.close(dir_fd)
-    except BaseException:
-        if fd >= 0:
+            while self._open:
+                fd = self._open.pop(0)
+                os.fsync(fd)
+                os.close(fd)
+            for tmp, dst in self._staged:
+                os.replace(tmp, dst)
+            for folder in dict.fromkeys(dst.parent for _, dst in self._staged):
+                _fsync_dir(folder)
+        except BaseException:
+            self._discard()
+            raise
+
+    def _discard(self) -> None:
+        for fd in self._open:
             os.close(fd)
-        tmp.unlink(missing_ok=True)
-        raise
+        self._open.clear()
+        for tmp, _ in self._staged:
+            tmp.unlink(missing_ok=True)
+
+
+def _write_plan(fd: int, plan: FilePlan) -> None:
+    sources: dict[Path, int] = {}
+    try:
+        _pwrite_all(fd, plan.header, 0)
+        base = len(plan.header)
+        for tensor in plan.tensors:
+            source = tensor.source
+            if not isinstance(source, FileWindow):
+                source.write_into(fd, base + tensor.begin)
+                continue
+            if source.path not in sources:
+                sources[source.path] = os.open(source.path, os.O_RDONLY)
+            src = sources[source.path]
+            span = source.contiguous_range
+            if span is not None:
+                _copy_range(src, fd, span[0], base + tensor.begin, span[1])
+            else:
+                _pwrite_all(fd, gather(src, source.storage_offset, source.ref), base + tensor.begin)
+        os.ftruncate(fd, plan.file_size)
+    finally:
+        for src in sources.values():
+            os.close(src)
 
 
 def write_file(plan: FilePlan, dst: str | Path, *, check: Callable[[Path], None] | None = None) -> int:
@@ -92,33 +190,8 @@ def write_file(plan: FilePlan, dst: str | Path, *, check: Callable[[Path], None]
     (verification): if it raises, no output is left behind.
 
     Example:
-        >>> write_file(plan_file(ckpt, plan_sharing(ckpt.tensors)), "model.safetensors")  # doctest: +SKIP
+        >>> write_file(plan_file(items, sharing.ties), "model.safetensors")  # doctest: +SKIP
         497759232
     """
-    dst = Path(dst)
-    sources: dict[Path, int] = {}
-    try:
-        with atomic_output(dst) as (fd, tmp):
-            _pwrite_all(fd, plan.header, 0)
-            base = len(plan.header)
-            for tensor in plan.tensors:
-                source = tensor.source
-                if not isinstance(source, FileWindow):
-                    source.write_into(fd, base + tensor.begin)
-                    continue
-                if source.path not in sources:
-                    sources[source.path] = os.open(source.path, os.O_RDONLY)
-                src = sources[source.path]
-                span = source.contiguous_range
-                if span is not None:
-                    _copy_range(src, fd, span[0], base + tensor.begin, span[1])
-                else:
-                    _pwrite_all(fd, gather(src, source.storage_offset, source.ref), base + tensor.begin)
-            os.ftruncate(fd, plan.file_size)
-            if check is not None:
-                os.fsync(fd)
-                check(tmp)
-    finally:
-        for src in sources.values():
-            os.close(src)
-    return plan.file_size
+    with StagedWrites() as staged:
+        return staged.write_plan(plan, Path(dst), check)
