@@ -12,14 +12,17 @@ from __future__ import annotations
 
 from .convert import ConversionReport, InspectReport, convert_file, inspect, verify_file
 from .errors import TiesafeError
+from .folder import FolderReport, convert_folder
 from .loader import load_file
 from .torchfile import read_checkpoint
 
 __all__ = [
     "ConversionReport",
+    "FolderReport",
     "InspectReport",
     "TiesafeError",
     "convert_file",
+    "convert_folder",
     "inspect",
     "load_file",
     "read_checkpoint",

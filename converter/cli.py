@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 import click
 from rich.console import Console
 from rich.table import Table
 
-from . import __version__, convert_file, inspect, verify_file
+from . import __version__, convert_file, convert_folder, inspect, verify_file
 from .convert import ConversionReport, InspectReport
 from .errors import TiesafeError
+from .folder import FolderReport
 
 EXIT_INTERNAL = 1
 EXIT_USER = 2
@@ -62,6 +64,15 @@ def _print_json(data: dict[str, Any]) -> None:
     click.echo(json.dumps(data, indent=2, default=str))
 
 
+def _saved_line(report: ConversionReport | FolderReport) -> str:
+    return (
+        f"  {human_bytes(report.bytes_written)} written for {human_bytes(report.bytes_all_names)} of tensors: "
+        f"[green]{human_bytes(report.bytes_saved)} saved[/]"
+        + ("; verified bit for bit" if report.verified else "; not verified (--no-verify)")
+        + f" in {report.seconds:.2f} s"
+    )
+
+
 def _render_conversion(report: ConversionReport, console: Console) -> None:
     console.print(f"[bold]{report.source}[/] -> [bold]{report.output}[/]")
     console.print(
@@ -78,12 +89,28 @@ def _render_conversion(report: ConversionReport, console: Console) -> None:
         )
     if report.skipped:
         console.print(f"  skipped non-tensor entries: {', '.join(report.skipped)}")
-    console.print(
-        f"  {human_bytes(report.bytes_written)} written for {human_bytes(report.bytes_all_names)} of tensors: "
-        f"[green]{human_bytes(report.bytes_saved)} saved[/]"
-        + ("; verified bit for bit" if report.verified else "; not verified (--no-verify)")
-        + f" in {report.seconds:.2f} s"
-    )
+    console.print(_saved_line(report))
+
+
+def _render_folder(report: FolderReport, console: Console) -> None:
+    console.print(f"[bold]{report.source}[/] -> [bold]{report.output}[/]: {', '.join(report.files)}")
+    by_origin: dict[str, int] = {}
+    for tie in report.ties:
+        by_origin[f"{tie.kind} ({tie.origin})"] = by_origin.get(f"{tie.kind} ({tie.origin})", 0) + 1
+    found = ", ".join(f"{n} {what}" for what, n in by_origin.items()) or "none"
+    console.print(f"  {report.tensors} tensors, {report.stored} stored; ties: {found}")
+    for tie in report.ties:
+        if tie.origin != "storage" or tie.kind == "alias":
+            console.print(f"  {tie.kind}: {tie.name} = {tie.target} ({tie.origin})")
+    for group in report.identical:
+        console.print(f"  identical bytes, not tied (--dedup-identical stores them once): {', '.join(group)}")
+    for warning in report.warnings:
+        console.print(f"  [yellow]warning[/]: {warning}")
+    if report.copied:
+        console.print(f"  copied: {', '.join(report.copied)}")
+    if report.deleted:
+        console.print(f"  deleted source files: {', '.join(report.deleted)}")
+    console.print(_saved_line(report))
 
 
 def _render_inspect(report: InspectReport, console: Console) -> None:
@@ -114,7 +141,7 @@ def main(debug: bool) -> None:
 
 
 @main.command("convert")
-@click.argument("src", type=click.Path(dir_okay=False, path_type=str))
+@click.argument("src", type=click.Path(path_type=str))
 @click.argument("dst", required=False, type=click.Path(path_type=str))
 @click.option("--no-verify", is_flag=True, help="Skip the bit-for-bit check of the output.")
 @click.option(
@@ -122,16 +149,55 @@ def main(debug: bool) -> None:
     is_flag=True,
     help="Write views (q/k/v slices, transposes) as ordinary tensors so every loader sees them.",
 )
-@click.option("--key", help="Entry holding the weights in a training checkpoint, e.g. 'model/ema'.")
-@click.option("--overwrite", is_flag=True, help="Replace DST if it exists.")
+@click.option("--key", help="Entry holding the weights in a training checkpoint, e.g. 'model/ema' (files only).")
+@click.option(
+    "--max-shard-size",
+    default="5GB",
+    show_default=True,
+    help="Folders: largest shard, e.g. 500MB, 2GiB or a number of bytes.",
+)
+@click.option("--dedup-identical", is_flag=True, help="Folders: store bit-identical tensors once, loaded as copies.")
+@click.option("--allow-untied", is_flag=True, help="Folders: keep both when tensors the config ties differ.")
+@click.option("--delete-source", is_flag=True, help="Folders: remove the pickles once the output verified.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def convert_command(
-    src: str, dst: str | None, no_verify: bool, materialize_views: bool, key: str | None, overwrite: bool, as_json: bool
+    src: str,
+    dst: str | None,
+    no_verify: bool,
+    materialize_views: bool,
+    key: str | None,
+    max_shard_size: str,
+    dedup_identical: bool,
+    allow_untied: bool,
+    delete_source: bool,
+    overwrite: bool,
+    as_json: bool,
 ) -> None:
-    """Convert checkpoint SRC (.bin/.pt/.pth/.ckpt) to safetensors DST.
+    """Convert checkpoint SRC (a .bin/.pt/.pth/.ckpt file or a model folder) to safetensors.
 
-    DST defaults to SRC's folder: pytorch_model.bin -> model.safetensors, x.pt -> x.safetensors.
+    \b
+    A file: DST defaults to SRC's folder, pytorch_model.bin -> model.safetensors, x.pt -> x.safetensors.
+    A folder: model.safetensors or model-0000N-of-0000M.safetensors + index, written in DST
+    (default: SRC itself), with every other file of SRC copied.
     """
+    if Path(src).is_dir():
+        folder_report = convert_folder(
+            src,
+            dst,
+            max_shard_size=max_shard_size,
+            verify=not no_verify,
+            materialize_views=materialize_views,
+            dedup_identical=dedup_identical,
+            allow_untied=allow_untied,
+            delete_source=delete_source,
+            overwrite=overwrite,
+        )
+        if as_json:
+            _print_json(folder_report.to_dict())
+        else:
+            _render_folder(folder_report, Console(highlight=False, soft_wrap=True))
+        return
     report = convert_file(
         src, dst, verify=not no_verify, materialize_views=materialize_views, key=key, overwrite=overwrite
     )

@@ -15,6 +15,7 @@ from typing import Any
 from .errors import TiesafeError
 from .geometry import numel
 from .layout import plan_file, stored_items
+from .reports import SavedBytesReport
 from .sharing import SharedGroup, SharingPlan, plan_sharing
 from .stfile import read_safetensors
 from .ties import StoredInfo, TieRecord, decode
@@ -27,7 +28,7 @@ _HF_SHARD = re.compile(r"^pytorch_model(-\d+-of-\d+)?\.bin$")
 
 
 @dataclass
-class ConversionReport:
+class ConversionReport(SavedBytesReport):
     """What one conversion did: names, ties, bytes, verification."""
 
     source: str
@@ -45,15 +46,6 @@ class ConversionReport:
     verified: bool
     seconds: float = 0.0
     wrapper: str | None = None
-
-    @property
-    def bytes_saved(self) -> int:
-        return self.bytes_all_names - self.bytes_written
-
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["bytes_saved"] = self.bytes_saved
-        return data
 
 
 def default_output(src: Path) -> Path:

@@ -185,3 +185,33 @@ def _tie_cluster(
         else:
             assert base is not None
             plan.ties.views[name] = View(base, ref.offset - base_ref.offset, ref.shape, ref.stride, ref.dtype.code)
+
+
+def retie(plan: SharingPlan, keeper: str, duplicate: str, *, kind: str) -> list[str]:
+    """Store ``duplicate`` no more: it holds the same bytes as the stored ``keeper``.
+
+    ``kind="alias"`` (a tie the model declares) makes it, and every name tied to
+    it, point at ``keeper``; ``kind="copy"`` (merely equal bytes) records it as a
+    copy, loaded as an independent tensor. Returns the names now resolved through
+    ``keeper``. The caller has checked the bytes are identical.
+
+    Example:
+        >>> retie(plan, "model.embed_tokens.weight", "lm_head.weight", kind="alias")  # doctest: +SKIP
+        ['lm_head.weight']
+    """
+    ties = plan.ties
+    if kind == "copy" and duplicate in {*ties.aliases.values(), *(v.base for v in ties.views.values())}:
+        raise ValueError(f"{duplicate!r} has ties of its own and cannot become a copy")
+    plan.stored = [s for s in plan.stored if s.name != duplicate]
+    (ties.aliases if kind == "alias" else ties.copies)[duplicate] = keeper
+    moved = [duplicate]
+    for name, target in list(ties.aliases.items()):
+        if target == duplicate:
+            ties.aliases[name] = keeper
+            moved.append(name)
+    for name, view in list(ties.views.items()):
+        if view.base == duplicate:
+            ties.views[name] = View(keeper, view.offset, view.shape, view.stride, view.dtype)
+            moved.append(name)
+    plan.groups.append(SharedGroup("declared" if kind == "alias" else "identical", keeper, (keeper, *moved)))
+    return moved

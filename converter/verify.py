@@ -12,12 +12,12 @@ embedding costs one pass.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from . import ties
-from .errors import VerificationError
+from .errors import TiesafeError, VerificationError
 from .geometry import contiguous_strides
 from .sharing import overlap_clusters
 from .stfile import SafetensorsFile
@@ -42,14 +42,20 @@ def output_windows(files: Iterable[SafetensorsFile]) -> tuple[dict[str, FileWind
     Hidden spans are not names of the source and are left out.
     """
     stored: dict[str, FileWindow] = {}
-    metadata: dict[str, str] = {}
+    records = []
     for f in files:
-        metadata.update(f.metadata)
         for entry in f.entries.values():
+            if entry.name in stored:
+                raise VerificationError(f"tensor {entry.name!r} is stored in two files", path=f.path)
             ref = TensorRef(entry.name, entry.dtype, 0, entry.shape, contiguous_strides(entry.shape))
             stored[entry.name] = FileWindow(f.path, entry.start, ref)
-    info = {n: ties.StoredInfo(w.ref.dtype.code, w.ref.shape) for n, w in stored.items()}
-    record = ties.decode(metadata, info)
+        # Each shard's record is validated against that shard's own tensors.
+        info = {e.name: ties.StoredInfo(e.dtype.code, e.shape) for e in f.entries.values()}
+        try:
+            records.append(ties.decode(f.metadata, info))
+        except TiesafeError as exc:
+            raise type(exc)(exc.problem, path=f.path) from None
+    record = ties.merge(records)
     windows = {n: w for n, w in stored.items() if n not in record.hidden}
     for name, target in (*record.aliases.items(), *record.copies.items()):
         windows[name] = stored[target]
@@ -111,8 +117,18 @@ class _Comparer:
         return True
 
 
-def verify_output(checkpoint: Checkpoint, files: list[SafetensorsFile], expected: ties.TieRecord) -> VerifyReport:
+def verify_output(
+    checkpoint: Checkpoint,
+    files: list[SafetensorsFile],
+    expected: ties.TieRecord,
+    *,
+    declared: Collection[str] = (),
+) -> VerifyReport:
     """Check that ``files`` give every name of ``checkpoint`` bit for bit, tied as planned.
+
+    ``declared`` names are tied across storages on purpose (ties a model's config
+    declares, or copies of identical bytes): their bytes are still compared, but
+    they are exempt from the check that output sharing mirrors source sharing.
 
     Raises :class:`~converter.errors.VerificationError` naming the first difference.
 
@@ -127,7 +143,7 @@ def verify_output(checkpoint: Checkpoint, files: list[SafetensorsFile], expected
     extra = set(windows) - set(checkpoint.tensors)
     if extra:
         raise VerificationError(f"output has a tensor the source lacks: {sorted(extra)[0]!r}", path=where)
-    _check_no_false_sharing(checkpoint, windows, record, where)
+    _check_no_false_sharing(checkpoint, record, set(declared), where)
     comparer = _Comparer()
     try:
         for name, ref in checkpoint.tensors.items():
@@ -149,9 +165,7 @@ def verify_output(checkpoint: Checkpoint, files: list[SafetensorsFile], expected
     return VerifyReport(len(checkpoint.tensors), comparer.bytes_compared, len(record.names()))
 
 
-def _check_no_false_sharing(
-    checkpoint: Checkpoint, windows: dict[str, FileWindow], record: ties.TieRecord, where: Path
-) -> None:
+def _check_no_false_sharing(checkpoint: Checkpoint, record: ties.TieRecord, declared: set[str], where: Path) -> None:
     """Names that share bytes in the output must have shared bytes in the source."""
     cluster_of: dict[str, int] = {}
     by_storage: dict[str, list[str]] = {}
@@ -162,6 +176,8 @@ def _check_no_false_sharing(
             for name in cluster:
                 cluster_of[name] = id(cluster)
     for name, view in record.views.items():
+        if name in declared:
+            continue
         base_names = [n for n, t in record.aliases.items() if t == view.base] + [view.base]
         for other in base_names:
             if other in cluster_of and cluster_of[other] != cluster_of.get(name):
@@ -169,5 +185,5 @@ def _check_no_false_sharing(
                     f"{name!r} shares bytes with {other!r} in the output but not in the source", path=where
                 )
     for name, target in record.aliases.items():
-        if target in cluster_of and cluster_of.get(name) != cluster_of[target]:
+        if name not in declared and target in cluster_of and cluster_of.get(name) != cluster_of[target]:
             raise VerificationError(f"{name!r} is tied to {target!r} in the output but not in the source", path=where)

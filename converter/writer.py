@@ -116,14 +116,17 @@ class StagedWrites:
         self._open.append(fd)
         return fd, tmp
 
-    def write_plan(self, plan: FilePlan, dst: Path, check: Callable[[Path], None] | None = None) -> int:
-        """Write a planned safetensors file; ``check`` runs on its synced temporary file."""
+    def write_plan(self, plan: FilePlan, dst: Path, check: Callable[[Path], None] | None = None) -> Path:
+        """Write a planned safetensors file; ``check`` runs on its synced temporary file.
+
+        Returns the temporary path, readable until the block ends (to verify a set).
+        """
         fd, tmp = self.open(dst)
         _write_plan(fd, plan)
         if check is not None:
             os.fsync(fd)
             check(tmp)
-        return plan.file_size
+        return tmp
 
     def write_bytes(self, data: bytes, dst: Path) -> None:
         fd, _ = self.open(dst)
@@ -194,4 +197,5 @@ def write_file(plan: FilePlan, dst: str | Path, *, check: Callable[[Path], None]
         497759232
     """
     with StagedWrites() as staged:
-        return staged.write_plan(plan, Path(dst), check)
+        staged.write_plan(plan, Path(dst), check)
+    return plan.file_size

@@ -1,0 +1,325 @@
+"""Convert one model folder: sharded or single pickles in, what save_pretrained writes out.
+
+A folder holds ``pytorch_model.bin`` or ``pytorch_model-0000N-of-0000M.bin`` shards with
+their index, plus config, tokenizer and the rest. The shards are read as one
+checkpoint, ties are found within files (shared storage), across files (ties the
+config declares, checked bit-identical) and optionally among identical bytes, and
+the output -- ``model.safetensors`` or shards with ``model.safetensors.index.json``
+-- appears all at once, verified, beside every other file of the folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .declared import declared_ties
+from .errors import TiesafeError, VerificationError
+from .identical import identical_groups
+from .layout import SetPlan, StoredItem, plan_shards, stored_items
+from .reports import SavedBytesReport
+from .sharing import SharingPlan, plan_sharing, retie
+from .stfile import read_safetensors
+from .torchfile import Checkpoint, StorageRecord, TensorRef, read_checkpoint
+from .verify import verify_output
+from .writer import StagedWrites
+
+PICKLE_INDEX = "pytorch_model.bin.index.json"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+# Pickles a training run leaves beside the weights that are not weights.
+NOT_WEIGHTS = re.compile(r"^(training_args\.bin|optimizer\.pt|scheduler\.pt|scaler\.pt|rng_state.*\.pth)$")
+_OUTPUT_NAME = re.compile(r"^model(-\d{5}-of-\d{5})?\.safetensors$|^model\.safetensors\.index\.json$")
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+_UNITS.update({"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40})
+
+
+def parse_size(size: int | str) -> int:
+    """``"5GB"`` -> 5·10⁹ (decimal, as transformers reads it), ``"2GiB"`` -> 2·2³⁰, ``"123"`` -> 123.
+
+    Example:
+        >>> parse_size("500MB"), parse_size("1GiB"), parse_size(42)
+        (500000000, 1073741824, 42)
+    """
+    if isinstance(size, int):
+        value = size
+    else:
+        match = _SIZE.match(size)
+        if not match:
+            raise TiesafeError(f"shard size {size!r} is not a size (examples: 5GB, 500MB, 2GiB, 1000000)")
+        value = int(float(match.group(1)) * _UNITS[(match.group(2) or "").upper()])
+    if value <= 0:
+        raise TiesafeError(f"shard size {size!r} must be positive")
+    return value
+
+
+@dataclass(frozen=True)
+class Tie:
+    """One name that is not stored under its own name, and why."""
+
+    name: str
+    target: str
+    kind: str  # "alias", "view" or "copy"
+    origin: str  # "storage" (shared in the file), "config" (declared by the model) or "identical"
+
+
+@dataclass
+class FolderReport(SavedBytesReport):
+    """What converting one model folder did."""
+
+    source: str
+    output: str
+    files: list[str]  # safetensors files and index written
+    copied: list[str]  # other files carried over
+    tensors: int
+    stored: int
+    bytes_all_names: int
+    bytes_written: int
+    ties: list[Tie]
+    identical: list[list[str]]  # groups of equal bytes found (stored once only with dedup_identical)
+    skipped: list[str]
+    warnings: list[str] = field(default_factory=list)
+    deleted: list[str] = field(default_factory=list)
+    verified: bool = False
+    seconds: float = 0.0
+
+
+def _index_files(folder: Path, index_path: Path) -> tuple[list[Path], dict[str, str]]:
+    try:
+        index = json.loads(index_path.read_text(encoding="utf-8"))
+        weight_map = index["weight_map"]
+        if not isinstance(weight_map, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+        ):
+            raise ValueError("weight_map must map names to file names")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise TiesafeError(f"unreadable index ({exc})", path=index_path) from None
+    files = []
+    for name in dict.fromkeys(weight_map.values()):
+        if Path(name).name != name:
+            raise TiesafeError(f"index names a file outside the folder: {name!r}", path=index_path)
+        if not (folder / name).is_file():
+            raise TiesafeError(f"index names {name!r}, which is missing", path=index_path)
+        files.append(folder / name)
+    return sorted(files), weight_map
+
+
+def find_weights(folder: str | Path) -> tuple[list[Path], dict[str, str] | None]:
+    """The pickle weight files of a model folder (and the index's weight map, if sharded).
+
+    Example:
+        >>> find_weights("llama")  # doctest: +SKIP
+        ([PosixPath('llama/pytorch_model-00001-of-00002.bin'), ...], {...})
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise TiesafeError("is not a folder", path=folder)
+    if (folder / PICKLE_INDEX).is_file():
+        return _index_files(folder, folder / PICKLE_INDEX)
+    shards = sorted(folder.glob("pytorch_model*.bin"))
+    if shards:
+        return shards, None
+    loose = sorted(
+        p for p in folder.iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES and not NOT_WEIGHTS.match(p.name)
+    )
+    if len(loose) == 1:
+        return loose, None
+    if loose:
+        names = ", ".join(p.name for p in loose[:5])
+        raise TiesafeError(f"several pickles and no index ({names}); convert them one by one", path=folder)
+    raise TiesafeError("no pickle weights (.bin/.pt/.pth/.ckpt) in this folder", path=folder)
+
+
+def read_folder_checkpoint(files: list[Path], weight_map: dict[str, str] | None) -> Checkpoint:
+    """Read every weight file as one checkpoint; storage keys are made unique per file."""
+    tensors: dict[str, TensorRef] = {}
+    storages: dict[str, StorageRecord] = {}
+    skipped: list[str] = []
+    formats = set()
+    for path in files:
+        ckpt = read_checkpoint(path)
+        formats.add(ckpt.format)
+        for key, record in ckpt.storages.items():
+            storages[f"{path.name}/{key}"] = dataclasses.replace(record, key=f"{path.name}/{key}")
+        for name, ref in ckpt.tensors.items():
+            if weight_map is not None and weight_map.get(name, path.name) != path.name:
+                continue  # the index places this name in another file
+            if name in tensors:
+                raise TiesafeError(f"tensor {name!r} is in more than one weight file", path=path)
+            tensors[name] = dataclasses.replace(ref, storage=f"{path.name}/{ref.storage}")
+        skipped += [f"{path.name}:{s}" for s in ckpt.skipped]
+    if weight_map is not None:
+        missing = [n for n in weight_map if n not in tensors]
+        if missing:
+            raise TiesafeError(f"the index lists {missing[0]!r}, which no weight file holds", path=files[0].parent)
+    return Checkpoint(files[0].parent, "+".join(sorted(formats)), tensors, storages, skipped)
+
+
+def _apply_declared(
+    folder: Path, ckpt: Checkpoint, sharing: SharingPlan, identical: list[list[str]], allow_untied: bool
+) -> tuple[list[Tie], list[str], set[str]]:
+    """Store once the tensors the model declares tied, after checking their bytes agree."""
+    stored = {s.name for s in sharing.stored}
+    equal_to = {name: group[0] for group in identical for name in group}
+    ties, warnings, moved = [], [], set()
+    for group in declared_ties(folder):
+        present = [n for n in group if n in stored]
+        if len(present) < 2:
+            continue  # already one storage in the file (or absent): nothing to do
+        keeper = min(present, key=list(ckpt.tensors).index)
+        for name in present:
+            if name == keeper:
+                continue
+            if equal_to.get(name, name) != equal_to.get(keeper, keeper):
+                problem = f"the model ties {name!r} to {keeper!r} but their bytes differ"
+                if not allow_untied:
+                    raise TiesafeError(f"{problem}; pass --allow-untied to keep both", path=folder)
+                warnings.append(f"{problem}: both kept (--allow-untied)")
+                continue
+            for re_tied in retie(sharing, keeper, name, kind="alias"):
+                ties.append(Tie(re_tied, keeper, "alias", "config"))
+                moved.add(re_tied)
+    return ties, warnings, moved
+
+
+def _apply_identical(sharing: SharingPlan, identical: list[list[str]]) -> tuple[list[Tie], set[str]]:
+    stored = {s.name for s in sharing.stored}
+    tied_to = {*sharing.ties.aliases.values(), *(v.base for v in sharing.ties.views.values())}
+    ties, moved = [], set()
+    for group in identical:
+        keeper, *rest = [n for n in group if n in stored]
+        for name in rest:
+            if name not in tied_to:  # a tensor other names are tied to stays stored
+                retie(sharing, keeper, name, kind="copy")
+                ties.append(Tie(name, keeper, "copy", "identical"))
+                moved.add(name)
+    return ties, moved
+
+
+def _resolve_output(src: Path, dst: Path | None, overwrite: bool) -> Path:
+    out = src if dst is None else dst
+    if out.exists() and not out.is_dir():
+        raise TiesafeError("output must be a folder", path=out)
+    if out.is_dir() and not overwrite:
+        existing = [p.name for p in out.iterdir() if _OUTPUT_NAME.match(p.name)]
+        if existing:
+            raise TiesafeError(f"holds {existing[0]} already; pass --overwrite to replace it", path=out)
+    return out
+
+
+def convert_folder(
+    src: str | Path,
+    dst: str | Path | None = None,
+    *,
+    max_shard_size: int | str = "5GB",
+    verify: bool = True,
+    materialize_views: bool = False,
+    dedup_identical: bool = False,
+    allow_untied: bool = False,
+    delete_source: bool = False,
+    overwrite: bool = False,
+) -> FolderReport:
+    """Convert a model folder to safetensors the way ``save_pretrained`` lays it out.
+
+    With no ``dst`` the output goes beside the source. Other files (config,
+    tokenizer, README, ...) are copied to ``dst`` as they are. Everything appears
+    at once after verification; ``delete_source`` removes the pickles only then.
+
+    Example:
+        >>> report = convert_folder("llama", "llama-st", max_shard_size="2GB")  # doctest: +SKIP
+        >>> [(t.name, t.origin) for t in report.ties]
+        [('lm_head.weight', 'config')]
+    """
+    started = time.perf_counter()
+    src = Path(src)
+    files, weight_map = find_weights(src)
+    out = _resolve_output(src, None if dst is None else Path(dst), overwrite)
+    if delete_source and not verify:
+        raise TiesafeError("--delete-source needs verification; drop --no-verify")
+    limit = parse_size(max_shard_size)
+    ckpt = read_folder_checkpoint(files, weight_map)
+    sharing = plan_sharing(ckpt.tensors, materialize_views=materialize_views)
+    ties = [Tie(n, t, "alias", "storage") for n, t in sharing.ties.aliases.items()]
+    ties += [Tie(n, v.base, "view", "storage") for n, v in sharing.ties.views.items()]
+    identical = identical_groups(stored_items(ckpt, sharing))
+    declared, warnings, moved = _apply_declared(src, ckpt, sharing, identical, allow_untied)
+    ties += declared
+    identical = [g for g in identical if not set(g) & moved]
+    if dedup_identical:
+        copies, copied_names = _apply_identical(sharing, identical)
+        ties += copies
+        moved |= copied_names
+    items: list[StoredItem] = stored_items(ckpt, sharing)
+    plan = plan_shards(items, sharing.ties, max_shard_size=limit)
+    weights = {p.name for p in files} | {PICKLE_INDEX}
+    others = [
+        p for p in sorted(src.iterdir()) if p.is_file() and p.name not in weights and not _OUTPUT_NAME.match(p.name)
+    ]
+    if out == src:
+        others = []
+    written = _write_set(plan, out, others, ckpt, sharing, verify=verify, declared=moved)
+    deleted = []
+    if delete_source:
+        for path in [*files, src / PICKLE_INDEX]:
+            if path.exists():
+                path.unlink()
+                deleted.append(path.name)
+    return FolderReport(
+        source=str(src),
+        output=str(out),
+        files=written,
+        copied=[p.name for p in others],
+        tensors=len(ckpt.tensors),
+        stored=len(sharing.stored),
+        bytes_all_names=sum(t.nbytes for t in ckpt.tensors.values()),
+        bytes_written=plan.data_size,
+        ties=ties,
+        identical=identical,
+        skipped=ckpt.skipped,
+        warnings=warnings,
+        deleted=deleted,
+        verified=verify,
+        seconds=time.perf_counter() - started,
+    )
+
+
+def _write_set(
+    plan: SetPlan,
+    out: Path,
+    others: list[Path],
+    ckpt: Checkpoint,
+    sharing: SharingPlan,
+    *,
+    verify: bool,
+    declared: set[str],
+) -> list[str]:
+    """Stage every output file, verify the staged set, then rename it all into place."""
+    out.mkdir(parents=True, exist_ok=True)
+    with StagedWrites() as staged:
+        temporary = [staged.write_plan(file_plan, out / name) for name, file_plan in plan.files.items()]
+        if verify:
+            try:
+                verify_output(ckpt, [read_safetensors(t) for t in temporary], sharing.ties, declared=declared)
+            except TiesafeError as exc:
+                raise VerificationError(exc.problem, path=out) from None
+        for path in others:
+            staged.copy_file(path, out / path.name)
+        names = list(plan.files)
+        if plan.index is not None:
+            index = json.dumps(plan.index, indent=2, sort_keys=True) + "\n"
+            staged.write_bytes(index.encode("utf-8"), out / SAFETENSORS_INDEX)
+            names.append(SAFETENSORS_INDEX)
+    _remove_stale_outputs(out, set(names))
+    return names
+
+
+def _remove_stale_outputs(out: Path, current: set[str]) -> None:
+    """An earlier conversion with other shard counts must not leave files that loaders pick up."""
+    for path in out.iterdir():
+        if _OUTPUT_NAME.match(path.name) and path.name not in current:
+            path.unlink()

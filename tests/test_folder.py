@@ -1,0 +1,203 @@
+"""Model folders: sharded pickles, ties across shards, other files, sharded output."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+from models import llama_tied
+from transformers import AutoModelForCausalLM
+
+import converter
+from converter.errors import TiesafeError
+
+
+def _save_sharded(model: torch.nn.Module, folder: Path, shards: int = 2) -> dict[str, torch.Tensor]:
+    """Save like old transformers did: each shard dict with its own torch.save (ties break)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    state = model.state_dict()
+    names = list(state)
+    per = -(-len(names) // shards)
+    weight_map = {}
+    for i in range(shards):
+        part = names[i * per : (i + 1) * per]
+        file = f"pytorch_model-{i + 1:05d}-of-{shards:05d}.bin"
+        torch.save({n: state[n] for n in part}, folder / file)
+        weight_map.update(dict.fromkeys(part, file))
+    index = {"metadata": {"total_size": sum(t.nbytes for t in state.values())}, "weight_map": weight_map}
+    (folder / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+    model.config.architectures = [type(model).__name__]  # as save_pretrained records it
+    model.config.save_pretrained(folder)
+    (folder / "tokenizer.json").write_text('{"version": "1.0"}')
+    (folder / "README.md").write_text("# tiny llama\n")
+    return state
+
+
+@pytest.fixture
+def llama_folder(tmp_path: Path) -> tuple[Path, torch.nn.Module]:
+    torch.manual_seed(0)
+    model = llama_tied().eval()
+    _save_sharded(model, tmp_path / "llama")
+    return tmp_path / "llama", model
+
+
+def _logits(model: torch.nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return model(torch.tensor([[1, 2, 3, 4, 5]])).logits
+
+
+def test_declared_tie_across_shards_is_stored_once(llama_folder, tmp_path: Path) -> None:
+    src, model = llama_folder
+    report = converter.convert_folder(src, tmp_path / "out")
+    assert [(t.name, t.target, t.origin) for t in report.ties] == [
+        ("lm_head.weight", "model.embed_tokens.weight", "config")
+    ]
+    assert report.bytes_saved == model.lm_head.weight.nbytes
+    assert report.files == ["model.safetensors"]
+    assert sorted(report.copied) == ["README.md", "config.json", "tokenizer.json"]
+    out = Path(report.output)
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors", "tokenizer.json"]
+    loaded, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert torch.equal(_logits(loaded.eval()), _logits(model))
+
+
+def test_sharded_output_with_index(llama_folder, tmp_path: Path) -> None:
+    src, model = llama_folder
+    report = converter.convert_folder(src, tmp_path / "out", max_shard_size="4KiB")
+    out = Path(report.output)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 2 and shards == sorted(f for f in report.files if f.endswith(".safetensors"))
+    assert "lm_head.weight" not in index["weight_map"]  # only tensors that are in a file
+    stored = {}
+    for shard in shards:
+        stored.update(safetensors.torch.load_file(out / shard))
+    assert set(stored) == set(index["weight_map"])
+    assert index["metadata"]["total_size"] == sum(t.nbytes for t in stored.values()) == report.bytes_written
+    loaded, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert torch.equal(_logits(loaded.eval()), _logits(model))
+
+
+def test_tensor_larger_than_the_shard_size_gets_its_own_shard(llama_folder, tmp_path: Path) -> None:
+    src, model = llama_folder
+    embed = model.model.embed_tokens.weight
+    report = converter.convert_folder(src, tmp_path / "out", max_shard_size=embed.nbytes - 1)
+    out = Path(report.output)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shard = index["weight_map"]["model.embed_tokens.weight"]
+    assert [n for n, f in index["weight_map"].items() if f == shard] == ["model.embed_tokens.weight"]
+    # Every other shard respects the limit.
+    for name in set(index["weight_map"].values()) - {shard}:
+        assert sum(t.nbytes for t in safetensors.torch.load_file(out / name).values()) <= embed.nbytes - 1
+
+
+def test_output_is_deterministic(llama_folder, tmp_path: Path) -> None:
+    src, _ = llama_folder
+    one = Path(converter.convert_folder(src, tmp_path / "one", max_shard_size="8KB").output)
+    two = Path(converter.convert_folder(src, tmp_path / "two", max_shard_size="8KB").output)
+    assert sorted(p.name for p in one.iterdir()) == sorted(p.name for p in two.iterdir())
+    for path in one.iterdir():
+        assert path.read_bytes() == (two / path.name).read_bytes(), path.name
+
+
+def test_declared_tie_with_different_bytes_is_refused_or_kept(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = llama_tied().eval()
+    folder = tmp_path / "llama"
+    state = _save_sharded(model, folder)
+    last = sorted(folder.glob("pytorch_model-*.bin"))[-1]
+    part = torch.load(last, weights_only=True)
+    part["lm_head.weight"] = state["lm_head.weight"] + 1  # fine-tuned apart
+    torch.save(part, last)
+    with pytest.raises(TiesafeError, match=r"ties 'lm_head\.weight' to 'model\.embed_tokens\.weight' but their bytes"):
+        converter.convert_folder(folder, tmp_path / "out")
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+    report = converter.convert_folder(folder, tmp_path / "out", allow_untied=True)
+    assert report.warnings and "both kept" in report.warnings[0]
+    plain = safetensors.torch.load_file(tmp_path / "out" / "model.safetensors")
+    assert torch.equal(plain["lm_head.weight"], part["lm_head.weight"])
+
+
+def test_identical_bytes_are_reported_and_deduplicated_as_copies(tmp_path: Path) -> None:
+    folder = tmp_path / "m"
+    folder.mkdir()
+    ones = torch.ones(16)
+    state = {"norm1.weight": ones.clone(), "norm2.weight": ones.clone(), "w": torch.randn(4, 4)}
+    torch.save(state, folder / "pytorch_model.bin")
+    report = converter.convert_folder(folder, tmp_path / "reported")
+    assert report.identical == [["norm1.weight", "norm2.weight"]] and report.stored == 3
+    report = converter.convert_folder(folder, tmp_path / "dedup", dedup_identical=True)
+    assert [(t.name, t.kind, t.origin) for t in report.ties] == [("norm2.weight", "copy", "identical")]
+    assert report.stored == 2 and report.bytes_saved == 64
+    loaded = converter.load_file(tmp_path / "dedup" / "model.safetensors")
+    assert torch.equal(loaded["norm2.weight"], ones)
+    assert loaded["norm2.weight"].data_ptr() != loaded["norm1.weight"].data_ptr()  # a copy, not a tie
+
+
+def test_in_place_conversion_keeps_or_deletes_the_source(llama_folder) -> None:
+    src, _ = llama_folder
+    pickles = sorted(p.name for p in src.glob("pytorch_model*"))
+    report = converter.convert_folder(src)
+    assert report.output == str(src) and report.copied == []
+    assert sorted(p.name for p in src.glob("pytorch_model*")) == pickles
+    with pytest.raises(TiesafeError, match="--overwrite"):
+        converter.convert_folder(src)
+    report = converter.convert_folder(src, overwrite=True, delete_source=True)
+    assert sorted(report.deleted) == pickles
+    assert not list(src.glob("pytorch_model*")) and (src / "model.safetensors").exists()
+
+
+def test_overwrite_with_other_sharding_leaves_no_stale_shards(llama_folder, tmp_path: Path) -> None:
+    src, _ = llama_folder
+    converter.convert_folder(src, tmp_path / "out", max_shard_size="4KiB")
+    converter.convert_folder(src, tmp_path / "out", overwrite=True)
+    assert (
+        not list((tmp_path / "out").glob("model-*"))
+        and not (tmp_path / "out" / "model.safetensors.index.json").exists()
+    )
+
+
+@pytest.mark.parametrize(
+    ("files", "message"),
+    [([], "no pickle weights"), (["a.pt", "b.pt"], "several pickles and no index")],
+)
+def test_folders_without_clear_weights_are_refused(tmp_path: Path, files: list[str], message: str) -> None:
+    for name in files:
+        torch.save({"w": torch.ones(1)}, tmp_path / name)
+    with pytest.raises(TiesafeError, match=message):
+        converter.convert_folder(tmp_path)
+
+
+def test_training_leftovers_are_not_weights(tmp_path: Path) -> None:
+    torch.save({"w": torch.ones(2)}, tmp_path / "weights.pt")
+    torch.save({"lr": 0.1}, tmp_path / "optimizer.pt")
+    torch.save({"x": 1}, tmp_path / "training_args.bin")
+    report = converter.convert_folder(tmp_path, tmp_path / "out")
+    assert sorted(report.copied) == ["optimizer.pt", "training_args.bin"]
+
+
+def test_parse_size() -> None:
+    from converter.folder import parse_size
+
+    assert parse_size("5GB") == 5 * 10**9 and parse_size("2GiB") == 2 * 2**30 and parse_size("123") == 123
+    with pytest.raises(TiesafeError, match="not a size"):
+        parse_size("five gigs")
+
+
+def test_cli_converts_a_folder(llama_folder, tmp_path: Path) -> None:
+    src, _ = llama_folder
+    result = subprocess.run(
+        [sys.executable, "-m", "converter", "convert", str(src), str(tmp_path / "out"), "--json"],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["ties"][0]["origin"] == "config" and report["verified"] is True
