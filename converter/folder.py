@@ -20,7 +20,7 @@ from pathlib import Path
 from .declared import declared_ties
 from .errors import TiesafeError, VerificationError
 from .identical import identical_groups
-from .layout import SetPlan, StoredItem, plan_shards, stored_items
+from .layout import SetPlan, plan_shards, stored_items
 from .reports import SavedBytesReport
 from .sharing import SharingPlan, plan_sharing, retie
 from .stfile import read_safetensors
@@ -212,6 +212,79 @@ def _resolve_output(src: Path, dst: Path | None, overwrite: bool) -> Path:
     return out
 
 
+@dataclass
+class FolderPlan:
+    """Everything decided about a folder before a byte is written (what --dry-run shows)."""
+
+    source: Path
+    weights: list[Path]  # the pickle files (and index) the output replaces
+    checkpoint: Checkpoint
+    sharing: SharingPlan
+    ties: list[Tie]
+    identical: list[list[str]]
+    warnings: list[str]
+    declared: set[str]  # names tied across storages on purpose (exempt from the sharing check)
+    others: list[Path]  # files carried over as they are
+    output: SetPlan
+
+    def report(self, output: Path, files: list[str], *, verified: bool, seconds: float) -> FolderReport:
+        return FolderReport(
+            source=str(self.source),
+            output=str(output),
+            files=files,
+            copied=[p.name for p in self.others] if output != self.source else [],
+            tensors=len(self.checkpoint.tensors),
+            stored=len(self.sharing.stored),
+            bytes_all_names=sum(t.nbytes for t in self.checkpoint.tensors.values()),
+            bytes_written=self.output.data_size,
+            ties=self.ties,
+            identical=self.identical,
+            skipped=self.checkpoint.skipped,
+            warnings=self.warnings,
+            verified=verified,
+            seconds=seconds,
+        )
+
+
+def plan_folder(
+    src: str | Path,
+    *,
+    max_shard_size: int | str = "5GB",
+    materialize_views: bool = False,
+    dedup_identical: bool = False,
+    allow_untied: bool = False,
+) -> FolderPlan:
+    """Read a model folder and decide its output, without writing anything.
+
+    Example:
+        >>> plan = plan_folder("llama")  # doctest: +SKIP
+        >>> list(plan.output.files), plan.output.data_size
+        (['model.safetensors'], 2471645184)
+    """
+    src = Path(src)
+    files, weight_map = find_weights(src)
+    limit = parse_size(max_shard_size)
+    ckpt = read_folder_checkpoint(files, weight_map)
+    sharing = plan_sharing(ckpt.tensors, materialize_views=materialize_views)
+    ties = [Tie(n, t, "alias", "storage") for n, t in sharing.ties.aliases.items()]
+    ties += [Tie(n, v.base, "view", "storage") for n, v in sharing.ties.views.items()]
+    identical = identical_groups(stored_items(ckpt, sharing))
+    declared, warnings, moved = _apply_declared(src, ckpt, sharing, identical, allow_untied)
+    ties += declared
+    identical = [g for g in identical if not set(g) & moved]
+    if dedup_identical:
+        copies, copied_names = _apply_identical(sharing, identical)
+        ties += copies
+        moved |= copied_names
+    output = plan_shards(stored_items(ckpt, sharing), sharing.ties, max_shard_size=limit)
+    weights = [*files, *([src / PICKLE_INDEX] if weight_map is not None else [])]
+    names = {p.name for p in weights}
+    others = [
+        p for p in sorted(src.iterdir()) if p.is_file() and p.name not in names and not _OUTPUT_NAME.match(p.name)
+    ]
+    return FolderPlan(src, weights, ckpt, sharing, ties, identical, warnings, moved, others, output)
+
+
 def convert_folder(
     src: str | Path,
     dst: str | Path | None = None,
@@ -237,81 +310,44 @@ def convert_folder(
     """
     started = time.perf_counter()
     src = Path(src)
-    files, weight_map = find_weights(src)
-    out = _resolve_output(src, None if dst is None else Path(dst), overwrite)
     if delete_source and not verify:
         raise TiesafeError("--delete-source needs verification; drop --no-verify")
-    limit = parse_size(max_shard_size)
-    ckpt = read_folder_checkpoint(files, weight_map)
-    sharing = plan_sharing(ckpt.tensors, materialize_views=materialize_views)
-    ties = [Tie(n, t, "alias", "storage") for n, t in sharing.ties.aliases.items()]
-    ties += [Tie(n, v.base, "view", "storage") for n, v in sharing.ties.views.items()]
-    identical = identical_groups(stored_items(ckpt, sharing))
-    declared, warnings, moved = _apply_declared(src, ckpt, sharing, identical, allow_untied)
-    ties += declared
-    identical = [g for g in identical if not set(g) & moved]
-    if dedup_identical:
-        copies, copied_names = _apply_identical(sharing, identical)
-        ties += copies
-        moved |= copied_names
-    items: list[StoredItem] = stored_items(ckpt, sharing)
-    plan = plan_shards(items, sharing.ties, max_shard_size=limit)
-    weights = {p.name for p in files} | {PICKLE_INDEX}
-    others = [
-        p for p in sorted(src.iterdir()) if p.is_file() and p.name not in weights and not _OUTPUT_NAME.match(p.name)
-    ]
-    if out == src:
-        others = []
-    written = _write_set(plan, out, others, ckpt, sharing, verify=verify, declared=moved)
+    out = _resolve_output(src, None if dst is None else Path(dst), overwrite)
+    plan = plan_folder(
+        src,
+        max_shard_size=max_shard_size,
+        materialize_views=materialize_views,
+        dedup_identical=dedup_identical,
+        allow_untied=allow_untied,
+    )
+    written = _write_set(plan, out, verify=verify)
     deleted = []
     if delete_source:
-        for path in [*files, src / PICKLE_INDEX]:
-            if path.exists():
-                path.unlink()
-                deleted.append(path.name)
-    return FolderReport(
-        source=str(src),
-        output=str(out),
-        files=written,
-        copied=[p.name for p in others],
-        tensors=len(ckpt.tensors),
-        stored=len(sharing.stored),
-        bytes_all_names=sum(t.nbytes for t in ckpt.tensors.values()),
-        bytes_written=plan.data_size,
-        ties=ties,
-        identical=identical,
-        skipped=ckpt.skipped,
-        warnings=warnings,
-        deleted=deleted,
-        verified=verify,
-        seconds=time.perf_counter() - started,
-    )
+        for path in plan.weights:
+            path.unlink(missing_ok=True)
+            deleted.append(path.name)
+    report = plan.report(out, written, verified=verify, seconds=time.perf_counter() - started)
+    report.deleted = deleted
+    return report
 
 
-def _write_set(
-    plan: SetPlan,
-    out: Path,
-    others: list[Path],
-    ckpt: Checkpoint,
-    sharing: SharingPlan,
-    *,
-    verify: bool,
-    declared: set[str],
-) -> list[str]:
+def _write_set(plan: FolderPlan, out: Path, *, verify: bool) -> list[str]:
     """Stage every output file, verify the staged set, then rename it all into place."""
     out.mkdir(parents=True, exist_ok=True)
     with StagedWrites() as staged:
-        temporary = [staged.write_plan(file_plan, out / name) for name, file_plan in plan.files.items()]
+        temporary = [staged.write_plan(file_plan, out / name) for name, file_plan in plan.output.files.items()]
         if verify:
+            staged_files = [read_safetensors(t) for t in temporary]
             try:
-                verify_output(ckpt, [read_safetensors(t) for t in temporary], sharing.ties, declared=declared)
+                verify_output(plan.checkpoint, staged_files, plan.sharing.ties, declared=plan.declared)
             except TiesafeError as exc:
                 raise VerificationError(exc.problem, path=out) from None
-        for path in others:
-            staged.copy_file(path, out / path.name)
-        names = list(plan.files)
-        if plan.index is not None:
-            index = json.dumps(plan.index, indent=2, sort_keys=True) + "\n"
+        if out != plan.source:
+            for path in plan.others:
+                staged.copy_file(path, out / path.name)
+        names = list(plan.output.files)
+        if plan.output.index is not None:
+            index = json.dumps(plan.output.index, indent=2, sort_keys=True) + "\n"
             staged.write_bytes(index.encode("utf-8"), out / SAFETENSORS_INDEX)
             names.append(SAFETENSORS_INDEX)
     _remove_stale_outputs(out, set(names))
