@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +18,11 @@ from rich.console import Console
 from rich.table import Table
 
 from . import __version__, convert_file, convert_folder, inspect, verify_file
+from .batch import BatchReport, convert_tree, discover
 from .convert import ConversionReport, InspectReport
 from .errors import TiesafeError
 from .folder import FolderReport
+from .progress import BatchProgress
 
 EXIT_INTERNAL = 1
 EXIT_USER = 2
@@ -113,6 +117,17 @@ def _render_folder(report: FolderReport, console: Console) -> None:
     console.print(_saved_line(report))
 
 
+def _render_batch_summary(report: BatchReport, console: Console) -> None:
+    data = report.to_dict()
+    counts = ", ".join(f"{n} {status}" for status, n in sorted(data["counts"].items())) or "nothing to do"
+    console.print(
+        f"{len(report.items)} items: {counts}; {human_bytes(data['bytes_written'])} written, "
+        f"[green]{human_bytes(data['bytes_saved'])} saved[/] in {report.seconds:.1f} s"
+    )
+    for failure in report.failed:
+        console.print(f"  [red]failed[/]: {failure.error}")
+
+
 def _render_inspect(report: InspectReport, console: Console) -> None:
     table = Table(title=f"{report.path} ({report.format})")
     for column in ("name", "dtype", "shape", "bytes", "stored as"):
@@ -140,24 +155,34 @@ def main(debug: bool) -> None:
     """
 
 
+def _conversion_options(command: Callable[..., None]) -> Callable[..., None]:
+    """The options ``convert`` and ``batch`` share (folder options apply to model folders)."""
+    options = [
+        click.option("--no-verify", is_flag=True, help="Skip the bit-for-bit check of the output."),
+        click.option(
+            "--materialize-views",
+            is_flag=True,
+            help="Write views (q/k/v slices, transposes) as ordinary tensors so every loader sees them.",
+        ),
+        click.option(
+            "--max-shard-size",
+            default="5GB",
+            show_default=True,
+            help="Folders: largest shard, e.g. 500MB, 2GiB or a number of bytes.",
+        ),
+        click.option("--dedup-identical", is_flag=True, help="Folders: store bit-identical tensors once, as copies."),
+        click.option("--allow-untied", is_flag=True, help="Folders: keep both when tensors the config ties differ."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 @main.command("convert")
 @click.argument("src", type=click.Path(path_type=str))
 @click.argument("dst", required=False, type=click.Path(path_type=str))
-@click.option("--no-verify", is_flag=True, help="Skip the bit-for-bit check of the output.")
-@click.option(
-    "--materialize-views",
-    is_flag=True,
-    help="Write views (q/k/v slices, transposes) as ordinary tensors so every loader sees them.",
-)
+@_conversion_options
 @click.option("--key", help="Entry holding the weights in a training checkpoint, e.g. 'model/ema' (files only).")
-@click.option(
-    "--max-shard-size",
-    default="5GB",
-    show_default=True,
-    help="Folders: largest shard, e.g. 500MB, 2GiB or a number of bytes.",
-)
-@click.option("--dedup-identical", is_flag=True, help="Folders: store bit-identical tensors once, loaded as copies.")
-@click.option("--allow-untied", is_flag=True, help="Folders: keep both when tensors the config ties differ.")
 @click.option("--delete-source", is_flag=True, help="Folders: remove the pickles once the output verified.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
@@ -235,6 +260,72 @@ def verify_command(src: str, dst: str, key: str | None, as_json: bool) -> None:
             f"OK: {report.names} names match bit for bit ({report.tied_names} tied), "
             f"{human_bytes(report.bytes_compared)} compared"
         )
+
+
+@main.command("batch")
+@click.argument("root", type=click.Path(file_okay=False, path_type=str))
+@click.option("--out", "out", type=click.Path(file_okay=False, path_type=str), help="Mirror the tree here.")
+@click.option("--in-place", is_flag=True, help="Write each output beside its source instead of under --out.")
+@click.option("--workers", type=click.IntRange(min=1), help="Items converted in parallel (default: cores, at most 2).")
+@click.option("--force", is_flag=True, help="Convert again what the manifest says is done and unchanged.")
+@click.option(
+    "--dry-run", is_flag=True, help="List what would be converted and the bytes it would save; write nothing."
+)
+@_conversion_options
+@click.option("--quiet", is_flag=True, help="Print only the summary.")
+@click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON.")
+def batch_command(
+    root: str,
+    out: str | None,
+    in_place: bool,
+    workers: int | None,
+    force: bool,
+    dry_run: bool,
+    no_verify: bool,
+    materialize_views: bool,
+    max_shard_size: str,
+    dedup_identical: bool,
+    allow_untied: bool,
+    quiet: bool,
+    as_json: bool,
+) -> None:
+    """Convert every model folder and loose checkpoint under ROOT.
+
+    Resumable: a manifest under the output root records finished items; a rerun
+    skips what is done and unchanged. Exits 2 if any item failed.
+    """
+    if (out is None) == (not in_place):
+        raise click.UsageError("give exactly one of --out OUTROOT and --in-place")
+    options: dict[str, Any] = {
+        "max_shard_size": max_shard_size,
+        "verify": not no_verify,
+        "materialize_views": materialize_views,
+        "dedup_identical": dedup_identical,
+        "allow_untied": allow_untied,
+    }
+    started = time.perf_counter()
+    console = Console(highlight=False, soft_wrap=True, stderr=as_json, quiet=quiet)
+    results = []
+    with BatchProgress(discover(root, out, in_place=in_place), console) as progress:
+        for result in convert_tree(
+            root,
+            out,
+            in_place=in_place,
+            workers=workers,
+            force=force,
+            dry_run=dry_run,
+            on_start=progress.start,
+            **options,
+        ):
+            progress.finish(result)
+            results.append(result)
+    report = BatchReport(root, out or root, results, time.perf_counter() - started)
+    if as_json:
+        _print_json(report.to_dict())
+    else:
+        _render_batch_summary(report, Console(highlight=False, soft_wrap=True))
+    if report.failed:
+        sys.exit(EXIT_USER)
 
 
 if __name__ == "__main__":  # pragma: no cover

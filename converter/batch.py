@@ -1,0 +1,323 @@
+"""Convert whole trees: every model folder and loose checkpoint under a root.
+
+The plan (which items, where their output goes, what is already done) and the
+report are one code path; the work runs inline, in a process pool, or on any
+``concurrent.futures.Executor`` (a Dask client's executor included). A JSON-lines
+manifest under the output root records each finished item with its sources' size
+and mtime and its outputs' hashes, so a rerun skips what is done and unchanged
+and picks up where a killed run stopped; outputs are written atomically, so a
+kill never leaves a partial file under a final name.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import json
+import multiprocessing
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .convert import convert_file, default_output
+from .errors import TiesafeError
+from .folder import NOT_WEIGHTS, PICKLE_INDEX, WEIGHT_SUFFIXES, convert_folder, plan_folder
+from .sharing import plan_sharing
+from .torchfile import read_checkpoint
+from .writer import TEMP_SUFFIX
+
+MANIFEST = ".tiesafe-manifest.jsonl"
+# Options of convert_folder a batch passes on; the manifest records them filled in,
+# so that the same run from the CLI and from Python is recognised as done.
+DEFAULT_OPTIONS: dict[str, Any] = {
+    "max_shard_size": "5GB",
+    "verify": True,
+    "materialize_views": False,
+    "dedup_identical": False,
+    "allow_untied": False,
+}
+_HASH_BLOCK = 16 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class BatchItem:
+    """One unit of work: a model folder or a loose checkpoint file."""
+
+    kind: str  # "folder" or "file"
+    source: Path
+    output: Path  # a folder for folder items, a .safetensors file for file items
+    key: str  # path relative to the root, the item's name in the manifest
+    size: int  # bytes of pickle weights, to balance and to show progress
+
+
+@dataclass
+class ItemResult:
+    """What happened to one item."""
+
+    item: str
+    kind: str
+    status: str  # "converted", "unchanged", "failed" or "planned" (dry run)
+    source: str
+    output: str
+    size: int
+    bytes_written: int = 0
+    bytes_saved: int = 0
+    seconds: float = 0.0
+    error: str | None = None
+    report: dict[str, Any] | None = None
+    outputs: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> size, sha256
+
+
+def _weight_files(folder: Path) -> tuple[bool, list[Path]]:
+    """Whether ``folder`` is a model folder, and its loose pickles otherwise."""
+    names = {p.name: p for p in folder.iterdir() if p.is_file()}
+    pickles = sorted(p for n, p in names.items() if p.suffix in WEIGHT_SUFFIXES and not NOT_WEIGHTS.match(n))
+    if PICKLE_INDEX in names or any(n.startswith("pytorch_model") and n.endswith(".bin") for n in names):
+        return True, []
+    if "config.json" in names and len(pickles) == 1:
+        return True, []
+    return False, pickles
+
+
+def discover(root: str | Path, out: str | Path | None = None, *, in_place: bool = False) -> list[BatchItem]:
+    """Every model folder and loose checkpoint under ``root``, largest first.
+
+    Outputs mirror the tree under ``out``, or sit beside the sources with ``in_place``.
+
+    Example:
+        >>> [i.key for i in discover("runs", "runs-st")]  # doctest: +SKIP
+        ['llama-7b', 'gpt2/checkpoint-500', 'loose/weights.pt']
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise TiesafeError("is not a folder", path=root)
+    if out is None and not in_place:
+        raise TiesafeError("give an output folder (--out) or --in-place")
+    target = root if in_place or out is None else Path(out)
+    skip = target.resolve() if target != root else None
+    items: list[BatchItem] = []
+    for folder, dirs, _ in os.walk(root):
+        here = Path(folder)
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and (here / d).resolve() != skip)
+        relative = here.relative_to(root)
+        is_model, loose = _weight_files(here)
+        if is_model:
+            size = sum(p.stat().st_size for p in here.iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
+            items.append(BatchItem("folder", here, target / relative, relative.as_posix(), size))
+        for path in loose:
+            output = target / relative / default_output(path).name
+            items.append(BatchItem("file", path, output, (relative / path.name).as_posix(), path.stat().st_size))
+    return sorted(items, key=lambda i: (-i.size, i.key))
+
+
+def _signature(item: BatchItem) -> dict[str, list[int]]:
+    """Size and mtime of every source file of the item: what "unchanged" means."""
+    files = [p for p in item.source.iterdir() if p.is_file()] if item.kind == "folder" else [item.source]
+    return {p.name: [st.st_size, st.st_mtime_ns] for p in sorted(files) if (st := p.stat())}
+
+
+def _hash_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(_HASH_BLOCK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _clean_stale_temporaries(folder: Path) -> None:
+    """Temporary files a killed run left (named ``.<final>.<random>.tiesafe-tmp``)."""
+    if folder.is_dir():
+        for path in folder.glob(f".*{TEMP_SUFFIX}"):
+            path.unlink(missing_ok=True)
+
+
+def run_item(item: BatchItem, options: dict[str, Any], dry_run: bool = False) -> ItemResult:
+    """Convert (or, with ``dry_run``, plan) one item; errors become a failed result.
+
+    A module-level function so that process pools and Dask workers can run it.
+    """
+    started = time.perf_counter()
+    result = ItemResult(
+        item.key, item.kind, "planned" if dry_run else "converted", str(item.source), str(item.output), item.size
+    )
+    try:
+        if dry_run:
+            report = _plan_item(item, options)
+        else:
+            _clean_stale_temporaries(item.output if item.kind == "folder" else item.output.parent)
+            if item.kind == "folder":
+                report = convert_folder(item.source, item.output, overwrite=True, **options).to_dict()
+                written = [item.output / name for name in report["files"]]
+            else:
+                file_options = {k: v for k, v in options.items() if k in ("verify", "materialize_views")}
+                report = convert_file(item.source, item.output, overwrite=True, **file_options).to_dict()
+                written = [item.output]
+            result.outputs = {p.name: {"size": p.stat().st_size, "sha256": _hash_file(p)} for p in written}
+        result.report = report
+        result.bytes_written = report["bytes_written"]
+        result.bytes_saved = report["bytes_saved"]
+    except TiesafeError as exc:
+        result.status, result.error = "failed", str(exc)
+    except Exception as exc:  # keep going past a bug in one item; it is reported, not hidden
+        result.status, result.error = "failed", f"{item.source}: internal error: {type(exc).__name__}: {exc}"
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def _plan_item(item: BatchItem, options: dict[str, Any]) -> dict[str, Any]:
+    if item.kind == "folder":
+        planning = {
+            k: v
+            for k, v in options.items()
+            if k in ("max_shard_size", "materialize_views", "dedup_identical", "allow_untied")
+        }
+        plan = plan_folder(item.source, **planning)
+        return plan.report(item.output, list(plan.output.files), verified=False, seconds=0.0).to_dict()
+    ckpt = read_checkpoint(item.source)
+    sharing = plan_sharing(ckpt.tensors, materialize_views=bool(options.get("materialize_views")))
+    total = sum(t.nbytes for t in ckpt.tensors.values())
+    written = sum(s.ref.nbytes for s in sharing.stored)
+    return {"bytes_all_names": total, "bytes_written": written, "bytes_saved": total - written}
+
+
+class Manifest:
+    """The JSON-lines record of finished items under the output root."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.done: dict[str, dict[str, Any]] = {}
+        if path.exists():
+            for line in path.read_text(encoding="utf-8").splitlines():
+                try:
+                    entry = json.loads(line)
+                    self.done[entry["item"]] = entry
+                except (ValueError, KeyError, TypeError):
+                    continue  # a line cut by a kill: that item is simply redone
+
+    def is_current(self, item: BatchItem, options: dict[str, Any]) -> bool:
+        entry = self.done.get(item.key)
+        if entry is None or entry.get("options") != options or entry.get("sources") != _signature(item):
+            return False
+        folder = item.output if item.kind == "folder" else item.output.parent
+        outputs = entry.get("outputs", {})
+        return bool(outputs) and all(
+            (folder / name).is_file() and (folder / name).stat().st_size == meta.get("size")
+            for name, meta in outputs.items()
+        )
+
+    def record(self, item: BatchItem, options: dict[str, Any], result: ItemResult) -> None:
+        entry = {
+            "item": item.key,
+            "kind": item.kind,
+            "sources": _signature(item),
+            "outputs": result.outputs,
+            "options": options,
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(entry, sort_keys=True) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self.done[item.key] = entry
+
+
+def default_workers() -> int:
+    """Conversion is bound by the disk and one core per item: one worker per core, at most 2.
+
+    Measured on the 2-core benchmark machine (README, Performance): a second worker
+    overlaps one item's verification reads with another's copy; a third only queues.
+    """
+    return max(1, min(2, os.cpu_count() or 1))
+
+
+def convert_tree(
+    root: str | Path,
+    out: str | Path | None = None,
+    *,
+    in_place: bool = False,
+    workers: int | None = None,
+    force: bool = False,
+    dry_run: bool = False,
+    executor: concurrent.futures.Executor | None = None,
+    on_start: Callable[[BatchItem], None] | None = None,
+    **options: Any,
+) -> Iterator[ItemResult]:
+    """Convert every model folder and loose checkpoint under ``root``; yield a result per item.
+
+    ``options`` are those of :func:`~converter.convert_folder` (``max_shard_size``,
+    ``verify``, ``dedup_identical``, ...). Items already converted and unchanged
+    are yielded as ``"unchanged"`` unless ``force``. A failed item does not stop
+    the others. ``executor`` runs items elsewhere (e.g. ``dask_client.get_executor()``);
+    by default ``workers`` processes (inline for one).
+
+    Example:
+        >>> failed = [r for r in convert_tree("runs", "runs-st") if r.status == "failed"]  # doctest: +SKIP
+    """
+    unknown = set(options) - set(DEFAULT_OPTIONS)
+    if unknown:
+        raise TypeError(f"convert_tree() got unexpected options: {', '.join(sorted(unknown))}")
+    options = {**DEFAULT_OPTIONS, **options}
+    items = discover(root, out, in_place=in_place)
+    manifest = Manifest((Path(root) if in_place or out is None else Path(out)) / MANIFEST)
+    todo = []
+    for item in items:
+        if not dry_run and not force and manifest.is_current(item, options):
+            yield ItemResult(item.key, item.kind, "unchanged", str(item.source), str(item.output), item.size)
+        else:
+            todo.append(item)
+    workers = workers or default_workers()
+    if executor is None and (workers == 1 or len(todo) <= 1):
+        for item in todo:
+            if on_start:
+                on_start(item)
+            result = run_item(item, options, dry_run)
+            if result.status == "converted":
+                manifest.record(item, options, result)
+            yield result
+        return
+    own = executor is None
+    pool = executor or concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+    try:
+        pending = {}
+        for item in todo:
+            if on_start:
+                on_start(item)
+            pending[pool.submit(run_item, item, options, dry_run)] = item
+        for future in concurrent.futures.as_completed(pending):
+            item = pending[future]
+            result = future.result()
+            if result.status == "converted":
+                manifest.record(item, options, result)
+            yield result
+    finally:
+        if own:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+@dataclass
+class BatchReport:
+    """All items of a batch run, for the summary and ``--json``."""
+
+    root: str
+    output: str
+    items: list[ItemResult]
+    seconds: float
+
+    @property
+    def failed(self) -> list[ItemResult]:
+        return [r for r in self.items if r.status == "failed"]
+
+    def to_dict(self) -> dict[str, Any]:
+        counts: dict[str, int] = {}
+        for r in self.items:
+            counts[r.status] = counts.get(r.status, 0) + 1
+        return {
+            **asdict(self),
+            "counts": counts,
+            "bytes_saved": sum(r.bytes_saved for r in self.items),
+            "bytes_written": sum(r.bytes_written for r in self.items),
+        }
