@@ -10,6 +10,7 @@ Example:
 
 from __future__ import annotations
 
+from .batch import ItemResult, convert_tree
 from .convert import ConversionReport, InspectReport, convert_file, inspect, verify_file
 from .errors import TiesafeError
 from .folder import FolderReport, convert_folder
@@ -20,9 +21,11 @@ __all__ = [
     "ConversionReport",
     "FolderReport",
     "InspectReport",
+    "ItemResult",
     "TiesafeError",
     "convert_file",
     "convert_folder",
+    "convert_tree",
     "inspect",
     "load_file",
     "read_checkpoint",
