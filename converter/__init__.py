@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from .convert import ConversionReport, InspectReport, convert_file, inspect, verify_file
 from .errors import TiesafeError
+from .export import save_file, save_model
 from .loader import load_file
 from .torchfile import read_checkpoint
 
@@ -23,6 +24,8 @@ __all__ = [
     "inspect",
     "load_file",
     "read_checkpoint",
+    "save_file",
+    "save_model",
     "verify_file",
 ]
 __version__ = "0.1.0"
