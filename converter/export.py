@@ -40,7 +40,8 @@ if TYPE_CHECKING:
     import torch
 
 DEFAULT_MAX_SHARD_SIZE = "5GB"  # what save_pretrained uses when writing into a folder
-_BLOCK = 64 * 1024 * 1024  # bytes of one tensor staged on the host at a time
+_BLOCK = 16 * 1024 * 1024  # bytes of one tensor staged on the host at a time
+_VERIFY_BLOCK = 8 * 1024 * 1024  # bytes read back per comparison (two are alive at once)
 _SIZE_UNITS = {"": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
 _SIZE_UNITS.update({"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40})
 _SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]I?B)?\s*", re.IGNORECASE)
@@ -234,6 +235,7 @@ class _LiveSource:
         for block in _byte_blocks(self.tensor):
             _pwrite_all(fd, block, offset)
             offset += len(block)
+            del block  # a staged copy is freed before the next one is made
 
 
 def _stored_items(live: dict[str, torch.Tensor], refs: dict[str, TensorRef], sharing: SharingPlan) -> list[StoredItem]:
@@ -257,7 +259,7 @@ def _same_bytes(fd: int, window: FileWindow, t: torch.Tensor) -> bool:
     span = window.contiguous_range  # None for a strided view: gathered whole, as the converter does
     gathered = None if span is not None else gather(fd, window.storage_offset, window.ref)
     position = 0
-    for block in _byte_blocks(t):
+    for block in _byte_blocks(t, _VERIFY_BLOCK):
         if gathered is not None:
             written: bytes | memoryview = gathered[position : position + len(block)]
         else:
@@ -266,6 +268,7 @@ def _same_bytes(fd: int, window: FileWindow, t: torch.Tensor) -> bool:
         if written != block:
             return False
         position += len(block)
+        del block, written  # freed before the next pair is made
     return position == window.ref.nbytes
 
 
