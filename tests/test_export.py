@@ -283,6 +283,30 @@ def test_sharded_output_with_index_and_ties_in_their_shard(tmp_path: Path) -> No
     assert "lm_head.weight" in converter.load_file(out / wte_shard)
 
 
+def test_shards_keep_views_and_overlap_spans_with_their_base(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    module = torch.nn.ModuleDict({"attn": FusedQKV(), "mlp": FlatParams(), "head": Seed()})
+    flat = torch.randn(64)
+    module.register_buffer("x", flat[0:40])
+    module.register_buffer("y", flat[20:60])  # overlaps x: stored as a hidden span
+    state = module.state_dict()
+    report = converter.save_model(module, tmp_path / "out.safetensors", max_shard_size=200)
+    index = json.loads((tmp_path / "out.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 2 and report.views
+    loaded: dict[str, torch.Tensor] = {}
+    for shard in sorted(set(index["weight_map"].values())):
+        assert shard.startswith("out-0000")
+        loaded |= converter.load_file(tmp_path / shard)
+    assert set(loaded) == set(state) and all(same_bits(loaded[n], t) for n, t in state.items())
+    assert shares_memory(loaded["x"], loaded["y"]) and shares_memory(loaded["attn.q"], loaded["attn.qkv"])
+
+
+def test_an_empty_state_dict_gives_an_empty_file(tmp_path: Path) -> None:
+    converter.save_file({}, tmp_path / "empty.safetensors", {"note": "nothing yet"})
+    assert converter.load_file(tmp_path / "empty.safetensors") == {}
+    assert read_safetensors(tmp_path / "empty.safetensors").metadata["note"] == "nothing yet"
+
+
 def test_an_existing_folder_gets_model_safetensors_and_stale_files_go(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = BUILDERS["gpt2"]()
