@@ -13,6 +13,7 @@ from __future__ import annotations
 from .batch import ItemResult, convert_tree
 from .convert import ConversionReport, InspectReport, convert_file, inspect, verify_file
 from .errors import TiesafeError
+from .export import save_file, save_model
 from .folder import FolderReport, convert_folder
 from .loader import load_file
 from .torchfile import read_checkpoint
@@ -29,6 +30,8 @@ __all__ = [
     "inspect",
     "load_file",
     "read_checkpoint",
+    "save_file",
+    "save_model",
     "verify_file",
 ]
 __version__ = "0.1.0"

@@ -46,6 +46,8 @@ def parse_size(size: int | str) -> int:
         >>> parse_size("500MB"), parse_size("1GiB"), parse_size(42)
         (500000000, 1073741824, 42)
     """
+    if isinstance(size, bool):
+        raise TiesafeError(f"shard size {size!r} is not a size (examples: 5GB, 500MB, 2GiB, 1000000)")
     if isinstance(size, int):
         value = size
     else:
@@ -347,15 +349,20 @@ def _write_set(plan: FolderPlan, out: Path, *, verify: bool) -> list[str]:
                 staged.copy_file(path, out / path.name)
         names = list(plan.output.files)
         if plan.output.index is not None:
-            index = json.dumps(plan.output.index, indent=2, sort_keys=True) + "\n"
-            staged.write_bytes(index.encode("utf-8"), out / SAFETENSORS_INDEX)
+            staged.write_bytes(plan.output.index_json(), out / SAFETENSORS_INDEX)
             names.append(SAFETENSORS_INDEX)
-    _remove_stale_outputs(out, set(names))
+    remove_stale_set(out, "model", set(names))
     return names
 
 
-def _remove_stale_outputs(out: Path, current: set[str]) -> None:
-    """An earlier conversion with other shard counts must not leave files that loaders pick up."""
-    for path in out.iterdir():
-        if _OUTPUT_NAME.match(path.name) and path.name not in current:
+def remove_stale_set(folder: Path, stem: str, written: set[str]) -> None:
+    """Remove files of an older output set (other shard count, or one file) that ``written`` replaces.
+
+    transformers reads ``model.safetensors`` before an index, so a stale file would
+    shadow new shards; save_pretrained cleans up the same way.
+    """
+    s = re.escape(stem)
+    pattern = re.compile(rf"{s}\.safetensors|{s}\.safetensors\.index\.json|{s}-\d{{5}}-of-\d{{5}}\.safetensors")
+    for path in folder.iterdir():
+        if path.name not in written and pattern.fullmatch(path.name) and path.is_file():
             path.unlink()

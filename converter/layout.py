@@ -93,6 +93,10 @@ class SetPlan:
     def data_size(self) -> int:
         return sum(p.data_size for p in self.files.values())
 
+    def index_json(self) -> bytes:
+        """``model.safetensors.index.json`` as transformers writes it (sorted keys, indent 2)."""
+        return (json.dumps(self.index, indent=2, sort_keys=True) + "\n").encode("utf-8")
+
 
 def stored_items(checkpoint: Checkpoint, sharing: SharingPlan) -> list[StoredItem]:
     """The stored tensors of ``sharing`` with their bytes located in the checkpoint's files."""

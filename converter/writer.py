@@ -50,7 +50,8 @@ def _copy_range(src: int, dst: int, src_offset: int, dst_offset: int, nbytes: in
         nbytes -= copied
 
 
-def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
+def pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
+    """``os.pwrite`` until every byte is written (it may write less than asked)."""
     view = memoryview(data)
     while view:
         written = os.pwrite(fd, view, offset)
@@ -130,7 +131,7 @@ class StagedWrites:
 
     def write_bytes(self, data: bytes, dst: Path) -> None:
         fd, _ = self.open(dst)
-        _pwrite_all(fd, data, 0)
+        pwrite_all(fd, data, 0)
 
     def copy_file(self, src: Path, dst: Path) -> int:
         """Copy ``src`` as it is (config, tokenizer, ...), inside the kernel."""
@@ -165,7 +166,7 @@ class StagedWrites:
 def _write_plan(fd: int, plan: FilePlan) -> None:
     sources: dict[Path, int] = {}
     try:
-        _pwrite_all(fd, plan.header, 0)
+        pwrite_all(fd, plan.header, 0)
         base = len(plan.header)
         for tensor in plan.tensors:
             source = tensor.source
@@ -179,7 +180,7 @@ def _write_plan(fd: int, plan: FilePlan) -> None:
             if span is not None:
                 _copy_range(src, fd, span[0], base + tensor.begin, span[1])
             else:
-                _pwrite_all(fd, gather(src, source.storage_offset, source.ref), base + tensor.begin)
+                pwrite_all(fd, gather(src, source.storage_offset, source.ref), base + tensor.begin)
         os.ftruncate(fd, plan.file_size)
     finally:
         for src in sources.values():

@@ -186,9 +186,13 @@ def test_training_leftovers_are_not_weights(tmp_path: Path) -> None:
 def test_parse_size() -> None:
     from converter.folder import parse_size
 
-    assert parse_size("5GB") == 5 * 10**9 and parse_size("2GiB") == 2 * 2**30 and parse_size("123") == 123
-    with pytest.raises(TiesafeError, match="not a size"):
-        parse_size("five gigs")
+    assert parse_size("5GB") == 5 * 10**9 and parse_size(" 2GiB") == 2 * 2**30 and parse_size("123") == 123
+    assert parse_size("1.5mb") == 1_500_000 and parse_size(4096) == 4096
+    for bad in ("five gigs", "-1GB", "5 parsecs", True):
+        with pytest.raises(TiesafeError, match="not a size"):
+            parse_size(bad)  # type: ignore[arg-type]
+    with pytest.raises(TiesafeError, match="must be positive"):
+        parse_size(0)
 
 
 def test_cli_converts_a_folder(llama_folder, tmp_path: Path) -> None:
