@@ -1,26 +1,30 @@
 """Load safetensors written by tiesafe (or anyone) and give back every name, tied.
 
 A path names one ``.safetensors`` file, a sharded set's
-``model.safetensors.index.json``, or a folder holding either. Every header is
-parsed and validated by :mod:`converter.stfile`, and every shard's tie record is
-decoded against that shard's own stored tensors by :mod:`converter.ties`; the
-union of the shards' records is the record of the set.
+``model.safetensors.index.json``, or a folder holding either. Every shard's tie
+record is decoded against that shard's own stored tensors by
+:mod:`converter.ties`; the union of the shards' records is the record of the set.
 
 Stored tensors come from ``safetensors.safe_open`` (memory-mapped, zero-copy),
-so a tied file costs what safetensors' own ``load_file`` costs. Ties are rebuilt
-from the validated record: aliases are the same tensor object, views are
-``as_strided`` windows on their base's storage, copies are clones.
+which parses and checks each header once; the header is not parsed a second
+time here, so that a tied file loads as fast as with safetensors' own
+``load_file``. When safetensors refuses a file, :mod:`converter.stfile` names
+the problem. Ties are rebuilt from the validated record: aliases are the same
+tensor object, views are ``as_strided`` windows on their base's storage, copies
+are clones.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
+from .dtypes import BY_TORCH_NAME
 from .errors import CorruptFileError, TiesafeError
-from .stfile import SafetensorsFile, read_safetensors
+from .stfile import read_safetensors
 from .ties import StoredInfo, TieRecord, decode
 
 if TYPE_CHECKING:
@@ -145,58 +149,90 @@ def read_tied(path: str | Path, *, device: str = "cpu") -> TiedTensors:
         {'lm_head.weight': 'transformer.wte.weight'}
     """
     where, files, weight_map = _locate(path)
-    headers = [read_safetensors(f) for f in files]
+    opened = [_open(f, device) for f in files]
     home: dict[str, Path] = {}  # stored name -> its shard
-    for header in headers:
-        for name in header.entries:
+    for file, _, tensors in opened:
+        for name in tensors:
             if name in home:
-                both = f"{home[name].name} and {header.path.name}"
+                both = f"{home[name].name} and {file.name}"
                 raise CorruptFileError(f"{name!r} is stored in both {both}", path=where)
-            home[name] = header.path
-    for name, file in (weight_map or {}).items():
-        if name not in home or home[name].name != file:
-            raise CorruptFileError(f"'weight_map' puts {name!r} in {file}, which does not store it", path=where)
-    record = _merge_records(headers, home, where)
-    return TiedTensors(where, _load_stored(files, device), record)
+            home[name] = file
+    for name, shard in (weight_map or {}).items():
+        if name not in home or home[name].name != shard:
+            raise CorruptFileError(f"'weight_map' puts {name!r} in {shard}, which does not store it", path=where)
+    record = _merge_records(opened, home, where)
+    stored = opened[0][2] if len(opened) == 1 else {n: t for _, _, tensors in opened for n, t in tensors.items()}
+    return TiedTensors(where, stored, record)
 
 
-def _merge_records(headers: list[SafetensorsFile], home: dict[str, Path], where: Path) -> TieRecord:
+_Opened = tuple[Path, dict[str, str], dict[str, "torch.Tensor"]]
+
+
+def _open(file: Path, device: str) -> _Opened:
+    """One file's metadata and stored tensors, memory-mapped by safetensors."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(file), framework="pt", device=device) as f:
+            return file, f.metadata() or {}, f.get_tensors()
+    except (SafetensorError, OSError) as exc:
+        read_safetensors(file)  # names what is wrong with a damaged or missing file
+        raise TiesafeError(f"cannot load: {exc}", path=file) from None
+    except RuntimeError as exc:  # e.g. a device this machine does not have
+        raise TiesafeError(f"cannot load to device {device!r}: {str(exc)[:120]}", path=file) from None
+
+
+class _StoredInfos(Mapping[str, StoredInfo]):
+    """What :func:`~converter.ties.decode` knows of a file's tensors, built only for the names it asks about.
+
+    Most stored tensors are no tie's target; describing each of them would cost
+    more than the rest of a load's own work.
+    """
+
+    def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
+        self._tensors = tensors
+        self._infos: dict[str, StoredInfo] = {}
+
+    def __getitem__(self, name: str) -> StoredInfo:
+        info = self._infos.get(name)
+        if info is None:
+            tensor = self._tensors[name]
+            dtype_name = str(tensor.dtype).removeprefix("torch.")
+            dtype = BY_TORCH_NAME.get(dtype_name)  # a dtype tiesafe never writes keeps torch's name
+            info = self._infos[name] = StoredInfo(dtype.code if dtype else dtype_name, tuple(tensor.shape))
+        return info
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._tensors
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._tensors)
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+
+def _merge_records(opened: list[_Opened], home: dict[str, Path], where: Path) -> TieRecord:
     """The union of every file's tie record, each decoded against that file's own tensors."""
     record = TieRecord()
     tied_in: dict[str, Path] = {}  # tie name -> the file whose record holds it
-    for header in headers:
-        info = {e.name: StoredInfo(e.dtype.code, e.shape) for e in header.entries.values()}
+    for file, metadata, tensors in opened:
         try:
-            part = decode(header.metadata, info)
+            part = decode(metadata, _StoredInfos(tensors))
         except TiesafeError as exc:
-            raise type(exc)(exc.problem, path=header.path) from None
+            raise type(exc)(exc.problem, path=file) from None
         for name in part.names():
             if name in home or name in tied_in:
                 verb, other = ("stores", home[name]) if name in home else ("ties", tied_in[name])
                 raise CorruptFileError(
-                    f"tie metadata of {header.path.name} ties {name!r}, which {other.name} {verb} too", path=where
+                    f"tie metadata of {file.name} ties {name!r}, which {other.name} {verb} too", path=where
                 )
-            tied_in[name] = header.path
+            tied_in[name] = file
         record.aliases.update(part.aliases)
         record.views.update(part.views)
         record.copies.update(part.copies)
         record.hidden.extend(part.hidden)
     return record
-
-
-def _load_stored(files: list[Path], device: str) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError, safe_open
-
-    stored: dict[str, torch.Tensor] = {}
-    for file in files:
-        try:
-            with safe_open(str(file), framework="pt", device=device) as f:
-                stored.update(f.get_tensors())
-        except SafetensorError as exc:
-            raise TiesafeError(f"cannot load: {exc}", path=file) from None
-        except RuntimeError as exc:  # e.g. a device this machine does not have
-            raise TiesafeError(f"cannot load to device {device!r}: {str(exc)[:120]}", path=file) from None
-    return stored
 
 
 def load_file(
@@ -221,7 +257,10 @@ def load_file(
     if ties not in ("share", "clone"):
         raise TiesafeError(f"ties must be 'share' or 'clone', not {ties!r}")
     tied = read_tied(path, device=device)
-    result = {name: tied.tensor(name) for name in tied.names()}
+    result = dict(tied.stored)  # stored names as they are: the bulk of a file, no per-name work
+    for name in tied.record.hidden:
+        del result[name]
+    result.update((name, tied.tensor(name)) for name in tied.record.names())
     if ties == "clone":
         seen: set[str] = set()  # storages already owned by a name: every later one copies
         for name in result:

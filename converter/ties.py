@@ -29,6 +29,7 @@ convention from files written by others.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from .errors import TieMetadataError
@@ -166,7 +167,7 @@ def _parse_document(text: str) -> TieRecord:
     return record
 
 
-def decode(metadata: dict[str, str] | None, stored: dict[str, StoredInfo]) -> TieRecord:
+def decode(metadata: dict[str, str] | None, stored: Mapping[str, StoredInfo]) -> TieRecord:
     """Read and validate the ties of a file whose stored tensors are ``stored``.
 
     Reads tiesafe's record and the Hub convert service's plain
@@ -190,7 +191,7 @@ def decode(metadata: dict[str, str] | None, stored: dict[str, StoredInfo]) -> Ti
     return record
 
 
-def validate(record: TieRecord, stored: dict[str, StoredInfo]) -> None:
+def validate(record: TieRecord, stored: Mapping[str, StoredInfo]) -> None:
     """Check that every tie points at a stored tensor and stays inside it."""
     seen: set[str] = set()
     for kind, mapping in (("alias", record.aliases), ("copy", record.copies)):
@@ -210,7 +211,7 @@ def validate(record: TieRecord, stored: dict[str, StoredInfo]) -> None:
 
 
 def _check_target(
-    kind: str, name: str, target: str, stored: dict[str, StoredInfo], record: TieRecord, seen: set[str]
+    kind: str, name: str, target: str, stored: Mapping[str, StoredInfo], record: TieRecord, seen: set[str]
 ) -> None:
     if name in seen:
         raise _fail(f"{name!r} is tied more than once")
