@@ -40,6 +40,8 @@ VERSION = 1
 RESERVED_PREFIX = "__tiesafe_span__."
 MAX_RECORD_BYTES = 64 * 1024 * 1024
 _RESERVED_METADATA = {"format", METADATA_KEY}
+_INT64_LIMIT = 2**63  # torch's sizes, strides and element counts are int64
+_MAX_DIMS = 64
 
 
 @dataclass(frozen=True)
@@ -202,6 +204,12 @@ def validate(record: TieRecord, stored: Mapping[str, StoredInfo]) -> None:
         base = stored[view.base]
         if view.dtype != base.dtype:
             raise _fail(f"view {name!r} is {view.dtype} but its base {view.base!r} is {base.dtype}")
+        if (
+            len(view.shape) > _MAX_DIMS
+            or max(view.offset, *view.shape, *view.stride) >= _INT64_LIMIT
+            or numel(view.shape) >= _INT64_LIMIT
+        ):
+            raise _fail(f"view {name!r} has more dimensions, or larger sizes, than a tensor can hold")
         end = extent(view.offset, view.shape, view.stride)
         if end > base.numel:
             raise _fail(f"view {name!r} reaches element {end} of {view.base!r}, which has {base.numel}")
