@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Literal
 
 from .dtypes import BY_TORCH_NAME
 from .errors import CorruptFileError, TiesafeError
+from .geometry import extent
 from .stfile import read_safetensors
 from .ties import StoredInfo, TieRecord, decode
 
@@ -266,6 +267,18 @@ def load_file(
         for name in result:
             storage = tied.storage_of(name)
             if storage in seen:
-                result[name] = result[name].clone()
+                result[name] = _clone_window(result[name])
             seen.add(storage)
     return result
+
+
+def _clone_window(tensor: torch.Tensor) -> torch.Tensor:
+    """A copy of the memory a (strided) tensor reaches, with its strides kept.
+
+    ``clone()`` would make an expanded view (stride 0) dense, so a few bytes of
+    file could ask for any amount of memory; this copy is never larger than the
+    stored tensor it comes from.
+    """
+    reach = extent(0, tensor.shape, tensor.stride())
+    own = tensor.as_strided((reach,), (1,), tensor.storage_offset()).clone()
+    return own.as_strided(tensor.shape, tensor.stride(), 0)

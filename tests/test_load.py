@@ -287,3 +287,27 @@ def test_reserved_span_names_stay_hidden_in_a_set(tmp_path: Path) -> None:
     index = _write_set(tmp_path, {"a.safetensors": ({f"{RESERVED_PREFIX}0": span}, record)})
     loaded = converter.load_file(index)
     assert set(loaded) == {"x", "y"} and same_bits(loaded["y"], span[6:18])
+
+
+def test_clone_of_an_expanded_view_is_no_larger_than_its_base(tmp_path: Path) -> None:
+    w = torch.randn(4)
+    _, report = save_and_convert({"w": w, "e": w.expand(1000, 4)}, tmp_path)
+    assert report.views == ["e"]
+    cloned = converter.load_file(report.output, ties="clone")
+    assert same_bits(cloned["e"], w.expand(1000, 4)) and cloned["e"].stride() == (0, 1)
+    assert not shares_memory(cloned["e"], cloned["w"])
+    assert cloned["e"].untyped_storage().nbytes() == w.nbytes
+
+
+@pytest.mark.parametrize(
+    ("shape", "stride"),
+    [([2**70], [0]), ([2**40, 2**40], [0, 0]), ([1] * 65, [1] * 65), ([2], [2**64])],
+    ids=["size-beyond-int64", "numel-beyond-int64", "too-many-dims", "stride-beyond-int64"],
+)
+def test_view_no_tensor_can_hold_is_refused(tmp_path: Path, shape: list[int], stride: list[int]) -> None:
+    view = {"base": "w", "dtype": "F32", "offset": 0, "shape": shape, "stride": stride}
+    path = tmp_path / "huge.safetensors"
+    record = json.dumps({"version": 1, "views": {"v": view}})
+    safetensors.torch.save_file({"w": torch.ones(4)}, path, metadata={"format": "pt", "tiesafe": record})
+    with pytest.raises(TieMetadataError, match=rf"{path}: tie metadata \('tiesafe'\): view 'v' has more dimensions"):
+        converter.load_file(path)
