@@ -155,7 +155,7 @@ def _plan(slots: dict[str, _Slot], tied: TiedTensors, strict: bool) -> _Plan:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         kept, _ = report.conflicts[0]
         raise ModelMismatchError(
-            f"{problems[0]}{more}; load with strict=False to keep {kept!r}'s value for the model's tie",
+            f"{problems[0]}{more}; load with strict=False to keep the value of {kept!r} for the model's tie",
             path=tied.where,
         )
     return _Plan(report, {name: _object(tied, kept) for name, kept in kept_by.items()})
@@ -297,8 +297,8 @@ def load_model(
     keeps every name.
 
     Tensors are taken from the file memory-mapped, in place of the model's own
-    (converted only where the model's dtype or device differs; a model on the
-    meta device gets them as they are). The file's independent tensors stay
+    (converted only where the model's dtype or device differs; a model built
+    on the meta device gets them on the CPU). The file's independent tensors stay
     independent, even with equal values.
 
     With ``strict=True``, missing or unexpected names and *conflicts* (the

@@ -311,3 +311,14 @@ def test_view_no_tensor_can_hold_is_refused(tmp_path: Path, shape: list[int], st
     safetensors.torch.save_file({"w": torch.ones(4)}, path, metadata={"format": "pt", "tiesafe": record})
     with pytest.raises(TieMetadataError, match=rf"{path}: tie metadata \('tiesafe'\): view 'v' has more dimensions"):
         converter.load_file(path)
+
+
+def test_copy_loads_as_an_independent_tensor(tmp_path: Path) -> None:
+    # 'copies' record equal bytes that were not shared in the source: stored once, loaded apart.
+    w = torch.randn(3, 2)
+    path = tmp_path / "copies.safetensors"
+    metadata = {"format": "pt", **encode(TieRecord(copies={"w_copy": "w"}))}
+    safetensors.torch.save_file({"w": w}, path, metadata=metadata)
+    loaded = converter.load_file(path)
+    assert set(loaded) == {"w", "w_copy"} and same_bits(loaded["w_copy"], w)
+    assert not shares_memory(loaded["w_copy"], loaded["w"])

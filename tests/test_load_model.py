@@ -150,6 +150,33 @@ def test_torchscript_gives_every_tied_name_its_own_parameter(tmp_path: Path) -> 
     assert torch.equal(restored(x), source(x))
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")
+def test_torchscript_cannot_part_one_module_under_two_names(tmp_path: Path) -> None:
+    source = Seed()
+    _, converted = save_and_convert(source.state_dict(), tmp_path)
+    model = Seed()  # self.b = self.a: one parameter, whatever the loader does
+    report = converter.load_model(model, converted.output, torchscript=True)
+    assert report.cloned == [] and report.tied == {"b.weight": "a.weight", "b.bias": "a.bias"}
+    assert model.b is model.a and same_bits(model.a.weight.detach(), source.a.weight.detach())
+    x = torch.randn(3, 4)
+    assert set(torch.jit.trace(model, (x,)).state_dict()) == set(source.state_dict())
+
+
+def test_copy_stays_independent_unless_the_model_ties_it(tmp_path: Path) -> None:
+    layer = torch.nn.Linear(4, 4)
+    path = tmp_path / "copies.safetensors"
+    record = TieRecord(copies={"b.weight": "a.weight", "b.bias": "a.bias"})
+    tensors = {"a.weight": layer.weight.detach(), "a.bias": layer.bias.detach()}
+    safetensors.torch.save_file(tensors, path, metadata={"format": "pt", **encode(record)})
+    model = TwoLayers()
+    report = converter.load_model(model, path)
+    assert not shares_memory(model.b.weight, model.a.weight) and report.tied == {}
+    assert same_bits(model.b.weight.detach(), layer.weight.detach())
+    seed = Seed()
+    report = converter.load_model(seed, path)
+    assert seed.b is seed.a and report.conflicts == [] and report.tied["b.weight"] == "a.weight"
+
+
 def test_torchscript_clones_views_too(tmp_path: Path) -> None:
     source = _fused_source()
     _, converted = save_and_convert(source.state_dict(), tmp_path)
