@@ -264,12 +264,13 @@ def _build(slots: dict[str, _Slot], tied: TiedTensors, plan: _Plan, torchscript:
         elif torchscript and first != name:
             result[name] = _wrap(objects[obj].clone(), slot if slot.is_param else None)
             report.cloned.append(name)
+            first = name  # its own memory now
         else:
             if obj not in by_object:
                 by_object[obj] = _wrap(objects[obj], owner.get(obj))
             result[name] = by_object[obj]
         by_slot.setdefault(slot.key, result[name])
-        if first != name and name not in report.cloned:
+        if first != name:
             report.tied[name] = first
     return result
 
