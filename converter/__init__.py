@@ -6,6 +6,8 @@ Example:
     >>> sd = converter.load_file(report.output)  # doctest: +SKIP
     >>> sd["lm_head.weight"] is sd["transformer.wte.weight"]  # doctest: +SKIP
     True
+    >>> converter.load_model(model, report.output).tied  # doctest: +SKIP
+    {'lm_head.weight': 'transformer.wte.weight'}
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from .errors import TiesafeError
 from .export import save_file, save_model
 from .folder import FolderReport, convert_folder
 from .loader import load_file
+from .retie import LoadReport, load_model
 from .torchfile import read_checkpoint
 
 __all__ = [
@@ -23,12 +26,14 @@ __all__ = [
     "FolderReport",
     "InspectReport",
     "ItemResult",
+    "LoadReport",
     "TiesafeError",
     "convert_file",
     "convert_folder",
     "convert_tree",
     "inspect",
     "load_file",
+    "load_model",
     "read_checkpoint",
     "save_file",
     "save_model",

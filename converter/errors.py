@@ -41,5 +41,9 @@ class TieMetadataError(TiesafeError):
     """Tie metadata in a safetensors header is malformed or inconsistent."""
 
 
+class ModelMismatchError(TiesafeError):
+    """A file does not fit the module it is loaded into (names, shapes, conflicting ties)."""
+
+
 class VerificationError(TiesafeError):
     """The written output does not reproduce the source bit for bit."""

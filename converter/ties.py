@@ -29,6 +29,7 @@ convention from files written by others.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from .errors import TieMetadataError
@@ -39,6 +40,8 @@ VERSION = 1
 RESERVED_PREFIX = "__tiesafe_span__."
 MAX_RECORD_BYTES = 64 * 1024 * 1024
 _RESERVED_METADATA = {"format", METADATA_KEY}
+_INT64_LIMIT = 2**63  # torch's sizes, strides and element counts are int64
+_MAX_DIMS = 64
 
 
 @dataclass(frozen=True)
@@ -166,7 +169,7 @@ def _parse_document(text: str) -> TieRecord:
     return record
 
 
-def decode(metadata: dict[str, str] | None, stored: dict[str, StoredInfo]) -> TieRecord:
+def decode(metadata: dict[str, str] | None, stored: Mapping[str, StoredInfo]) -> TieRecord:
     """Read and validate the ties of a file whose stored tensors are ``stored``.
 
     Reads tiesafe's record and the Hub convert service's plain
@@ -190,7 +193,7 @@ def decode(metadata: dict[str, str] | None, stored: dict[str, StoredInfo]) -> Ti
     return record
 
 
-def validate(record: TieRecord, stored: dict[str, StoredInfo]) -> None:
+def validate(record: TieRecord, stored: Mapping[str, StoredInfo]) -> None:
     """Check that every tie points at a stored tensor and stays inside it."""
     seen: set[str] = set()
     for kind, mapping in (("alias", record.aliases), ("copy", record.copies)):
@@ -201,6 +204,12 @@ def validate(record: TieRecord, stored: dict[str, StoredInfo]) -> None:
         base = stored[view.base]
         if view.dtype != base.dtype:
             raise _fail(f"view {name!r} is {view.dtype} but its base {view.base!r} is {base.dtype}")
+        if (
+            len(view.shape) > _MAX_DIMS
+            or max(view.offset, *view.shape, *view.stride) >= _INT64_LIMIT
+            or numel(view.shape) >= _INT64_LIMIT
+        ):
+            raise _fail(f"view {name!r} has more dimensions, or larger sizes, than a tensor can hold")
         end = extent(view.offset, view.shape, view.stride)
         if end > base.numel:
             raise _fail(f"view {name!r} reaches element {end} of {view.base!r}, which has {base.numel}")
@@ -210,7 +219,7 @@ def validate(record: TieRecord, stored: dict[str, StoredInfo]) -> None:
 
 
 def _check_target(
-    kind: str, name: str, target: str, stored: dict[str, StoredInfo], record: TieRecord, seen: set[str]
+    kind: str, name: str, target: str, stored: Mapping[str, StoredInfo], record: TieRecord, seen: set[str]
 ) -> None:
     if name in seen:
         raise _fail(f"{name!r} is tied more than once")

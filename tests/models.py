@@ -7,6 +7,9 @@ from pathlib import Path
 
 import torch
 from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForMaskedLM,
+    AutoModelForSeq2SeqLM,
     BartConfig,
     BartForConditionalGeneration,
     BertConfig,
@@ -96,6 +99,15 @@ BUILDERS: dict[str, Callable[[], PreTrainedModel]] = {
     "t5": t5,
     "bart": bart,
     "bert": bert_mlm,
+}
+
+# The Auto class that loads each model's folder with from_pretrained.
+AUTO_CLASSES = {
+    "gpt2": AutoModelForCausalLM,
+    "llama": AutoModelForCausalLM,
+    "t5": AutoModelForSeq2SeqLM,
+    "bart": AutoModelForSeq2SeqLM,
+    "bert": AutoModelForMaskedLM,
 }
 
 # The names each model shares one buffer under, first the one save_pretrained keeps.

@@ -8,18 +8,9 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import torch
-from models import EXPECTED_TIES
-from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForSeq2SeqLM
+from models import AUTO_CLASSES, EXPECTED_TIES
 
 import converter
-
-AUTO = {
-    "gpt2": AutoModelForCausalLM,
-    "llama": AutoModelForCausalLM,
-    "t5": AutoModelForSeq2SeqLM,
-    "bart": AutoModelForSeq2SeqLM,
-    "bert": AutoModelForMaskedLM,
-}
 
 
 @pytest.fixture(params=sorted(EXPECTED_TIES))
@@ -77,7 +68,7 @@ def test_tiesafe_loader_rebuilds_every_name_tied(converted) -> None:
 def test_transformers_loads_the_folder_with_identical_logits(converted) -> None:
     name, folder, _ = converted
     (folder / "pytorch_model.bin").rename(folder.parent / f"{name}.bin")  # only safetensors left
-    auto = AUTO[name]
+    auto = AUTO_CLASSES[name]
     original = auto.from_config(auto.from_pretrained(folder).config)
     original.load_state_dict(torch.load(folder.parent / f"{name}.bin", weights_only=True))
     loaded, info = auto.from_pretrained(folder, output_loading_info=True)
