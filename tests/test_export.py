@@ -190,14 +190,11 @@ def test_save_model_takes_what_safetensors_save_model_refuses(tmp_path: Path) ->
 
 
 def _reload(build: Callable[[], torch.nn.Module], path: Path) -> torch.nn.Module:
-    """A fresh module (other weights) with the file's state dict assigned: tensors kept as loaded.
-
-    Stands in for converter.load_model, which is built on another branch: ties come
-    from converter.load_file, and assign=True keeps them in the module.
-    """
+    """A fresh module (other weights) loaded with converter.load_model: ties rebuilt from the file."""
     torch.manual_seed(1234)
     fresh = build().eval()
-    fresh.load_state_dict(converter.load_file(path), assign=True)
+    report = converter.load_model(fresh, path)
+    assert not report.missing and not report.unexpected and not report.conflicts
     return fresh
 
 
@@ -244,9 +241,7 @@ def test_gpt2_round_trip_identical_logits(tmp_path: Path) -> None:
     converter.save_model(model, tmp_path / "gpt2.safetensors")
     loaded = converter.load_file(tmp_path / "gpt2.safetensors")
     assert loaded["lm_head.weight"] is loaded["transformer.wte.weight"]
-    torch.manual_seed(1234)
-    fresh = BUILDERS["gpt2"]().eval()
-    fresh.load_state_dict(loaded)
+    fresh = _reload(BUILDERS["gpt2"], tmp_path / "gpt2.safetensors")
     assert fresh.lm_head.weight is fresh.transformer.wte.weight
     ids = torch.tensor([[1, 5, 9, 2]])
     with torch.no_grad():

@@ -83,6 +83,9 @@ def test_sharded_output_with_index(llama_folder, tmp_path: Path) -> None:
     loaded, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
     assert torch.equal(_logits(loaded.eval()), _logits(model))
+    state = converter.load_file(out)  # the tie across shards comes back as one tensor
+    assert state["lm_head.weight"] is state["model.embed_tokens.weight"]
+    assert set(state) == set(model.state_dict())
 
 
 def test_tensor_larger_than_the_shard_size_gets_its_own_shard(llama_folder, tmp_path: Path) -> None:
