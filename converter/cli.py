@@ -23,19 +23,10 @@ from .convert import ConversionReport, InspectReport
 from .errors import TiesafeError
 from .folder import FolderReport
 from .progress import BatchProgress
+from .reports import human_bytes
 
 EXIT_INTERNAL = 1
 EXIT_USER = 2
-
-
-def human_bytes(n: int) -> str:
-    """``1536`` -> ``'1.5 KiB'``."""
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(size) < 1024 or unit == "TiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    raise AssertionError("unreachable")
 
 
 class _Group(click.Group):
