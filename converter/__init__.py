@@ -14,6 +14,7 @@ from .batch import ItemResult, convert_tree
 from .convert import ConversionReport, InspectReport, convert_file, inspect, verify_file
 from .errors import TiesafeError
 from .folder import FolderReport, convert_folder
+from .hub import UploadReport, prepare_upload, push
 from .loader import load_file
 from .torchfile import read_checkpoint
 
@@ -23,11 +24,14 @@ __all__ = [
     "InspectReport",
     "ItemResult",
     "TiesafeError",
+    "UploadReport",
     "convert_file",
     "convert_folder",
     "convert_tree",
     "inspect",
     "load_file",
+    "prepare_upload",
+    "push",
     "read_checkpoint",
     "verify_file",
 ]
