@@ -205,13 +205,17 @@ def check_pickles(upload_pickles: list[str], left_out: list[str], refused: dict[
     return Check("pickles", "pass", "no pickle file in the upload")
 
 
-def check_conversion(report: FolderReport | None, replaced: list[str], facts: FolderFacts) -> Check:
-    """The weights were converted and verified bit for bit, ties included (or were safetensors already)."""
+def check_conversion(report: FolderReport | None, notes: list[str], facts: FolderFacts) -> Check:
+    """The weights were converted and verified bit for bit, ties included (or were safetensors already).
+
+    ``notes`` are what building the folder found worth a warning (files replaced, folders not carried).
+    """
     problems = [f"{name}: {why}" for name, why in facts.problems.items() if name.endswith(".safetensors")]
     if problems:
         return Check("conversion", "fail", "unreadable safetensors", problems)
     if report is None:
-        return Check("conversion", "pass", "no pickle weights: the safetensors files are uploaded as they are")
+        summary = "no pickle weights: the safetensors files are uploaded as they are"
+        return Check("conversion", "warn" if notes else "pass", summary, notes)
     ties_found = ", ".join(f"{t.name} = {t.target} ({t.kind}, {t.origin})" for t in report.ties) or "none"
     summary = (
         f"converted into {len(report.files)} file(s), {report.tensors} names verified bit for bit; "
@@ -219,11 +223,10 @@ def check_conversion(report: FolderReport | None, replaced: list[str], facts: Fo
     )
     details = [f"ties: {ties_found}"]
     details += [
-        f"identical bytes, not tied (--dedup-identical stores them once): {', '.join(g)}" for g in report.identical
+        f"identical bytes, not tied (--dedup-identical stores them once): {_listed(g)}" for g in report.identical
     ]
     details += [f"skipped non-tensor entries: {_listed(report.skipped)}"] if report.skipped else []
-    warnings = list(report.warnings)
-    warnings += [f"{name} of the source is replaced by the conversion of the pickles" for name in replaced]
+    warnings = [*report.warnings, *notes]
     return Check("conversion", "warn" if warnings else "pass", summary, details + warnings)
 
 
@@ -644,7 +647,8 @@ def _build(
     """Fill ``staging`` with the upload: converted weights and the other files.
 
     Returns the conversion report (None when the folder had no pickle weights),
-    the pickles left out and the source's safetensors outputs the conversion replaced.
+    the pickles left out, and notes: the source's safetensors outputs the conversion
+    replaced, and subfolders, which are not carried over (one model folder is uploaded).
     """
     report = None
     weights: set[str] = set()  # the pickle weights (and their index) that the conversion replaces
@@ -665,15 +669,22 @@ def _build(
         (staging / name).unlink(missing_ok=True)  # convert_folder copied it with the other files
     if report is not None:
         report.copied = sorted(set(report.copied) - set(left_out))
-    replaced = sorted(n for n in (report.files if report else []) if (source / n).is_file())
-    return report, left_out, replaced
+    notes = [
+        f"{n} of the source is replaced by the conversion of the pickles"
+        for n in (report.files if report else [])
+        if (source / n).is_file()
+    ]
+    folders = sorted(p.name + "/" for p in source.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if folders:
+        notes.append(f"subfolders are not carried over: {_listed(folders)}")
+    return report, left_out, notes
 
 
 def _run_checks(
     staging: Path,
     report: FolderReport | None,
     left_out: list[str],
-    replaced: list[str],
+    notes: list[str],
     max_shard_size: int | str,
 ) -> list[Check]:
     facts = read_facts(staging)
@@ -681,7 +692,7 @@ def _run_checks(
     probe = probe_from_pretrained(staging, facts)
     return [
         check_pickles(upload_pickles, left_out, _scan_pickles(staging, upload_pickles)),
-        check_conversion(report, replaced, facts),
+        check_conversion(report, notes, facts),
         check_config(facts, probe, facts.record),
         check_from_pretrained(probe, facts.record),
         check_shards(facts, max_shard_size),
@@ -728,7 +739,7 @@ def prepare_upload(
     staging.mkdir()  # mode from the umask, like any new folder (mkdtemp would make it private)
     try:
         try:
-            report.conversion, left_out, replaced = _build(
+            report.conversion, left_out, notes = _build(
                 resolved.folder, staging, keep_pickles=keep_pickles, options=options
             )
         except UnsafeCheckpointError as exc:
@@ -739,7 +750,7 @@ def prepare_upload(
         except TiesafeError as exc:
             report.checks.append(Check("conversion", "fail", str(exc)))
             return report
-        report.checks = _run_checks(staging, report.conversion, left_out, replaced, max_shard_size)
+        report.checks = _run_checks(staging, report.conversion, left_out, notes, max_shard_size)
         if report.ok:
             files = {p.name: p.stat().st_size for p in sorted(staging.iterdir()) if p.is_file()}
             source_files = [p.name for p in resolved.folder.iterdir() if p.is_file()]

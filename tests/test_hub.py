@@ -76,10 +76,10 @@ def _no_leftovers(parent: Path) -> bool:
     return not [p for p in parent.iterdir() if p.name.endswith(".tiesafe-tmp")]
 
 
-def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "converter", *args], capture_output=True, text=True, env={**os.environ, **(env or {})}
-    )
+def _run(*args: str, env: dict[str, str | None] | None = None) -> subprocess.CompletedProcess[str]:
+    """The CLI in a fresh process (huggingface_hub reads HF_* variables on import); None unsets one."""
+    environment = {k: v for k, v in {**os.environ, **(env or {})}.items() if v is not None}
+    return subprocess.run([sys.executable, "-m", "converter", *args], capture_output=True, text=True, env=environment)
 
 
 # --------------------------------------------------------------------------- local folders
@@ -225,9 +225,15 @@ def test_a_safetensors_folder_is_checked_as_it_is(tmp_path: Path) -> None:
     report = converter.prepare_upload(tmp_path / "st", tmp_path / "out")
     assert report.ok and report.conversion is None
     assert _check(report, "conversion").summary.startswith("no pickle weights")
+    assert _check(report, "conversion").status == "pass"
     assert _check(report, "from_pretrained").status == "pass"
     assert report.plan.delete == []
     assert _snapshot(Path(report.output)) == _snapshot(tmp_path / "st")
+    (tmp_path / "st" / "onnx").mkdir()  # a subfolder is no part of the upload, and said so
+    (tmp_path / "st" / ".cache").mkdir()
+    report = converter.prepare_upload(tmp_path / "st", tmp_path / "out2")
+    conversion = _check(report, "conversion")
+    assert conversion.status == "warn" and conversion.details == ["subfolders are not carried over: onnx/"]
 
 
 def test_the_source_safetensors_is_replaced_by_the_conversion(tmp_path: Path) -> None:
@@ -343,11 +349,12 @@ def test_pickles_check_statuses() -> None:
 # --------------------------------------------------------------------------- the local Hugging Face cache
 
 
-def _cached_repo(hub: FakeHub, tmp_path: Path, repo_id: str = "org/tiny-llama") -> tuple[Path, Path, str]:
+def _cached_repo(hub: FakeHub, tmp_path: Path, cache: Path | None = None) -> tuple[Path, Path, str]:
     """A model repo on the stand-in Hub, downloaded into a fresh cache by huggingface_hub itself."""
+    repo_id = "org/tiny-llama"
     folder = _save_folder(tmp_path / "published", _model())
     sha = hub.add_repo(repo_id, {p.name: p.read_bytes() for p in folder.iterdir()} | {".gitattributes": b"*.bin lfs\n"})
-    cache = tmp_path / "cache"
+    cache = cache or tmp_path / "cache"
     huggingface_hub.snapshot_download(repo_id, cache_dir=cache, endpoint=hub.url, token=False)
     return folder, cache, sha
 
@@ -380,16 +387,20 @@ def test_a_cached_repo_is_found_by_its_id(hub: FakeHub, tmp_path: Path) -> None:
 
 
 def test_cli_finds_the_cache_from_the_environment_offline(hub: FakeHub, tmp_path: Path) -> None:
-    _, cache, sha = _cached_repo(hub, tmp_path)
-    offline = {"HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "HF_ENDPOINT": "http://127.0.0.1:9"}
+    home = tmp_path / "hf-home"
+    _, cache, sha = _cached_repo(hub, tmp_path, cache=home / "hub")  # where HF_HOME puts the cache
+    offline: dict[str, str | None] = {"HF_HUB_OFFLINE": "1", "HF_ENDPOINT": "http://127.0.0.1:9"}
     requests = len(hub.requests)
-    result = _run("prepare-upload", "org/tiny-llama", "--out", str(tmp_path / "out"), "--json", env=offline)
+    env = {**offline, "HF_HOME": str(home), "HF_HUB_CACHE": None}
+    result = _run("prepare-upload", "org/tiny-llama", "--out", str(tmp_path / "out"), "--json", env=env)
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)
     assert data["ok"] is True and data["commit"] == sha and data["output"] == str(tmp_path / "out")
     assert {c["name"]: c["status"] for c in data["checks"]}["from_pretrained"] == "pass"
     assert len(hub.requests) == requests
-    missing = _run("prepare-upload", "org/absent", "--out", str(tmp_path / "x"), env=offline)
+    missing = _run(
+        "prepare-upload", "org/absent", "--out", str(tmp_path / "x"), env={**offline, "HF_HUB_CACHE": str(cache)}
+    )
     assert missing.returncode == 2 and len(missing.stderr.strip().splitlines()) == 1
     assert "not in the local Hugging Face cache" in missing.stderr
 
