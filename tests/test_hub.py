@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import subprocess
@@ -217,6 +218,23 @@ def test_views_are_listed_for_plain_loaders_with_what_to_do(tmp_path: Path) -> N
     report = converter.prepare_upload(src, tmp_path / "out2", materialize_views=True)
     assert _check(report, "plain_loaders").status == "pass"
     assert set(safetensors.torch.load_file(Path(report.output) / "model.safetensors")) == {"qkv", "q", "k", "v"}
+
+
+def test_a_load_that_cannot_be_tried_is_a_warning(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = _model()
+    model.config.architectures = ["MyCustomForCausalLM"]  # custom code: never run
+    report = converter.prepare_upload(_save_folder(tmp_path / "custom", model), tmp_path / "out1")
+    assert report.ok and _check(report, "config").status == "warn"
+    assert _check(report, "from_pretrained").summary == (
+        "not checked: transformers has no class MyCustomForCausalLM (custom code: tiesafe never runs it)"
+    )
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "accelerate" else find_spec(name, *a)
+    )
+    report = converter.prepare_upload(_save_folder(tmp_path / "llama", _model()), tmp_path / "out2")
+    assert report.ok and _check(report, "config").status == "warn"
+    assert "needs accelerate" in _check(report, "from_pretrained").summary
 
 
 def test_a_safetensors_folder_is_checked_as_it_is(tmp_path: Path) -> None:
