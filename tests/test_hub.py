@@ -25,7 +25,8 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 import converter
 from converter import cli
 from converter.errors import TiesafeError
-from converter.hub import check_pickles, check_shards, plan_upload, read_facts
+from converter.hub import read_facts
+from converter.hub_checks import Check, check_pickles, check_shards, plan_upload
 
 TOKEN = "hf_stand_in_token"
 
@@ -63,7 +64,7 @@ def _statuses(report: converter.UploadReport) -> dict[str, str]:
     return {c.name: c.status for c in report.checks}
 
 
-def _check(report: converter.UploadReport, name: str) -> converter.hub.Check:
+def _check(report: converter.UploadReport, name: str) -> Check:
     return next(c for c in report.checks if c.name == name)
 
 
