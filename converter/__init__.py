@@ -17,6 +17,7 @@ from .convert import ConversionReport, InspectReport, convert_file, inspect, ver
 from .errors import TiesafeError
 from .export import save_file, save_model
 from .folder import FolderReport, convert_folder
+from .hub import UploadReport, prepare_upload, push
 from .loader import load_file
 from .retie import LoadReport, load_model
 from .torchfile import read_checkpoint
@@ -28,12 +29,15 @@ __all__ = [
     "ItemResult",
     "LoadReport",
     "TiesafeError",
+    "UploadReport",
     "convert_file",
     "convert_folder",
     "convert_tree",
     "inspect",
     "load_file",
     "load_model",
+    "prepare_upload",
+    "push",
     "read_checkpoint",
     "save_file",
     "save_model",

@@ -12,6 +12,7 @@ kill never leaves a partial file under a final name.
 from __future__ import annotations
 
 import concurrent.futures
+import glob
 import hashlib
 import json
 import multiprocessing
@@ -127,10 +128,15 @@ def _hash_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _clean_stale_temporaries(folder: Path) -> None:
-    """Temporary files a killed run left (named ``.<final>.<random>.tiesafe-tmp``)."""
+def _clean_stale_temporaries(folder: Path, final: str | None = None) -> None:
+    """Temporary files a killed run left (named ``.<final>.<random>.tiesafe-tmp``).
+
+    A file item passes its own output name: loose files of one folder run in
+    parallel, and a sibling's temporary file may be in the middle of its write.
+    """
     if folder.is_dir():
-        for path in folder.glob(f".*{TEMP_SUFFIX}"):
+        name = "*" if final is None else glob.escape(final)
+        for path in folder.glob(f".{name}.*{TEMP_SUFFIX}"):
             path.unlink(missing_ok=True)
 
 
@@ -147,11 +153,12 @@ def run_item(item: BatchItem, options: dict[str, Any], dry_run: bool = False) ->
         if dry_run:
             report = _plan_item(item, options)
         else:
-            _clean_stale_temporaries(item.output if item.kind == "folder" else item.output.parent)
             if item.kind == "folder":
+                _clean_stale_temporaries(item.output)
                 report = convert_folder(item.source, item.output, overwrite=True, **options).to_dict()
                 written = [item.output / name for name in report["files"]]
             else:
+                _clean_stale_temporaries(item.output.parent, item.output.name)
                 file_options = {k: v for k, v in options.items() if k in ("verify", "materialize_views")}
                 report = convert_file(item.source, item.output, overwrite=True, **file_options).to_dict()
                 written = [item.output]

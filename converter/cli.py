@@ -15,27 +15,20 @@ from typing import Any
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-from . import __version__, convert_file, convert_folder, inspect, verify_file
+from . import __version__, convert_file, convert_folder, inspect, prepare_upload, push, verify_file
 from .batch import BatchReport, convert_tree, discover
 from .convert import ConversionReport, InspectReport
 from .errors import TiesafeError
 from .folder import FolderReport
+from .hub import UploadReport
 from .progress import BatchProgress
+from .reports import human_bytes
 
 EXIT_INTERNAL = 1
 EXIT_USER = 2
-
-
-def human_bytes(n: int) -> str:
-    """``1536`` -> ``'1.5 KiB'``."""
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(size) < 1024 or unit == "TiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    raise AssertionError("unreachable")
 
 
 class _Group(click.Group):
@@ -126,6 +119,34 @@ def _render_batch_summary(report: BatchReport, console: Console) -> None:
     )
     for failure in report.failed:
         console.print(f"  [red]failed[/]: {failure.error}")
+
+
+_STATUS_STYLE = {"pass": "green", "warn": "yellow", "fail": "bold red"}
+
+
+def _render_upload(report: UploadReport, console: Console) -> None:
+    source = report.source + (f" @ {report.commit[:7]} (local cache)" if report.commit else "")
+    console.print(f"[bold]{escape(source)}[/] -> [bold]{escape(report.output or 'nothing written')}[/]")
+    width = max((len(c.name) for c in report.checks), default=0)
+    for check in report.checks:
+        style = _STATUS_STYLE[check.status]
+        console.print(f"  [{style}]{check.status}[/]  {check.name:<{width}}  {escape(check.summary)}")
+        for detail in check.details:
+            console.print(f"  {'':4}  {'':<{width}}  - {escape(detail)}")
+    if report.plan is not None:
+        added = ", ".join(f.path for f in report.plan.add)
+        size = human_bytes(report.plan.bytes_to_upload)
+        console.print(f"upload plan: add {len(report.plan.add)} files ({size}): {escape(added)}")
+        if report.plan.delete:
+            console.print(f"  delete on the Hub, where present: {escape(', '.join(report.plan.delete))}")
+    if report.push is not None:
+        pushed = report.push
+        console.print(f"pushed to {pushed.repo_id}: {pushed.pr_url or pushed.commit_url}")
+        if pushed.deleted:
+            console.print(f"  deleted on the Hub: {escape(', '.join(pushed.deleted))}")
+    elif not report.ok:
+        failed = ", ".join(c.name for c in report.failed)
+        console.print(f"[bold red]not ready to upload[/]: {failed} failed; nothing was written or pushed")
 
 
 def _render_inspect(report: InspectReport, console: Console) -> None:
@@ -325,6 +346,70 @@ def batch_command(
     else:
         _render_batch_summary(report, Console(highlight=False, soft_wrap=True))
     if report.failed:
+        sys.exit(EXIT_USER)
+
+
+@main.command("prepare-upload")
+@click.argument("source", metavar="FOLDER_OR_REPO_ID")
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=str),
+    help="The upload-ready folder to create (default: NAME-upload beside FOLDER, or in the current folder).",
+)
+@click.option("--revision", help="Repo ids: the branch, tag or commit of the cached snapshot (default: main).")
+@click.option("--max-shard-size", default="5GB", show_default=True, help="Largest shard, e.g. 500MB, 2GiB or bytes.")
+@click.option("--keep-pickles", is_flag=True, help="Upload the pickles too (each is checked for imports).")
+@click.option("--materialize-views", is_flag=True, help="Store views as tensors so that every loader sees them.")
+@click.option("--dedup-identical", is_flag=True, help="Store bit-identical tensors once, as copies.")
+@click.option("--allow-untied", is_flag=True, help="Keep both when tensors the config ties differ.")
+@click.option("--push", "push_to", metavar="REPO_ID", help="Once every check passed, upload to REPO_ID in one commit.")
+@click.option("--pr", is_flag=True, help="With --push: open a pull request instead of committing to main.")
+@click.option("--message", help="With --push: the commit title.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def prepare_upload_command(
+    source: str,
+    out: str | None,
+    revision: str | None,
+    max_shard_size: str,
+    keep_pickles: bool,
+    materialize_views: bool,
+    dedup_identical: bool,
+    allow_untied: bool,
+    push_to: str | None,
+    pr: bool,
+    message: str | None,
+    as_json: bool,
+) -> None:
+    """Check a model folder, or a repo in the local Hugging Face cache, and build an upload-ready folder.
+
+    \b
+    Pickled weights are converted and verified, every other file carried over, and each check
+    reported as pass / warn / fail: pickles, conversion, config, from_pretrained, shards and
+    names only tiesafe restores. The folder appears only when no check failed. Exits 2 if one did.
+    With --push, the folder is then uploaded through huggingface_hub (token: HF_TOKEN or hf auth login).
+    """
+    if (pr or message) and not push_to:
+        raise click.UsageError("--pr and --message go with --push REPO_ID")
+    report = prepare_upload(
+        source,
+        out,
+        revision=revision,
+        max_shard_size=max_shard_size,
+        keep_pickles=keep_pickles,
+        materialize_views=materialize_views,
+        dedup_identical=dedup_identical,
+        allow_untied=allow_untied,
+    )
+    console = Console(highlight=False, soft_wrap=True)
+    try:
+        if push_to and report.ok:
+            report.push = push(report, push_to, pr=pr, message=message)
+    finally:  # the report is shown even when the push fails (the error line follows it)
+        if as_json:
+            _print_json(report.to_dict())
+        else:
+            _render_upload(report, console)
+    if not report.ok:
         sys.exit(EXIT_USER)
 
 

@@ -1,9 +1,19 @@
-"""What every conversion report shares: bytes saved, and a JSON-ready dict."""
+"""What every report shares: bytes saved, a JSON-ready dict, sizes for people."""
 
 from __future__ import annotations
 
 from dataclasses import asdict
 from typing import Any
+
+
+def human_bytes(n: int) -> str:
+    """``1536`` -> ``'1.5 KiB'``."""
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(size) < 1024 or unit == "TiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
 
 
 class SavedBytesReport:

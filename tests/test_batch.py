@@ -15,7 +15,7 @@ import torch
 from models import save_model_folder
 
 import converter
-from converter.batch import MANIFEST, convert_tree, discover
+from converter.batch import MANIFEST, convert_tree, discover, run_item
 
 
 def _build_tree(root: Path) -> None:
@@ -151,3 +151,19 @@ def test_killed_batch_resumes_to_the_same_output(tmp_path: Path) -> None:
     assert sum(s == "unchanged" for s in results.values()) == finished
     assert not list(out.rglob("*.tiesafe-tmp"))
     assert _outputs(out) == _outputs(tmp_path / "reference")
+
+
+def test_a_file_item_leaves_the_temporaries_of_its_siblings_alone(tree: Path, tmp_path: Path) -> None:
+    """Loose files of one folder run in parallel: one item's clean-up must not delete another's
+    temporary file mid-write (its rename would fail); it removes only its own stale ones."""
+    out = tmp_path / "out"
+    items = {i.key: i for i in discover(tree, out)}
+    folder = out / "loose"
+    folder.mkdir(parents=True)
+    sibling = folder / ".weights.safetensors.k2j3h4.tiesafe-tmp"  # weights.pt being written right now
+    stale = folder / ".broken.safetensors.a1b2c3.tiesafe-tmp"  # left by a killed run of this very item
+    sibling.write_bytes(b"half written")
+    stale.write_bytes(b"stale")
+    result = run_item(items["loose/broken.bin"], {})
+    assert result.status == "failed"  # broken.bin is no checkpoint; the clean-up ran before that
+    assert sibling.exists() and not stale.exists()
