@@ -229,6 +229,13 @@ class FolderPlan:
     others: list[Path]  # files carried over as they are
     output: SetPlan
 
+    def _left_behind(self, output: Path) -> list[str]:
+        """Subfolders are not model files: say so when the output goes elsewhere."""
+        if output == self.source:
+            return []
+        subfolders = sorted(p.name for p in self.source.iterdir() if p.is_dir() and p.resolve() != output.resolve())
+        return [f"subfolders not carried over: {', '.join(subfolders)}"] if subfolders else []
+
     def report(self, output: Path, files: list[str], *, verified: bool, seconds: float) -> FolderReport:
         return FolderReport(
             source=str(self.source),
@@ -242,7 +249,7 @@ class FolderPlan:
             ties=self.ties,
             identical=self.identical,
             skipped=self.checkpoint.skipped,
-            warnings=self.warnings,
+            warnings=self.warnings + self._left_behind(output),
             verified=verified,
             seconds=seconds,
         )

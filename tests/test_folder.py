@@ -182,8 +182,10 @@ def test_training_leftovers_are_not_weights(tmp_path: Path) -> None:
     torch.save({"w": torch.ones(2)}, tmp_path / "weights.pt")
     torch.save({"lr": 0.1}, tmp_path / "optimizer.pt")
     torch.save({"x": 1}, tmp_path / "training_args.bin")
+    (tmp_path / "logs").mkdir()
     report = converter.convert_folder(tmp_path, tmp_path / "out")
     assert sorted(report.copied) == ["optimizer.pt", "training_args.bin"]
+    assert report.warnings == ["subfolders not carried over: logs"]
 
 
 def test_parse_size() -> None:
