@@ -43,7 +43,15 @@ def main() -> None:
     same = all(torch.equal(state[k], reference[k]) for k in reference) and set(state) == set(reference)
     print(f"every one of {len(reference)} names equals the source -> {same}")
     print(f"sizes: pytorch_model.bin {source.stat().st_size:,} B, model.safetensors {output.stat().st_size:,} B")
-    if not (tied and same):
+
+    fresh = GPT2LMHeadModel(config).eval()  # other random weights
+    report = converter.load_model(fresh, output)
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.no_grad():
+        logits_match = torch.equal(fresh(ids).logits, model(ids).logits)
+    module_tied = fresh.lm_head.weight is fresh.transformer.wte.weight
+    print(f"converter.load_model: {len(report.tied)} tie(s) rebuilt, logits identical -> {logits_match}")
+    if not (tied and same and logits_match and module_tied):
         sys.exit(1)
 
 
