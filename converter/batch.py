@@ -127,11 +127,18 @@ def _hash_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _clean_stale_temporaries(folder: Path) -> None:
-    """Temporary files a killed run left (named ``.<final>.<random>.tiesafe-tmp``)."""
+def _clean_stale_temporaries(item: BatchItem) -> None:
+    """Temporary files a killed run or a dead worker left for the item's outputs.
+
+    They are named ``.<final>.<random>.tiesafe-tmp``. A file item removes only
+    its own: loose checkpoints of one folder share their output folder, and
+    another worker may be writing there at this moment.
+    """
+    folder, prefix = (item.output, ".") if item.kind == "folder" else (item.output.parent, f".{item.output.name}.")
     if folder.is_dir():
-        for path in folder.glob(f".*{TEMP_SUFFIX}"):
-            path.unlink(missing_ok=True)
+        for path in folder.iterdir():
+            if path.name.startswith(prefix) and path.name.endswith(TEMP_SUFFIX):
+                path.unlink(missing_ok=True)
 
 
 def run_item(item: BatchItem, options: dict[str, Any], dry_run: bool = False) -> ItemResult:
@@ -147,7 +154,7 @@ def run_item(item: BatchItem, options: dict[str, Any], dry_run: bool = False) ->
         if dry_run:
             report = _plan_item(item, options)
         else:
-            _clean_stale_temporaries(item.output if item.kind == "folder" else item.output.parent)
+            _clean_stale_temporaries(item)
             if item.kind == "folder":
                 report = convert_folder(item.source, item.output, overwrite=True, **options).to_dict()
                 written = [item.output / name for name in report["files"]]

@@ -15,7 +15,8 @@ import torch
 from models import save_model_folder
 
 import converter
-from converter.batch import MANIFEST, convert_tree, discover
+from converter.batch import DEFAULT_OPTIONS, MANIFEST, convert_tree, discover, run_item
+from converter.writer import TEMP_SUFFIX
 
 
 def _build_tree(root: Path) -> None:
@@ -151,3 +152,16 @@ def test_killed_batch_resumes_to_the_same_output(tmp_path: Path) -> None:
     assert sum(s == "unchanged" for s in results.values()) == finished
     assert not list(out.rglob("*.tiesafe-tmp"))
     assert _outputs(out) == _outputs(tmp_path / "reference")
+
+
+def test_an_item_cleans_only_its_own_stale_temporaries(tree: Path, tmp_path: Path) -> None:
+    """Loose files of one folder share their output folder: a dead run's leftovers of this item go,
+    another item's file being written there right now stays."""
+    item = next(i for i in discover(tree, tmp_path / "out") if i.key == "loose/weights.pt")
+    item.output.parent.mkdir(parents=True)
+    stale = item.output.parent / f".{item.output.name}.x1y2z3{TEMP_SUFFIX}"
+    neighbour = item.output.parent / f".broken.safetensors.a4b5c6{TEMP_SUFFIX}"
+    stale.write_bytes(b"left by a killed worker")
+    neighbour.write_bytes(b"another worker is writing this")
+    assert run_item(item, dict(DEFAULT_OPTIONS)).status == "converted"
+    assert not stale.exists() and neighbour.exists()
