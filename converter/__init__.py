@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from .batch import ItemResult, convert_tree
 from .convert import ConversionReport, InspectReport, convert_file, inspect, verify_file
+from .dask_executor import DaskExecutor, dask_client
 from .errors import TiesafeError
 from .folder import FolderReport, convert_folder
 from .loader import load_file
@@ -19,6 +20,7 @@ from .torchfile import read_checkpoint
 
 __all__ = [
     "ConversionReport",
+    "DaskExecutor",
     "FolderReport",
     "InspectReport",
     "ItemResult",
@@ -26,6 +28,7 @@ __all__ = [
     "convert_file",
     "convert_folder",
     "convert_tree",
+    "dask_client",
     "inspect",
     "load_file",
     "read_checkpoint",
