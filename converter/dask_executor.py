@@ -24,6 +24,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import itertools
+import logging
 import os
 import threading
 import time
@@ -88,6 +89,9 @@ def dask_client(address: str, *, timeout: float | None = None) -> Iterator[Any]:
                 host="127.0.0.1",
                 # None would still open the scheduler's HTTP server on every interface, port 8787
                 dashboard_address="127.0.0.1:0",
+                # tiesafe reports what happens to each item; Dask's own warnings (a slow worker
+                # killed at close, a worker restarted) would only repeat it less clearly
+                silence_logs=logging.ERROR,
             )
             stack.enter_context(cluster)
             address = cluster.scheduler_address
