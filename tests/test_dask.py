@@ -16,10 +16,12 @@ from typing import Any
 
 import pytest
 import torch
+from click.testing import CliRunner
 from test_batch import _build_tree, _outputs
 
 import converter
 from converter.batch import MANIFEST, convert_tree, discover
+from converter.cli import main
 from converter.errors import TiesafeError
 from converter.writer import TEMP_SUFFIX
 
@@ -91,7 +93,7 @@ def test_executor_gives_the_largest_item_its_own_worker(client: Any) -> None:
         return os.getpid()
 
     executor = DaskExecutor(client)
-    futures = [executor.submit(busy, s) for s in (0.9, 0.2, 0.2, 0.2)]
+    futures = [executor.submit(busy, s) for s in (1.2, 0.2, 0.2, 0.2)]  # 0.6 s on one worker < 1.2 s
     pids = [f.result(timeout=30) for f in futures]
     executor.shutdown()
     assert len(set(pids)) == 2
@@ -202,9 +204,9 @@ def test_cli_unreachable_scheduler_and_bad_options(tree: Path, tmp_path: Path) -
     )
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert f"cannot reach the Dask scheduler at tcp://127.0.0.1:{port}" in result.stderr
-    both = _cli(*args, "--scheduler", "local:2", "--workers", "2")
-    assert both.returncode == 2 and "--workers or --scheduler" in both.stderr
-    bad = _cli(*args, "--scheduler", "local:zero")
-    assert bad.returncode == 2 and "local:N needs a number of workers" in bad.stderr
+    both = CliRunner().invoke(main, [*args, "--scheduler", "local:2", "--workers", "2"])
+    assert both.exit_code == 2 and "--workers or --scheduler" in both.stderr
+    bad = CliRunner().invoke(main, [*args, "--scheduler", "local:zero"])
+    assert bad.exit_code == 2 and "local:N needs a number of workers" in bad.stderr
     assert not (tmp_path / "out").exists()
     assert discover(tree, tmp_path / "out")  # the tree itself was fine
