@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from .batch import ItemResult, convert_tree
 from .convert import ConversionReport, InspectReport, convert_file, inspect, verify_file
+from .dask_executor import DaskExecutor, dask_client
 from .errors import TiesafeError
 from .export import save_file, save_model
 from .folder import FolderReport, convert_folder
@@ -24,6 +25,7 @@ from .torchfile import read_checkpoint
 
 __all__ = [
     "ConversionReport",
+    "DaskExecutor",
     "FolderReport",
     "InspectReport",
     "ItemResult",
@@ -33,6 +35,7 @@ __all__ = [
     "convert_file",
     "convert_folder",
     "convert_tree",
+    "dask_client",
     "inspect",
     "load_file",
     "load_model",

@@ -12,7 +12,6 @@ kill never leaves a partial file under a final name.
 from __future__ import annotations
 
 import concurrent.futures
-import glob
 import hashlib
 import json
 import multiprocessing
@@ -128,16 +127,18 @@ def _hash_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _clean_stale_temporaries(folder: Path, final: str | None = None) -> None:
-    """Temporary files a killed run left (named ``.<final>.<random>.tiesafe-tmp``).
+def _clean_stale_temporaries(item: BatchItem) -> None:
+    """Temporary files a killed run or a dead worker left for the item's outputs.
 
-    A file item passes its own output name: loose files of one folder run in
-    parallel, and a sibling's temporary file may be in the middle of its write.
+    They are named ``.<final>.<random>.tiesafe-tmp``. A file item removes only
+    its own: loose checkpoints of one folder share their output folder, and
+    another worker may be writing there at this moment.
     """
+    folder, prefix = (item.output, ".") if item.kind == "folder" else (item.output.parent, f".{item.output.name}.")
     if folder.is_dir():
-        name = "*" if final is None else glob.escape(final)
-        for path in folder.glob(f".{name}.*{TEMP_SUFFIX}"):
-            path.unlink(missing_ok=True)
+        for path in folder.iterdir():
+            if path.name.startswith(prefix) and path.name.endswith(TEMP_SUFFIX):
+                path.unlink(missing_ok=True)
 
 
 def run_item(item: BatchItem, options: dict[str, Any], dry_run: bool = False) -> ItemResult:
@@ -153,12 +154,11 @@ def run_item(item: BatchItem, options: dict[str, Any], dry_run: bool = False) ->
         if dry_run:
             report = _plan_item(item, options)
         else:
+            _clean_stale_temporaries(item)
             if item.kind == "folder":
-                _clean_stale_temporaries(item.output)
                 report = convert_folder(item.source, item.output, overwrite=True, **options).to_dict()
                 written = [item.output / name for name in report["files"]]
             else:
-                _clean_stale_temporaries(item.output.parent, item.output.name)
                 file_options = {k: v for k, v in options.items() if k in ("verify", "materialize_views")}
                 report = convert_file(item.source, item.output, overwrite=True, **file_options).to_dict()
                 written = [item.output]
@@ -250,6 +250,7 @@ def convert_tree(
     force: bool = False,
     dry_run: bool = False,
     executor: concurrent.futures.Executor | None = None,
+    client: Any = None,
     on_start: Callable[[BatchItem], None] | None = None,
     **options: Any,
 ) -> Iterator[ItemResult]:
@@ -258,8 +259,9 @@ def convert_tree(
     ``options`` are those of :func:`~converter.convert_folder` (``max_shard_size``,
     ``verify``, ``dedup_identical``, ...). Items already converted and unchanged
     are yielded as ``"unchanged"`` unless ``force``. A failed item does not stop
-    the others. ``executor`` runs items elsewhere (e.g. ``dask_client.get_executor()``);
-    by default ``workers`` processes (inline for one).
+    the others. ``client`` (a ``distributed.Client``) runs the items on its Dask
+    cluster, largest first as workers free up; ``executor`` on any
+    ``concurrent.futures.Executor``; by default ``workers`` processes (inline for one).
 
     Example:
         >>> failed = [r for r in convert_tree("runs", "runs-st") if r.status == "failed"]  # doctest: +SKIP
@@ -267,9 +269,21 @@ def convert_tree(
     unknown = set(options) - set(DEFAULT_OPTIONS)
     if unknown:
         raise TypeError(f"convert_tree() got unexpected options: {', '.join(sorted(unknown))}")
+    if client is not None and executor is not None:
+        raise TypeError("convert_tree() takes client or executor, not both")
+    if client is not None:  # workers elsewhere do not share our working directory
+        root, out = Path(root).absolute(), None if out is None else Path(out).absolute()
     options = {**DEFAULT_OPTIONS, **options}
     items = discover(root, out, in_place=in_place)
-    manifest = Manifest((Path(root) if in_place or out is None else Path(out)) / MANIFEST)
+    target = Path(root) if in_place or out is None else Path(out)
+    manifest = Manifest(target / MANIFEST)
+    if client is not None:
+        from .dask_executor import DaskExecutor, check_workers
+
+        if not dry_run:
+            target.mkdir(parents=True, exist_ok=True)  # so that workers can be asked whether they may write there
+        check_workers(client, root, None if dry_run else target)
+        executor = DaskExecutor(client)
     todo = []
     for item in items:
         if not dry_run and not force and manifest.is_current(item, options):
@@ -286,7 +300,7 @@ def convert_tree(
                 manifest.record(item, options, result)
             yield result
         return
-    own = executor is None
+    own = executor is None or client is not None
     pool = executor or concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
     try:
         pending = {}
@@ -296,7 +310,11 @@ def convert_tree(
             pending[pool.submit(run_item, item, options, dry_run)] = item
         for future in concurrent.futures.as_completed(pending):
             item = pending[future]
-            result = future.result()
+            try:
+                result = future.result()
+            except Exception as exc:  # the executor lost the item (e.g. Dask: its workers kept dying)
+                result = ItemResult(item.key, item.kind, "failed", str(item.source), str(item.output), item.size)
+                result.error = f"{item.source}: not converted: {type(exc).__name__}: {exc}"
             if result.status == "converted":
                 manifest.record(item, options, result)
             yield result

@@ -6,6 +6,7 @@ stderr), 1 an internal error (a bug: ``--debug`` shows the traceback).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
@@ -18,7 +19,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from . import __version__, convert_file, convert_folder, inspect, prepare_upload, push, verify_file
+from . import __version__, convert_file, convert_folder, dask_client, inspect, prepare_upload, push, verify_file
 from .batch import BatchReport, convert_tree, discover
 from .convert import ConversionReport, InspectReport
 from .errors import TiesafeError
@@ -288,6 +289,12 @@ def verify_command(src: str, dst: str, key: str | None, as_json: bool) -> None:
 @click.option("--out", "out", type=click.Path(file_okay=False, path_type=str), help="Mirror the tree here.")
 @click.option("--in-place", is_flag=True, help="Write each output beside its source instead of under --out.")
 @click.option("--workers", type=click.IntRange(min=1), help="Items converted in parallel (default: cores, at most 2).")
+@click.option(
+    "--scheduler",
+    metavar="ADDRESS",
+    help="Run the items on a Dask cluster: its scheduler (tcp://host:8786), or local:N to start N worker "
+    "processes here. Workers must see ROOT and OUTROOT at the same paths. Needs tiesafe[dask].",
+)
 @click.option("--force", is_flag=True, help="Convert again what the manifest says is done and unchanged.")
 @click.option(
     "--dry-run", is_flag=True, help="List what would be converted and the bytes it would save; write nothing."
@@ -300,6 +307,7 @@ def batch_command(
     out: str | None,
     in_place: bool,
     workers: int | None,
+    scheduler: str | None,
     force: bool,
     dry_run: bool,
     no_verify: bool,
@@ -317,6 +325,8 @@ def batch_command(
     """
     if (out is None) == (not in_place):
         raise click.UsageError("give exactly one of --out OUTROOT and --in-place")
+    if workers is not None and scheduler is not None:
+        raise click.UsageError("give --workers or --scheduler, not both (local:N starts N workers)")
     options: dict[str, Any] = {
         "max_shard_size": max_shard_size,
         "verify": not no_verify,
@@ -327,12 +337,21 @@ def batch_command(
     started = time.perf_counter()
     console = Console(highlight=False, soft_wrap=True, stderr=as_json, quiet=quiet)
     results = []
-    with BatchProgress(discover(root, out, in_place=in_place), console) as progress:
+    items = discover(root, out, in_place=in_place)  # a bad ROOT fails before a cluster starts
+    with contextlib.ExitStack() as stack:
+        client = stack.enter_context(dask_client(scheduler)) if scheduler else None
+        if client is not None:
+            threads = client.nthreads()
+            console.print(
+                f"Dask scheduler {client.scheduler.address}: {len(threads)} workers, {sum(threads.values())} threads"
+            )
+        progress = stack.enter_context(BatchProgress(items, console))
         for result in convert_tree(
             root,
             out,
             in_place=in_place,
             workers=workers,
+            client=client,
             force=force,
             dry_run=dry_run,
             on_start=progress.start,

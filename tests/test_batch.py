@@ -15,7 +15,8 @@ import torch
 from models import save_model_folder
 
 import converter
-from converter.batch import MANIFEST, convert_tree, discover, run_item
+from converter.batch import DEFAULT_OPTIONS, MANIFEST, convert_tree, discover, run_item
+from converter.writer import TEMP_SUFFIX
 
 
 def _build_tree(root: Path) -> None:
@@ -153,17 +154,14 @@ def test_killed_batch_resumes_to_the_same_output(tmp_path: Path) -> None:
     assert _outputs(out) == _outputs(tmp_path / "reference")
 
 
-def test_a_file_item_leaves_the_temporaries_of_its_siblings_alone(tree: Path, tmp_path: Path) -> None:
-    """Loose files of one folder run in parallel: one item's clean-up must not delete another's
-    temporary file mid-write (its rename would fail); it removes only its own stale ones."""
-    out = tmp_path / "out"
-    items = {i.key: i for i in discover(tree, out)}
-    folder = out / "loose"
-    folder.mkdir(parents=True)
-    sibling = folder / ".weights.safetensors.k2j3h4.tiesafe-tmp"  # weights.pt being written right now
-    stale = folder / ".broken.safetensors.a1b2c3.tiesafe-tmp"  # left by a killed run of this very item
-    sibling.write_bytes(b"half written")
-    stale.write_bytes(b"stale")
-    result = run_item(items["loose/broken.bin"], {})
-    assert result.status == "failed"  # broken.bin is no checkpoint; the clean-up ran before that
-    assert sibling.exists() and not stale.exists()
+def test_an_item_cleans_only_its_own_stale_temporaries(tree: Path, tmp_path: Path) -> None:
+    """Loose files of one folder share their output folder: a dead run's leftovers of this item go,
+    another item's file being written there right now stays."""
+    item = next(i for i in discover(tree, tmp_path / "out") if i.key == "loose/weights.pt")
+    item.output.parent.mkdir(parents=True)
+    stale = item.output.parent / f".{item.output.name}.x1y2z3{TEMP_SUFFIX}"
+    neighbour = item.output.parent / f".broken.safetensors.a4b5c6{TEMP_SUFFIX}"
+    stale.write_bytes(b"left by a killed worker")
+    neighbour.write_bytes(b"another worker is writing this")
+    assert run_item(item, dict(DEFAULT_OPTIONS)).status == "converted"
+    assert not stale.exists() and neighbour.exists()

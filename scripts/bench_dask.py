@@ -1,0 +1,307 @@
+"""The tree benchmark: ``tiesafe batch`` on a Dask LocalCluster against the local executor.
+
+    python scripts/bench_dask.py               # a tree of 15 models (1.0 GB), 2 workers, median of 3
+    python scripts/bench_dask.py --quick       # a tiny tree, one run: keeps the script working (CI)
+    python scripts/bench_dask.py --json out.json
+
+The tree (built once under ``--cache``; random weights in GPT-2 shapes from
+transformers configs, tied ``lm_head``; nothing is downloaded) mixes sizes so
+that balance matters: one 124M-parameter folder, two of 41M, four of 7M and
+eight loose ``.pt`` files of 1 MB.
+
+Two tables:
+
+- **end to end**: the command a user runs, in a fresh process each time
+  (``tiesafe batch --workers 1``, ``--workers 2``, ``--scheduler local:2``): it
+  includes starting the processes or the cluster and the workers' imports.
+- **warm workers**: ``convert_tree`` in this process on workers that already ran
+  a batch, as on a long-lived cluster: inline, a process pool, Dask through
+  tiesafe's :class:`DaskExecutor` (largest first, one item per free worker
+  thread) and through Dask's own ``client.get_executor()`` (everything sent to
+  the scheduler at once). Throughput per worker comes from this table.
+
+Before every run the source files are evicted from the page cache
+(``posix_fadvise(DONTNEED)``), so every run reads them from disk. Every output
+of every mode is checked to be the same bytes (the manifest's SHA-256s).
+``main()`` is what ``scripts/bench.py --dask`` calls.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # the converter package of this checkout, also in spawned workers
+
+MB = 10**6
+# name -> (GPT-2 n_embd, n_layer, vocab or None for GPT-2's, copies); loose files are added apart
+TREE: dict[str, tuple[int, int, int | None, int]] = {
+    "gpt2-124m": (768, 12, None, 1),
+    "gpt2-41m": (512, 8, 32000, 2),
+    "gpt2-7m": (256, 4, 16000, 4),
+}
+QUICK_TREE: dict[str, tuple[int, int, int | None, int]] = {"gpt2-tiny": (64, 2, 1000, 3)}
+
+
+# --------------------------------------------------------------------------- the tree
+
+
+def _save_gpt2(folder: Path, n_embd: int, n_layer: int, vocab: int | None, seed: int) -> None:
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    vocab_size = {"vocab_size": vocab, "bos_token_id": 0, "eos_token_id": 0} if vocab else {}
+    config = GPT2Config(n_embd=n_embd, n_layer=n_layer, n_head=8, **vocab_size)
+    model = GPT2LMHeadModel(config).eval()
+    folder.mkdir(parents=True, exist_ok=True)
+    model.config.architectures = [type(model).__name__]  # as on the Hub: the declared ties are read from it
+    model.config.save_pretrained(folder)
+    torch.save(model.state_dict(), folder / "pytorch_model.bin")
+
+
+def _save_loose(path: Path, seed: int) -> None:
+    import torch
+
+    torch.manual_seed(seed)
+    weight = torch.randn(250_000)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"embed": weight, "head": weight, "bias": torch.randn(64)}, path)
+
+
+def build_tree(cache: Path, quick: bool) -> Path:
+    """The benchmark tree under ``cache`` (built unless a finished one is there)."""
+    tree = cache / ("dask-tree-quick" if quick else "dask-tree")
+    if (tree / ".complete").exists():
+        return tree
+    shutil.rmtree(tree, ignore_errors=True)
+    seed = 0
+    for name, (n_embd, n_layer, vocab, copies) in (QUICK_TREE if quick else TREE).items():
+        for i in range(copies):
+            seed += 1
+            _save_gpt2(tree / "models" / f"{name}-{i}", n_embd, n_layer, vocab, seed)
+    for i in range(4 if quick else 8):
+        seed += 1
+        _save_loose(tree / "loose" / f"run{i}.pt", seed)
+    (tree / ".complete").touch()
+    return tree
+
+
+def _sources(tree: Path) -> list[Path]:
+    return [p for p in tree.rglob("*") if p.suffix in (".bin", ".pt")]
+
+
+def evict(files: Sequence[Path]) -> None:
+    """Write back dirty pages, then drop ``files`` from the page cache."""
+    os.sync()
+    for path in files:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def _hashes(out: Path) -> dict[str, dict[str, Any]]:
+    """item -> its outputs' sizes and SHA-256s, from the manifest."""
+    lines = (out / ".tiesafe-manifest.jsonl").read_text().splitlines()
+    return {entry["item"]: entry["outputs"] for entry in map(json.loads, lines)}
+
+
+# --------------------------------------------------------------------------- runs
+
+
+def _fresh(folder: Path) -> Path:
+    shutil.rmtree(folder, ignore_errors=True)
+    return folder
+
+
+def end_to_end(tree: Path, work: Path, workers: int, runs: int) -> tuple[dict[str, list[float]], list[Any]]:
+    """Wall time of ``tiesafe batch`` in a fresh process, per mode; the outputs of each mode."""
+    modes = {
+        "tiesafe batch --workers 1": ["--workers", "1"],
+        f"tiesafe batch --workers {workers}": ["--workers", str(workers)],
+        f"tiesafe batch --scheduler local:{workers}": ["--scheduler", f"local:{workers}"],
+    }
+    times: dict[str, list[float]] = {mode: [] for mode in modes}
+    outputs = []
+    for _ in range(runs):
+        for mode, extra in modes.items():  # modes alternate run by run
+            out = _fresh(work / "e2e")
+            evict(_sources(tree))
+            argv = [sys.executable, "-m", "converter", "batch", str(tree), "--out", str(out), "--quiet", *extra]
+            clock = time.perf_counter()
+            subprocess.run(argv, check=True, cwd=ROOT)
+            times[mode].append(time.perf_counter() - clock)
+            outputs.append(_hashes(out))
+    return times, outputs
+
+
+def warm_workers(tree: Path, work: Path, workers: int, runs: int) -> tuple[dict[str, Any], list[Any]]:
+    """``convert_tree`` on workers that are already up and have converted once: wall time and
+    the seconds each item took inside its worker."""
+    import concurrent.futures
+    import multiprocessing
+
+    from converter import DaskExecutor, convert_tree, dask_client
+
+    started = time.perf_counter()
+    with (
+        dask_client(f"local:{workers}") as client,
+        concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool,
+    ):
+        cluster_start = time.perf_counter() - started
+        executors: dict[str, Callable[[], Any]] = {
+            "inline (1 process)": lambda: None,
+            f"process pool ({workers})": lambda: pool,
+            f"Dask DaskExecutor ({workers} workers)": lambda: DaskExecutor(client),
+            f"Dask client.get_executor() ({workers} workers)": lambda: client.get_executor(pure=False),
+        }
+        times: dict[str, list[float]] = {mode: [] for mode in executors}
+        item_seconds: dict[str, list[list[float]]] = {mode: [] for mode in executors}
+        first: dict[str, float] = {}
+        outputs = []
+        for run in range(runs + 1):  # run 0 warms every worker up (imports, first item) and is reported apart
+            for mode, make in executors.items():
+                out = _fresh(work / "warm")
+                evict(_sources(tree))
+                executor = make()
+                workers_arg = 1 if executor is None else workers
+                clock = time.perf_counter()
+                results = list(convert_tree(tree, out, workers=workers_arg, executor=executor))
+                seconds = time.perf_counter() - clock
+                if run == 0:
+                    first[mode] = seconds
+                else:
+                    times[mode].append(seconds)
+                    item_seconds[mode].append([r.seconds for r in results])
+                outputs.append(_hashes(out))
+        overhead = {}
+        for mode in list(executors)[2:]:  # per-item cost of going through the cluster: 200 empty calls
+            executor = executors[mode]()
+            clock = time.perf_counter()
+            for future in [executor.submit(time.sleep, 0) for _ in range(200)]:
+                future.result()
+            overhead[mode] = time.perf_counter() - clock
+    document = {"cluster_start": cluster_start, "first": first, "times": times, "item_seconds": item_seconds}
+    return {**document, "overhead_per_call": overhead}, outputs
+
+
+def cpu_parallelism(workers: int) -> float:
+    """How many times one process's CPU-bound work ``workers`` processes get done together.
+
+    A shared or throttled virtual machine may give far less than ``workers``:
+    then no parallel mode can gain here, and the per-worker figures are the ones to scale.
+    """
+    import concurrent.futures
+    import multiprocessing
+
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        list(pool.map(_hash_work, [0] * workers))  # start the processes
+        alone = pool.submit(_hash_work, 0).result()
+        together = max(pool.map(_hash_work, [0] * workers))
+    return workers * alone / together
+
+
+def _hash_work(_: int) -> float:
+    data = b"x" * (64 << 20)
+    started = time.perf_counter()
+    for _ in range(8):
+        hashlib.sha256(data).digest()
+    return time.perf_counter() - started
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _table(title: str, times: dict[str, list[float]], size: int, workers: dict[str, int]) -> str:
+    lines = [title, f"  {'mode':<44} {'wall s':>8} {'MB/s':>8} {'MB/s/worker':>12}"]
+    for mode, values in times.items():
+        wall = statistics.median(values)
+        rate = size / wall / MB
+        lines.append(f"  {mode:<44} {wall:8.2f} {rate:8.0f} {rate / workers[mode]:12.0f}")
+    return "\n".join(lines)
+
+
+def _balance_table(warm: dict[str, Any], size: int, workers: dict[str, int]) -> str:
+    """Per mode: MB per second inside a worker, and wall time against the best a schedule could do."""
+    lines = [
+        "  inside the workers (median run): MB per second of item time; wall / ideal, where ideal is "
+        "max(item time / workers, largest item)",
+        f"  {'mode':<44} {'MB/s/item-s':>12} {'wall/ideal':>11}",
+    ]
+    for mode, runs in warm["item_seconds"].items():
+        middle = sorted(range(len(runs)), key=lambda i: warm["times"][mode][i])[len(runs) // 2]
+        seconds, wall = runs[middle], warm["times"][mode][middle]
+        ideal = max(sum(seconds) / workers[mode], max(seconds))
+        lines.append(f"  {mode:<44} {size / sum(seconds) / MB:12.0f} {wall / ideal:11.2f}")
+    return "\n".join(lines)
+
+
+def _workers_of(mode: str, workers: int) -> int:
+    return 1 if "--workers 1" in mode or mode.startswith("inline") else workers
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cache", type=Path, default=ROOT / ".bench-cache", help="where the tree is built and kept")
+    parser.add_argument("--runs", type=int, default=3, help="timed runs per mode (medians are reported)")
+    parser.add_argument("--workers", type=int, default=2, help="workers of the pool and of the LocalCluster")
+    parser.add_argument("--quick", action="store_true", help="a tiny tree, one run: checks that the script works")
+    parser.add_argument("--json", type=Path, help="write every run here")
+    opts = parser.parse_args(argv)
+    try:
+        import distributed  # noqa: F401
+    except ImportError:
+        print("bench_dask: needs dask[distributed]: pip install 'tiesafe[dask]'", file=sys.stderr)
+        return 2
+    runs = 1 if opts.quick else opts.runs
+    cache: Path = opts.cache.resolve()
+    tree = build_tree(cache, opts.quick)
+    size = sum(p.stat().st_size for p in _sources(tree))
+    items = len(list((tree / "models").iterdir())) + len(list((tree / "loose").iterdir()))
+    work = cache / "dask-out"
+
+    parallelism = cpu_parallelism(opts.workers)
+    e2e, e2e_outputs = end_to_end(tree, work, opts.workers, runs)
+    warm, warm_outputs = warm_workers(tree, work, opts.workers, runs)
+    shutil.rmtree(work, ignore_errors=True)
+    outputs = e2e_outputs + warm_outputs
+    if any(o != outputs[0] for o in outputs):
+        print("bench_dask: the modes wrote different outputs", file=sys.stderr)
+        return 1
+
+    workers = {mode: _workers_of(mode, opts.workers) for mode in [*e2e, *warm["times"]]}
+    print(f"\n{os.cpu_count()} cores; tree of {items} items, {size / MB:.0f} MB of pickles; median of {runs}")
+    print(f"{opts.workers} CPU-bound processes here do {parallelism:.2f}x the work of one (sha256)")
+    print("sources evicted from the page cache before every run; every mode wrote the same bytes\n")
+    print(_table("end to end (fresh process, as a user runs it)", e2e, size, workers))
+    print()
+    print(_table("warm workers (convert_tree in a long-lived process)", warm["times"], size, workers))
+    print(_balance_table(warm, size, workers))
+    print(f"\n  LocalCluster({opts.workers}) start: {warm['cluster_start']:.2f} s; first run on fresh workers:")
+    for mode, seconds in warm["first"].items():
+        print(f"    {mode:<44} {seconds:6.2f} s")
+    print("  cost of one call through the cluster (200 empty calls):")
+    for mode, seconds in warm["overhead_per_call"].items():
+        print(f"    {mode:<44} {seconds / 200 * 1000:6.1f} ms")
+    if opts.json:
+        document = {"items": items, "bytes": size, "runs": runs, "cpu_parallelism": parallelism, "end_to_end": e2e}
+        document["warm"] = warm
+        opts.json.write_text(json.dumps(document, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
