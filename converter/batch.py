@@ -17,6 +17,7 @@ import json
 import multiprocessing
 import os
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -107,8 +108,11 @@ def discover(root: str | Path, out: str | Path | None = None, *, in_place: bool 
         if is_model:
             size = sum(p.stat().st_size for p in here.iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
             items.append(BatchItem("folder", here, target / relative, relative.as_posix(), size))
+        stems = Counter(default_output(p).name for p in loose)
         for path in loose:
-            output = target / relative / default_output(path).name
+            name = default_output(path).name
+            # x.pt and x.bin side by side would both become x.safetensors: keep each apart.
+            output = target / relative / (name if stems[name] == 1 else f"{path.name}.safetensors")
             items.append(BatchItem("file", path, output, (relative / path.name).as_posix(), path.stat().st_size))
     return sorted(items, key=lambda i: (-i.size, i.key))
 

@@ -165,3 +165,11 @@ def test_an_item_cleans_only_its_own_stale_temporaries(tree: Path, tmp_path: Pat
     neighbour.write_bytes(b"another worker is writing this")
     assert run_item(item, dict(DEFAULT_OPTIONS)).status == "converted"
     assert not stale.exists() and neighbour.exists()
+
+
+def test_loose_files_with_one_stem_get_distinct_outputs(tmp_path: Path) -> None:
+    (tmp_path / "src").mkdir()
+    torch.save({"w": torch.ones(2)}, tmp_path / "src" / "x.pt")
+    torch.save({"w": torch.zeros(2)}, tmp_path / "src" / "x.bin")
+    outputs = sorted(i.output.name for i in discover(tmp_path / "src", tmp_path / "out"))
+    assert outputs == ["x.bin.safetensors", "x.pt.safetensors"]
