@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+# Untrusted shapes are refused beyond this many dimensions (torch sets no limit; real
+# tensors have a handful), which keeps arithmetic on them cheap whatever the file says.
+MAX_DIMS = 1024
+
 
 def numel(shape: Sequence[int]) -> int:
     """Number of elements of a shape (1 for a 0-dim tensor)."""
