@@ -12,8 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from .errors import TiesafeError
-from .stfile import read_safetensors
+from .errors import CorruptFileError, TiesafeError
+from .stfile import Entry, read_safetensors
 from .ties import StoredInfo, decode
 
 if TYPE_CHECKING:
@@ -37,8 +37,6 @@ def load_file(
     """
     if ties not in ("share", "clone"):
         raise TiesafeError(f"ties must be 'share' or 'clone', not {ties!r}")
-    from safetensors import safe_open
-
     path = Path(path)
     header = read_safetensors(path)
     info = {e.name: StoredInfo(e.dtype.code, e.shape) for e in header.entries.values()}
@@ -47,10 +45,7 @@ def load_file(
     except TiesafeError as exc:
         raise type(exc)(exc.problem, path=path) from None
 
-    stored: dict[str, torch.Tensor] = {}
-    with safe_open(str(path), framework="pt", device=device) as f:
-        for name in header.entries:
-            stored[name] = f.get_tensor(name)
+    stored = _read_stored(path, header.entries, device)
 
     result = {name: t for name, t in stored.items() if name not in record.hidden}
     for name, target in record.aliases.items():
@@ -62,3 +57,26 @@ def load_file(
     for name, target in record.copies.items():
         result[name] = stored[target].clone()
     return result
+
+
+def _read_stored(path: Path, entries: dict[str, Entry], device: str) -> dict[str, torch.Tensor]:
+    """The stored tensors, as the header we validated describes them.
+
+    The file is opened a second time here: if it was replaced in between, a tensor
+    could differ from the geometry the ties were checked against, and a view would
+    reach outside its base. Each tensor is checked against the validated entry.
+    """
+    import torch
+    from safetensors import SafetensorError, safe_open
+
+    stored: dict[str, torch.Tensor] = {}
+    try:
+        with safe_open(str(path), framework="pt", device=device) as f:
+            for name, entry in entries.items():
+                tensor = f.get_tensor(name)
+                if tuple(tensor.shape) != entry.shape or tensor.dtype != getattr(torch, entry.dtype.torch_name):
+                    raise CorruptFileError("the file changed while it was being loaded", path=path)
+                stored[name] = tensor
+    except SafetensorError as exc:
+        raise CorruptFileError(f"the safetensors library refuses the file ({str(exc)[:160]})", path=path) from None
+    return stored
