@@ -49,7 +49,8 @@ class SafetensorsFile:
 def _entry(name: str, spec: object, data_start: int) -> tuple[Entry, int, int]:
     if not isinstance(spec, dict):
         raise CorruptFileError(f"header entry {quoted(name)} is not an object")
-    dtype = BY_CODE.get(spec.get("dtype"))  # type: ignore[arg-type]
+    code = spec.get("dtype")
+    dtype = BY_CODE.get(code) if isinstance(code, str) else None
     if dtype is None:
         raise CorruptFileError(f"tensor {quoted(name)} has unknown dtype {quoted(spec.get('dtype'), 40)}")
     shape, offsets = spec.get("shape"), spec.get("data_offsets")

@@ -302,6 +302,22 @@ def _hashed(kind: type[Any]) -> Callable[..., object]:
     return build
 
 
+def _plain(kind: type[Any], *, allowed: tuple[type, ...], most: int) -> Callable[..., object]:
+    """A builtin a training checkpoint's plain values need (``bytes()``, ``complex(1, 2)``, ``range(3)``).
+
+    Only with arguments of ``allowed`` types: ``bytes(2**40)`` would allocate a terabyte.
+    """
+
+    def build(*args: object) -> object:
+        if len(args) > most or not all(isinstance(a, allowed) and not isinstance(a, bool) for a in args):
+            raise UnsafeCheckpointError(f"the pickle calls {kind.__name__} with unexpected arguments")
+        if kind in (bytes, bytearray) and len(args) == 2 and args[1] not in ("latin1", "latin-1"):
+            raise UnsafeCheckpointError(f"the pickle calls {kind.__name__} with an unexpected encoding")
+        return kind(*args)
+
+    return build
+
+
 def _codecs_encode(text: object, encoding: object = "utf-8") -> bytes:
     # Protocol-2 pickles spell bytes as _codecs.encode(str, "latin1").
     if not isinstance(text, str) or encoding not in ("latin1", "latin-1", "utf-8", "utf8"):
@@ -331,6 +347,12 @@ def _allowed_globals() -> dict[tuple[str, str], object]:
         ("collections", "OrderedDict"): _hashed(collections.OrderedDict),
         ("builtins", "set"): _hashed(set),
         ("builtins", "frozenset"): _hashed(frozenset),
+        # Plain values as protocols 0-4 spell them: b"" is bytes(), bytearray(b"x"), 1+2j, range(3).
+        ("builtins", "bytes"): _plain(bytes, allowed=(bytes, bytearray, str), most=2),
+        ("builtins", "bytearray"): _plain(bytearray, allowed=(bytes, bytearray, str), most=2),
+        ("builtins", "complex"): _plain(complex, allowed=(int, float), most=2),
+        ("builtins", "range"): _plain(range, allowed=(int,), most=3),
+        ("builtins", "slice"): _plain(slice, allowed=(int, type(None)), most=3),
         ("_codecs", "encode"): _codecs_encode,
         ("torch", "Size"): _torch_size,
         ("torch", "device"): _torch_device,
@@ -484,7 +506,7 @@ def _read_zip(path: Path, raw: BinaryIO, file_size: int) -> tuple[Any, dict[str,
     try:
         archive = zipfile.ZipFile(raw)
         infos = archive.infolist()
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError, struct.error) as exc:
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, struct.error, NotImplementedError) as exc:
         raise CorruptFileError(f"damaged zip archive ({str(exc)[:120]})") from None
     if not infos:
         raise CorruptFileError("empty zip archive")

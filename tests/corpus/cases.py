@@ -476,6 +476,13 @@ def _zip_record_beyond_file(folder: Path, sentinel: Path) -> list[Path]:
     return _zip_size_lie(1 << 30)(folder, sentinel)
 
 
+def _zip_version_too_new(folder: Path, sentinel: Path) -> list[Path]:
+    # "version needed to extract" 25.1: zipfile raises NotImplementedError (found by scripts/fuzz.py).
+    path = _real(folder)
+    _patch_central(path, "data.pkl", lambda raw, pos: raw.__setitem__(slice(pos + 6, pos + 8), b"\xfb\x00"))
+    return [path]
+
+
 def _zip_bad_local_header(folder: Path, sentinel: Path) -> list[Path]:
     path = _real(folder)
     _patch_central(path, "/data/0", lambda raw, pos: raw.__setitem__(slice(pos + 42, pos + 46), struct.pack("<I", 3)))
@@ -844,6 +851,7 @@ _ZIP: list[Case] = [
     Case("zip-bomb", _zip_bomb, "CorruptFileError", "data.pkl claims 314572800 bytes"),
     Case("zip-bomb-lying-size", _zip_bomb_liar, "CorruptFileError", "cannot read .*data.pkl"),
     Case("zip-bad-local-header", _zip_bad_local_header, "CorruptFileError", "no valid local header"),
+    Case("zip-version-too-new", _zip_version_too_new, "CorruptFileError", "damaged zip archive .zip file version"),
 ]
 
 _NUMBERS: list[Case] = [
@@ -952,6 +960,13 @@ _SAFETENSORS: list[Case] = [
         "inspect",
     ),
     Case("st-trailing-bytes", _st(F32_W, bytes(80)), "CorruptFileError", "data section holds 80 bytes", "inspect"),
+    Case(
+        "st-dtype-not-a-string",  # found by scripts/fuzz.py: a list as dtype was a TypeError
+        _st({"a": {"dtype": ["F32"], "shape": [1], "data_offsets": [0, 4]}}, bytes(4)),
+        "CorruptFileError",
+        "unknown dtype",
+        "inspect",
+    ),
     Case(
         "st-unknown-dtype",
         _st({"a": {"dtype": "F128", "shape": [1], "data_offsets": [0, 16]}}, bytes(16)),
