@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .dtypes import BY_CODE, DType
 from .errors import CorruptFileError, TiesafeError, quoted
-from .geometry import MAX_DIMS, numel
+from .geometry import MAX_DIMS, MAX_INT64, numel
 from .ties import StoredInfo, decode
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's own limit
@@ -57,7 +57,7 @@ def _entry(name: str, spec: object, data_start: int) -> tuple[Entry, int, int]:
     if (
         not isinstance(shape, list)
         or len(shape) > MAX_DIMS
-        or not all(type(n) is int and 0 <= n < _USIZE for n in shape)
+        or not all(type(n) is int and 0 <= n <= MAX_INT64 for n in shape)  # u64 in the format, int64 in torch
     ):
         raise CorruptFileError(f"tensor {quoted(name)} has an invalid shape")
     if (

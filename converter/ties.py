@@ -31,14 +31,14 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
+from .dtypes import BY_CODE
 from .errors import TieMetadataError, quoted
-from .geometry import MAX_DIMS, extent, numel
+from .geometry import MAX_DIMS, MAX_EXPANDED_BYTES, MAX_INT64, extent, numel
 
 METADATA_KEY = "tiesafe"
 VERSION = 1
 RESERVED_PREFIX = "__tiesafe_span__."
 MAX_RECORD_BYTES = 64 * 1024 * 1024
-_MAX_INT = (1 << 64) - 1  # offsets, sizes and strides are u64 in every reader
 _RESERVED_METADATA = {"format", METADATA_KEY}
 
 
@@ -127,7 +127,7 @@ def _int_list(value: object, what: str, name: str) -> tuple[int, ...]:
     if (
         not isinstance(value, list)
         or len(value) > MAX_DIMS
-        or not all(type(v) is int and 0 <= v <= _MAX_INT for v in value)
+        or not all(type(v) is int and 0 <= v <= MAX_INT64 for v in value)  # what torch's as_strided takes
     ):
         raise _fail(f"view {quoted(name)}: {what} must be a list of at most {MAX_DIMS} non-negative 64-bit integers")
     return tuple(value)
@@ -155,7 +155,7 @@ def _parse_document(text: str) -> TieRecord:
         if not isinstance(spec, dict) or not isinstance(spec.get("base"), str):
             raise _fail(f"view {quoted(name)} has no base name")
         offset = spec.get("offset")
-        if type(offset) is not int or not 0 <= offset <= _MAX_INT:
+        if type(offset) is not int or not 0 <= offset <= MAX_INT64:
             raise _fail(f"view {quoted(name)}: offset must be a non-negative 64-bit integer")
         shape = _int_list(spec.get("shape"), "shape", name)
         stride = _int_list(spec.get("stride"), "stride", name)
@@ -209,6 +209,10 @@ def validate(record: TieRecord, stored: dict[str, StoredInfo]) -> None:
         end = extent(view.offset, view.shape, view.stride)
         if end > base.numel:
             raise _fail(f"view {quoted(name)} reaches element {end} of {quoted(view.base)}, which has {base.numel}")
+        itemsize = BY_CODE[base.dtype].itemsize if base.dtype in BY_CODE else 1
+        touched, size = (end - view.offset) * itemsize, numel(view.shape) * itemsize
+        if size > max(touched, MAX_EXPANDED_BYTES):  # a stride-0 view of a few bytes, terabytes once cloned
+            raise _fail(f"view {quoted(name)} repeats {touched} bytes of {quoted(view.base)} as {size}")
     for name in record.hidden:
         if name not in stored:
             raise _fail(f"hidden name {quoted(name)} is not a tensor of the file")

@@ -37,7 +37,7 @@ from .dtypes import (
     DType,
 )
 from .errors import CorruptFileError, TiesafeError, UnsafeCheckpointError, UnsupportedError, quoted
-from .geometry import MAX_DIMS, extent, is_contiguous, numel
+from .geometry import MAX_DIMS, MAX_EXPANDED_BYTES, extent, is_contiguous, numel
 from .pickle_guard import charge_floodable, scan
 
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
@@ -764,6 +764,13 @@ def read_checkpoint(path: str | Path, *, key: str | None = None) -> Checkpoint:
                 raise CorruptFileError(
                     f"tensor {quoted(name)} reaches byte {ref.span[1]} of storage {quoted(ref.storage)}, "
                     f"which holds {record.nbytes}"
+                )
+            touched = ref.span[1] - ref.span[0]
+            if ref.nbytes > max(touched, MAX_EXPANDED_BYTES):
+                raise UnsupportedError(
+                    f"tensor {quoted(name)} repeats {touched} bytes as {ref.nbytes} (an expanded tensor, stride 0): "
+                    f"safetensors stores every repeat, and tiesafe writes at most {MAX_EXPANDED_BYTES} such bytes; "
+                    "save it with .contiguous() or .clone() if it is meant to be that large"
                 )
     except TiesafeError as exc:
         if exc.path is None:

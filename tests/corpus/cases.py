@@ -868,6 +868,7 @@ _NUMBERS: list[Case] = [
         "reaches byte 28 of storage '0', which holds 16",
     ),
     Case("many-huge-dims", _many_huge_dims, "CorruptFileError", "implausibly large"),
+    Case("expanded-tensor-bomb", _geometry(0, (2**33,), (0,)), "UnsupportedError", "repeats 4 bytes as 34359738368"),
     Case("shape-and-stride-lengths-differ", _geometry(0, (2, 2), (1,)), "CorruptFileError", "differ in length"),
     Case("shape-of-floats", _shape_floats, "CorruptFileError", "not a tuple of at most 1024 integers"),
     Case(
@@ -1025,6 +1026,27 @@ _SAFETENSORS: list[Case] = [
         _st_ties({"aliases": {"w": "w"}}),
         "TieMetadataError",
         "also a stored tensor",
+        "inspect",
+    ),
+    Case(
+        "st-tie-view-expanded-bomb",
+        _st_ties({"views": {"v": {**VIEW, "shape": [2**40], "stride": [0]}}}),
+        "TieMetadataError",
+        "repeats 4 bytes of 'w' as 4398046511104",
+        "inspect",
+    ),
+    Case(
+        "st-tie-view-dim-overflows-int64",  # found by scripts/fuzz.py: as_strided raised TypeError
+        _st_ties({"views": {"v": {**VIEW, "shape": [2**63, 0], "stride": [1, 1]}}}),
+        "TieMetadataError",
+        "64-bit integers",
+        "inspect",
+    ),
+    Case(
+        "st-dim-overflows-int64",  # torch cannot hold the shape: reshape raised TypeError in load_file
+        _st({"w": {"dtype": "F32", "shape": [2**63, 0], "data_offsets": [0, 0]}}, b""),
+        "CorruptFileError",
+        "invalid shape",
         "inspect",
     ),
     Case(
