@@ -45,6 +45,10 @@ class VerificationError(TiesafeError):
     """The written output does not reproduce the source bit for bit."""
 
 
+class WriteError(TiesafeError):
+    """The output could not be written: disk full, read-only, permission denied, ..."""
+
+
 def quoted(value: object, limit: int = 80) -> str:
     """``repr`` of an untrusted value for a one-line message: escaped, short, never huge to build.
 

@@ -10,14 +10,19 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import os
+import stat
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from .errors import WriteError
 from .layout import FilePlan
 from .windows import FileWindow, gather
 
+TEMP_SUFFIX = ".tiesafe-tmp"  # temporary files are named .<final name>.<8 random characters>.tiesafe-tmp
+_RANDOM = 8  # length of tempfile.mkstemp's random part
 _CHUNK = 64 * 1024 * 1024  # per copy_file_range call; the kernel may copy less
 
 
@@ -61,28 +66,107 @@ def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
 def atomic_output(dst: Path) -> Iterator[tuple[int, Path]]:
     """Yield ``(fd, temp path)`` in ``dst``'s folder; on success fsync and rename to ``dst``.
 
-    On any exception the temporary file is removed and ``dst`` is left as it was.
+    On any exception the temporary file is removed and ``dst`` is left as it was; an
+    ``OSError`` (disk full, read-only file system, permission denied, ...) becomes a
+    one-line :class:`~converter.errors.WriteError`.
+
+    Killed mid-write (SIGKILL, power loss), a run leaves only its temporary file, named
+    ``.<dst name>.<random>.tiesafe-tmp``; the next write to ``dst`` removes it. Each
+    writer holds an ``flock`` on its temporary file until the rename, so a temporary
+    file is removed only when the process that made it is gone.
+
+    Two processes writing one ``dst`` never mix their bytes: each writes its own
+    temporary file and ``rename`` replaces ``dst`` atomically, so ``dst`` is always one
+    complete file, the one whose writer finished last.
     """
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tiesafe-tmp", dir=dst.parent)
-    tmp = Path(tmp_name)
+    fd, tmp = -1, None
     try:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temps(dst)
+        fd, tmp = _locked_temp(dst)
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; a normal file follows the umask
         yield fd, tmp
         os.fsync(fd)
-        os.close(fd)
-        fd = -1
-        os.replace(tmp, dst)
-        dir_fd = os.open(dst.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)  # make the rename itself durable
-        finally:
-            os.close(dir_fd)
-    except BaseException:
+        os.replace(tmp, dst)  # the lock is still held: no cleaner can take the file before this
+        tmp = None
+        _fsync_dir(dst.parent)
+    except BaseException as exc:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise _write_error(exc, dst) from exc
+        raise
+    finally:
         if fd >= 0:
             os.close(fd)
-        tmp.unlink(missing_ok=True)
-        raise
+
+
+def _locked_temp(dst: Path) -> tuple[int, Path]:
+    """A new temporary file beside ``dst``, locked for as long as this process keeps it open."""
+    while True:
+        fd, name = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=TEMP_SUFFIX, dir=dst.parent)
+        with contextlib.suppress(OSError):  # a file system without locks: the name still says whose it is
+            fcntl.flock(fd, fcntl.LOCK_EX)  # waits only while another run's cleanup looks at it
+        if os.fstat(fd).st_nlink:
+            return fd, Path(name)
+        os.close(fd)  # that cleanup removed it between mkstemp and flock: take another name
+
+
+def _remove_stale_temps(dst: Path) -> None:
+    """Remove the temporary files of earlier writes to ``dst`` whose process is gone (no lock held)."""
+    prefix = f".{dst.name}."
+    try:
+        names = os.listdir(dst.parent)
+    except OSError:
+        return
+    for name in names:
+        if len(name) != len(prefix) + _RANDOM + len(TEMP_SUFFIX) or not (
+            name.startswith(prefix) and name.endswith(TEMP_SUFFIX)
+        ):
+            continue
+        try:
+            fd = os.open(dst.parent / name, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:
+            continue
+        try:
+            if stat.S_ISREG(os.fstat(fd).st_mode):
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # fails while its writer lives
+                os.unlink(dst.parent / name)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
+
+def _fsync_dir(folder: Path) -> None:
+    dir_fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # make the rename itself durable
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP):  # file systems that cannot sync a folder
+            raise
+    finally:
+        os.close(dir_fd)
+
+
+_HINTS = {
+    errno.ENOSPC: "free some space or write elsewhere",
+    errno.EDQUOT: "the disk quota is exhausted; free some space or write elsewhere",
+    errno.EROFS: "the output folder is on a read-only file system; choose another output path",
+    errno.EACCES: "choose an output folder you may write to",
+    errno.EPERM: "choose an output folder you may write to",
+    errno.EFBIG: "the file exceeds a file-size limit (ulimit -f) or the file system's maximum",
+}
+
+
+def _write_error(exc: OSError, dst: Path) -> WriteError:
+    reason = exc.strerror or str(exc)
+    if exc.filename is not None and Path(exc.filename).name != dst.name and not str(exc.filename).endswith(TEMP_SUFFIX):
+        reason += f": {exc.filename}"
+    hint = _HINTS.get(exc.errno or 0)
+    message = f"cannot write the output ({reason}); nothing was left behind" + (f"; {hint}" if hint else "")
+    return WriteError(message, path=dst)
 
 
 def write_file(plan: FilePlan, dst: str | Path, *, check: Callable[[Path], None] | None = None) -> int:

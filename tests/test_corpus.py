@@ -11,7 +11,6 @@ from __future__ import annotations
 import copyreg
 import hashlib
 import json
-import os
 import pickle
 import re
 import subprocess
@@ -22,19 +21,11 @@ import pytest
 import torch
 from corpus import CASES, Case
 from corpus import craft as c
+from corpus.cli import run_cli
 from helpers import same_bits
 
 import converter
 from converter import errors, torchfile
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _cli(*args: object) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}  # this checkout's converter, whatever the cwd
-    return subprocess.run(
-        [sys.executable, "-m", "converter", *map(str, args)], capture_output=True, text=True, env=env, timeout=120
-    )
 
 
 def _snapshot(folder: Path) -> dict[str, str]:
@@ -74,7 +65,7 @@ def test_the_corpus_is_large_and_varied() -> None:
 def test_cli(case: Case, tmp_path: Path) -> None:
     inputs, out, sentinel = _build(case, tmp_path)
     before = _snapshot(inputs[0].parent)
-    result = _cli(*_cli_args(case, inputs, out))
+    result = run_cli(*_cli_args(case, inputs, out))
     assert not sentinel.exists(), "code from the file ran"
     assert _snapshot(inputs[0].parent) == before, "the input folder changed"
     assert "Traceback" not in result.stderr
