@@ -89,7 +89,6 @@ def atomic_output(dst: Path) -> Iterator[tuple[int, Path]]:
         os.fsync(fd)
         os.replace(tmp, dst)  # the lock is still held: no cleaner can take the file before this
         tmp = None
-        _fsync_dir(dst.parent)
     except BaseException as exc:
         if tmp is not None:
             with contextlib.suppress(OSError):
@@ -100,6 +99,7 @@ def atomic_output(dst: Path) -> Iterator[tuple[int, Path]]:
     finally:
         if fd >= 0:
             os.close(fd)
+    _fsync_dir(dst.parent)
 
 
 def _locked_temp(dst: Path) -> tuple[int, Path]:
@@ -140,14 +140,13 @@ def _remove_stale_temps(dst: Path) -> None:
 
 
 def _fsync_dir(folder: Path) -> None:
-    dir_fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # make the rename itself durable
-    except OSError as exc:
-        if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP):  # file systems that cannot sync a folder
-            raise
-    finally:
-        os.close(dir_fd)
+    """Make the rename durable; best effort, as the complete output is in place already."""
+    with contextlib.suppress(OSError):  # some file systems cannot sync a folder (EINVAL)
+        dir_fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
 
 
 _HINTS = {
@@ -162,9 +161,10 @@ _HINTS = {
 
 def _write_error(exc: OSError, dst: Path) -> WriteError:
     reason = exc.strerror or str(exc)
-    if exc.filename is not None and Path(exc.filename).name != dst.name and not str(exc.filename).endswith(TEMP_SUFFIX):
+    ours = exc.filename is None or str(exc.filename).endswith(TEMP_SUFFIX) or Path(exc.filename) in (dst, dst.parent)
+    if not ours:  # e.g. the source, opened again to copy its bytes
         reason += f": {exc.filename}"
-    hint = _HINTS.get(exc.errno or 0)
+    hint = _HINTS.get(exc.errno or 0) if ours else None
     message = f"cannot write the output ({reason}); nothing was left behind" + (f"; {hint}" if hint else "")
     return WriteError(message, path=dst)
 
