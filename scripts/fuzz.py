@@ -273,7 +273,7 @@ def mutate_zip(rng: random.Random, data: bytes, pool: list[bytes]) -> bytes:
     except Exception:
         return mutate_bytes(rng, data, pool)
     choice = rng.randrange(6)
-    if choice == 0:
+    if choice == 0 or not members:
         return _central_field(rng, data)
     edited = list(members)
     i = rng.randrange(len(edited))
@@ -680,24 +680,34 @@ def _save_finding(out: Path, summary: Summary, index: int, seed: Seed, data: byt
 # --------------------------------------------------------------------------- atheris
 
 
+def _write_seeds(work: Path, corpus: bool) -> None:
+    """In a child process: converter must first be imported under atheris' instrumentation."""
+    import warnings
+
+    warnings.simplefilter("ignore")
+    (work / "seeds").mkdir()
+    for i, seed in enumerate(build_seeds(work / "seeds", work / "sentinels", corpus=corpus)):
+        if seed.kind == "checkpoint":
+            (work / "corpus" / f"{i}").write_bytes(seed.data)
+
+
 def fuzz_atheris(args: argparse.Namespace) -> None:
     """Coverage-guided: libFuzzer drives, our mutators help it through the zip and the pickle."""
     import resource
+    import warnings
 
     import atheris
 
+    warnings.simplefilter("ignore")
     work = Path(tempfile.mkdtemp(prefix="tiesafe-atheris-", dir=args.workdir))
-    sentinels = work / "sentinels"
+    sentinels, corpus_dir = work / "sentinels", work / "corpus"
     sentinels.mkdir()
-    (work / "seeds").mkdir()
-    seeds = build_seeds(work / "seeds", sentinels, corpus=not args.no_corpus)
-    corpus_dir = work / "corpus"
     corpus_dir.mkdir()
-    for i, seed in enumerate(seeds):
-        if seed.kind == "checkpoint":
-            (corpus_dir / f"{i}").write_bytes(seed.data)
-    pool = [s.data for s in seeds]
-    with atheris.instrument_imports():
+    child = multiprocessing.get_context("spawn").Process(target=_write_seeds, args=(work, not args.no_corpus))
+    child.start()
+    child.join()
+    pool = [p.read_bytes() for p in corpus_dir.iterdir()]
+    with atheris.instrument_imports(include=["converter"]):
         import converter
         from converter.errors import TiesafeError
     target = work / "input.bin"
@@ -713,22 +723,26 @@ def fuzz_atheris(args: argparse.Namespace) -> None:
     def custom_mutator(data: bytes, max_size: int, seed: int) -> bytes:
         rng = random.Random(seed)
         if rng.random() < 0.5:
-            return atheris.Mutate(data, max_size)
-        mutated = mutate(rng, Seed("", "checkpoint", data), pool)
-        return mutated[:max_size]
+            return bytes(atheris.Mutate(data, max_size))
+        try:
+            return mutate(rng, Seed("", "checkpoint", data), pool)[:max_size]
+        except Exception:  # a mutator bug must not stop the campaign
+            return bytes(atheris.Mutate(data, max_size))
 
     del converter
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
     argv = [
         sys.argv[0],
         str(corpus_dir),
         f"-runs={args.iterations}",
         f"-timeout={int(args.timeout)}",
         f"-rss_limit_mb={args.memory_mb}",
-        f"-seed={args.seed}",
-        f"-artifact_prefix={Path(args.out).resolve()}/",
+        f"-seed={abs(hash(args.seed)) % 2**31}",
+        f"-artifact_prefix={out}/",
         "-max_len=1048576",
+        "-print_final_stats=1",
     ]
-    Path(args.out).mkdir(parents=True, exist_ok=True)
     atheris.Setup(argv, test_one, custom_mutator=custom_mutator)
     atheris.Fuzz()
 
