@@ -134,9 +134,10 @@ def _builder_state() -> list[object]:
     """Everything BUILD could change on the objects our unpickler hands out."""
     state = []
     for obj in torchfile._ALLOWED.values():
-        state.append(repr(getattr(obj, "__dict__", None)))
-        state.append(repr(getattr(obj, "__defaults__", None)))
-        state.append(repr(getattr(obj, "__kwdefaults__", None)))
+        for target in (obj, getattr(obj, "func", None)):  # a builder and the function it wraps
+            state.append(repr(getattr(target, "__dict__", None)))
+            state.append(repr(getattr(target, "__defaults__", None)))
+            state.append(repr(getattr(target, "__kwdefaults__", None)))
     return state
 
 
