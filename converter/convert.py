@@ -124,6 +124,7 @@ def convert_file(
 
     def check(tmp: Path) -> None:
         verify_output(ckpt, [read_safetensors(tmp)], sharing.ties)
+        ckpt.check_unchanged()  # the bytes just verified are those of the file that was read
 
     try:
         write_file(plan, out, check=check if verify else None)

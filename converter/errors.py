@@ -47,3 +47,32 @@ class ModelMismatchError(TiesafeError):
 
 class VerificationError(TiesafeError):
     """The written output does not reproduce the source bit for bit."""
+
+
+class WriteError(TiesafeError):
+    """The output could not be written: disk full, read-only, permission denied, ..."""
+
+
+def quoted(value: object, limit: int = 80) -> str:
+    """``repr`` of an untrusted value for a one-line message: escaped, short, never huge to build.
+
+    A name from a file may hold newlines or terminal escapes, be megabytes long or
+    nested a million deep; the message must stay one short, inert line.
+
+    Example:
+        >>> quoted("os.system\\n\\x1b[2J")
+        "'os.system\\\\n\\\\x1b[2J'"
+    """
+    if isinstance(value, (str, bytes)):
+        text = repr(value[: limit + 1])
+    elif type(value) is int and value.bit_length() > 64:
+        text = f"<an integer of {value.bit_length()} bits>"
+    elif isinstance(value, (int, float, bool, type(None))):
+        text = repr(value)
+    elif isinstance(value, (tuple, list)):  # one level, a few items: shapes, strides, ids
+        items = [quoted(v, 24) if not isinstance(v, (tuple, list)) else f"<{type(v).__name__}>" for v in value[:6]]
+        more = ", ..." if len(value) > 6 else ("," if type(value) is tuple and len(value) == 1 else "")
+        text = ("({})" if type(value) is tuple else "[{}]").format(", ".join(items) + more)
+    else:
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -4,6 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+# Untrusted shapes are refused beyond this many dimensions (torch sets no limit; real
+# tensors have a handful), which keeps arithmetic on them cheap whatever the file says.
+MAX_DIMS = 1024
+# A tensor that reads its bytes more than once (stride 0: expand, broadcast) is written out
+# repeat by repeat: a few bytes of a file could ask for terabytes. Beyond its own bytes,
+# at most this much is materialised.
+MAX_EXPANDED_BYTES = 1 << 30
+# Shapes, strides and offsets as torch holds them (int64); larger ones no torch tensor can take.
+MAX_INT64 = (1 << 63) - 1
+
 
 def numel(shape: Sequence[int]) -> int:
     """Number of elements of a shape (1 for a 0-dim tensor)."""

@@ -17,6 +17,7 @@ are clones.
 from __future__ import annotations
 
 import json
+import struct
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,7 @@ from typing import TYPE_CHECKING, Literal
 from .dtypes import BY_TORCH_NAME
 from .errors import CorruptFileError, TiesafeError
 from .geometry import extent
-from .stfile import read_safetensors
+from .stfile import MAX_HEADER_BYTES, read_safetensors
 from .ties import StoredInfo, TieRecord, decode
 
 if TYPE_CHECKING:
@@ -175,12 +176,30 @@ def _open(file: Path, device: str) -> _Opened:
 
     try:
         with safe_open(str(file), framework="pt", device=device) as f:
-            return file, f.metadata() or {}, f.get_tensors()
-    except (SafetensorError, OSError) as exc:
-        read_safetensors(file)  # names what is wrong with a damaged or missing file
+            opened = file, f.metadata() or {}, f.get_tensors()
+        if _entry_count(file) != len(opened[2]):
+            read_safetensors(file)  # a name given twice: the header parser names it
+            raise CorruptFileError("the header lists a tensor more than once", path=file)
+        return opened
+    except (SafetensorError, OSError, TypeError, ValueError, OverflowError) as exc:
+        # A damaged or missing file, or sizes torch cannot hold: the header parser names the problem.
+        read_safetensors(file)
         raise TiesafeError(f"cannot load: {exc}", path=file) from None
     except RuntimeError as exc:  # e.g. a device this machine does not have
         raise TiesafeError(f"cannot load to device {device!r}: {str(exc)[:120]}", path=file) from None
+
+
+def _entry_count(file: Path) -> int:
+    """How many tensor entries the raw header holds, duplicates included.
+
+    safetensors keeps one of two entries with the same name without a word; the
+    byte string ``"data_offsets"`` can only stand in a header as a key (inside a
+    JSON string its quotes would be escaped), so counting it is exact and costs
+    microseconds, where parsing the header again would cost more than the load.
+    """
+    with open(file, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        return f.read(min(length, MAX_HEADER_BYTES)).count(b'"data_offsets"')
 
 
 class _StoredInfos(Mapping[str, StoredInfo]):

@@ -32,16 +32,15 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from .errors import TieMetadataError
-from .geometry import extent, numel
+from .dtypes import BY_CODE
+from .errors import TieMetadataError, quoted
+from .geometry import MAX_DIMS, MAX_EXPANDED_BYTES, MAX_INT64, extent, numel
 
 METADATA_KEY = "tiesafe"
 VERSION = 1
 RESERVED_PREFIX = "__tiesafe_span__."
 MAX_RECORD_BYTES = 64 * 1024 * 1024
 _RESERVED_METADATA = {"format", METADATA_KEY}
-_INT64_LIMIT = 2**63  # torch's sizes, strides and element counts are int64
-_MAX_DIMS = 64
 
 
 @dataclass(frozen=True)
@@ -126,8 +125,12 @@ def _name_map(document: dict[str, object], key: str) -> dict[str, str]:
 
 
 def _int_list(value: object, what: str, name: str) -> tuple[int, ...]:
-    if not isinstance(value, list) or not all(type(v) is int and v >= 0 for v in value):
-        raise _fail(f"view {name!r}: {what} must be a list of non-negative integers")
+    if (
+        not isinstance(value, list)
+        or len(value) > MAX_DIMS
+        or not all(type(v) is int and 0 <= v <= MAX_INT64 for v in value)  # what torch's as_strided takes
+    ):
+        raise _fail(f"view {quoted(name)}: {what} must be a list of at most {MAX_DIMS} non-negative 64-bit integers")
     return tuple(value)
 
 
@@ -151,16 +154,16 @@ def _parse_document(text: str) -> TieRecord:
         raise _fail("'views' must be an object")
     for name, spec in views.items():
         if not isinstance(spec, dict) or not isinstance(spec.get("base"), str):
-            raise _fail(f"view {name!r} has no base name")
+            raise _fail(f"view {quoted(name)} has no base name")
         offset = spec.get("offset")
-        if type(offset) is not int or offset < 0:
-            raise _fail(f"view {name!r}: offset must be a non-negative integer")
+        if type(offset) is not int or not 0 <= offset <= MAX_INT64:
+            raise _fail(f"view {quoted(name)}: offset must be a non-negative 64-bit integer")
         shape = _int_list(spec.get("shape"), "shape", name)
         stride = _int_list(spec.get("stride"), "stride", name)
         if len(shape) != len(stride):
-            raise _fail(f"view {name!r}: shape and stride differ in length")
+            raise _fail(f"view {quoted(name)}: shape and stride differ in length")
         if not isinstance(spec.get("dtype"), str):
-            raise _fail(f"view {name!r}: dtype must be a string")
+            raise _fail(f"view {quoted(name)}: dtype must be a string")
         record.views[name] = View(spec["base"], offset, shape, stride, spec["dtype"])
     hidden = document.get("hidden", [])
     if not isinstance(hidden, list) or not all(isinstance(h, str) for h in hidden):
@@ -203,33 +206,33 @@ def validate(record: TieRecord, stored: Mapping[str, StoredInfo]) -> None:
         _check_target("view", name, view.base, stored, record, seen)
         base = stored[view.base]
         if view.dtype != base.dtype:
-            raise _fail(f"view {name!r} is {view.dtype} but its base {view.base!r} is {base.dtype}")
-        if (
-            len(view.shape) > _MAX_DIMS
-            or max(view.offset, *view.shape, *view.stride) >= _INT64_LIMIT
-            or numel(view.shape) >= _INT64_LIMIT
-        ):
-            raise _fail(f"view {name!r} has more dimensions, or larger sizes, than a tensor can hold")
+            raise _fail(f"view {quoted(name)} is {quoted(view.dtype)} but its base {quoted(view.base)} is {base.dtype}")
         end = extent(view.offset, view.shape, view.stride)
         if end > base.numel:
-            raise _fail(f"view {name!r} reaches element {end} of {view.base!r}, which has {base.numel}")
+            raise _fail(f"view {quoted(name)} reaches element {end} of {quoted(view.base)}, which has {base.numel}")
+        itemsize = BY_CODE[base.dtype].itemsize if base.dtype in BY_CODE else 1
+        touched, size = (end - view.offset) * itemsize, numel(view.shape) * itemsize
+        if size > max(touched, MAX_EXPANDED_BYTES):  # a stride-0 view of a few bytes, terabytes once cloned
+            raise _fail(f"view {quoted(name)} repeats {touched} bytes of {quoted(view.base)} as {size}")
     for name in record.hidden:
         if name not in stored:
-            raise _fail(f"hidden name {name!r} is not a tensor of the file")
+            raise _fail(f"hidden name {quoted(name)} is not a tensor of the file")
 
 
 def _check_target(
     kind: str, name: str, target: str, stored: Mapping[str, StoredInfo], record: TieRecord, seen: set[str]
 ) -> None:
     if name in seen:
-        raise _fail(f"{name!r} is tied more than once")
+        raise _fail(f"{quoted(name)} is tied more than once")
     seen.add(name)
     if name in stored:
-        raise _fail(f"{kind} {name!r} is also a stored tensor")
+        raise _fail(f"{kind} {quoted(name)} is also a stored tensor")
     if target in record.aliases or target in record.views or target in record.copies:
-        raise _fail(f"{kind} {name!r} points to {target!r}, which is itself a tie (chains and cycles are refused)")
+        raise _fail(
+            f"{kind} {quoted(name)} points to {quoted(target)}, which is itself a tie (chains and cycles are refused)"
+        )
     if target not in stored:
-        raise _fail(f"{kind} {name!r} points to {target!r}, which is not in the file")
+        raise _fail(f"{kind} {quoted(name)} points to {quoted(target)}, which is not in the file")
 
 
 def restrict(record: TieRecord, stored: set[str]) -> TieRecord:
@@ -248,7 +251,7 @@ def merge(records: list[TieRecord]) -> TieRecord:
     for record in records:
         for name in record.names():
             if name in merged.aliases or name in merged.views or name in merged.copies:
-                raise _fail(f"{name!r} is tied in more than one shard")
+                raise _fail(f"{quoted(name)} is tied in more than one shard")
         merged.aliases.update(record.aliases)
         merged.views.update(record.views)
         merged.copies.update(record.copies)

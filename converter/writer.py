@@ -10,15 +10,19 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import os
+import stat
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from .errors import WriteError
 from .layout import FilePlan
 from .windows import FileWindow, gather
 
-TEMP_SUFFIX = ".tiesafe-tmp"  # temporary files are named .<final name>.<random>.tiesafe-tmp
+TEMP_SUFFIX = ".tiesafe-tmp"  # temporary files are named .<final name>.<8 random characters>.tiesafe-tmp
+_RANDOM = 8  # length of tempfile.mkstemp's random part
 _CHUNK = 64 * 1024 * 1024  # per copy_file_range call; the kernel may copy less
 
 
@@ -60,26 +64,80 @@ def pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
 
 
 def _create_temp(dst: Path) -> tuple[int, Path]:
-    """A new file beside ``dst`` under a name recognisably ours, with the umask's mode."""
+    """A new, locked file beside ``dst`` under a name recognisably ours, with the umask's mode.
+
+    Stale temporary files of earlier writes to ``dst`` whose writer is gone are removed first.
+    """
     dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=TEMP_SUFFIX, dir=dst.parent)
+    _remove_stale_temps(dst)
+    fd, tmp = _locked_temp(dst)
     os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; a normal file follows the umask
-    return fd, Path(tmp_name)
+    return fd, tmp
+
+
+def _locked_temp(dst: Path) -> tuple[int, Path]:
+    """A new temporary file beside ``dst``, locked for as long as this process keeps it open."""
+    while True:
+        fd, name = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=TEMP_SUFFIX, dir=dst.parent)
+        with contextlib.suppress(OSError):  # a file system without locks: the name still says whose it is
+            fcntl.flock(fd, fcntl.LOCK_EX)  # waits only while another run's cleanup looks at it
+        if os.fstat(fd).st_nlink:
+            return fd, Path(name)
+        os.close(fd)  # that cleanup removed it between mkstemp and flock: take another name
+
+
+def _remove_stale_temps(dst: Path) -> None:
+    """Remove the temporary files of earlier writes to ``dst`` whose process is gone (no lock held)."""
+    prefix = f".{dst.name}."
+    try:
+        names = os.listdir(dst.parent)
+    except OSError:
+        return
+    for name in names:
+        if len(name) != len(prefix) + _RANDOM + len(TEMP_SUFFIX) or not (
+            name.startswith(prefix) and name.endswith(TEMP_SUFFIX)
+        ):
+            continue
+        try:
+            fd = os.open(dst.parent / name, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:
+            continue
+        try:
+            if stat.S_ISREG(os.fstat(fd).st_mode):
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # fails while its writer lives
+                os.unlink(dst.parent / name)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
 
 
 def _fsync_dir(folder: Path) -> None:
-    dir_fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # makes a rename in it durable
-    finally:
-        os.close(dir_fd)
+    """Make the rename durable; best effort, as the complete output is in place already."""
+    with contextlib.suppress(OSError):  # some file systems cannot sync a folder (EINVAL)
+        dir_fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
 
 
 @contextlib.contextmanager
 def atomic_output(dst: Path) -> Iterator[tuple[int, Path]]:
     """Yield ``(fd, temp path)`` in ``dst``'s folder; on success fsync and rename to ``dst``.
 
-    On any exception the temporary file is removed and ``dst`` is left as it was.
+    On any exception the temporary file is removed and ``dst`` is left as it was; an
+    ``OSError`` (disk full, read-only file system, permission denied, ...) becomes a
+    one-line :class:`~converter.errors.WriteError`.
+
+    Killed mid-write (SIGKILL, power loss), a run leaves only its temporary file, named
+    ``.<dst name>.<random>.tiesafe-tmp``; the next write to ``dst`` removes it. Each
+    writer holds an ``flock`` on its temporary file until the rename, so a temporary
+    file is removed only when the process that made it is gone.
+
+    Two processes writing one ``dst`` never mix their bytes: each writes its own
+    temporary file and ``rename`` replaces ``dst`` atomically, so ``dst`` is always one
+    complete file, the one whose writer finished last.
     """
     with StagedWrites() as staged:
         yield staged.open(dst)
@@ -98,17 +156,23 @@ class StagedWrites:
     """
 
     def __init__(self) -> None:
-        self._staged: list[tuple[Path, Path]] = []  # (temporary, final)
+        self._staged: list[tuple[Path, Path]] = []  # (temporary, final), not renamed yet
+        self._renamed: list[Path] = []
         self._open: list[int] = []
 
     def __enter__(self) -> StagedWrites:
         return self
 
     def __exit__(self, kind: object, error: object, trace: object) -> None:
-        if error is None:
-            self._commit()
-        else:
+        if error is not None:
             self._discard()
+            if isinstance(error, OSError):
+                raise _write_error(error, self._staged[-1][1] if self._staged else Path(".")) from error
+            return
+        try:
+            self._commit()
+        except OSError as exc:
+            raise _write_error(exc, self._staged[-1][1]) from exc
 
     def open(self, dst: Path) -> tuple[int, Path]:
         """A descriptor to write ``dst``'s content to; synced and closed at commit."""
@@ -143,24 +207,32 @@ class StagedWrites:
 
     def _commit(self) -> None:
         try:
-            while self._open:
-                fd = self._open.pop(0)
+            for fd in self._open:
                 os.fsync(fd)
-                os.close(fd)
-            for tmp, dst in self._staged:
+            # The locks are still held: no other run's cleanup can take a file before its rename.
+            while self._staged:
+                tmp, dst = self._staged[0]
                 os.replace(tmp, dst)
-            for folder in dict.fromkeys(dst.parent for _, dst in self._staged):
-                _fsync_dir(folder)
+                self._staged.pop(0)
+                self._renamed.append(dst)
         except BaseException:
             self._discard()
             raise
+        self._close()
+        for folder in dict.fromkeys(dst.parent for dst in self._renamed):
+            _fsync_dir(folder)
+
+    def _close(self) -> None:
+        for fd in self._open:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._open.clear()
 
     def _discard(self) -> None:
-        for fd in self._open:
-            os.close(fd)
-        self._open.clear()
         for tmp, _ in self._staged:
-            tmp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+        self._close()
 
 
 def _write_plan(fd: int, plan: FilePlan) -> None:
@@ -185,6 +257,26 @@ def _write_plan(fd: int, plan: FilePlan) -> None:
     finally:
         for src in sources.values():
             os.close(src)
+
+
+_HINTS = {
+    errno.ENOSPC: "free some space or write elsewhere",
+    errno.EDQUOT: "the disk quota is exhausted; free some space or write elsewhere",
+    errno.EROFS: "the output folder is on a read-only file system; choose another output path",
+    errno.EACCES: "choose an output folder you may write to",
+    errno.EPERM: "choose an output folder you may write to",
+    errno.EFBIG: "the file exceeds a file-size limit (ulimit -f) or the file system's maximum",
+}
+
+
+def _write_error(exc: OSError, dst: Path) -> WriteError:
+    reason = exc.strerror or str(exc)
+    ours = exc.filename is None or str(exc.filename).endswith(TEMP_SUFFIX) or Path(exc.filename) in (dst, dst.parent)
+    if not ours:  # e.g. the source, opened again to copy its bytes
+        reason += f": {exc.filename}"
+    hint = _HINTS.get(exc.errno or 0) if ours else None
+    message = f"cannot write the output ({reason}); nothing was left behind" + (f"; {hint}" if hint else "")
+    return WriteError(message, path=dst)
 
 
 def write_file(plan: FilePlan, dst: str | Path, *, check: Callable[[Path], None] | None = None) -> int:

@@ -301,7 +301,7 @@ def test_clone_of_an_expanded_view_is_no_larger_than_its_base(tmp_path: Path) ->
 
 @pytest.mark.parametrize(
     ("shape", "stride"),
-    [([2**70], [0]), ([2**40, 2**40], [0, 0]), ([1] * 65, [1] * 65), ([2], [2**64])],
+    [([2**70], [0]), ([2**40, 2**40], [0, 0]), ([1] * 1025, [1] * 1025), ([2], [2**64])],
     ids=["size-beyond-int64", "numel-beyond-int64", "too-many-dims", "stride-beyond-int64"],
 )
 def test_view_no_tensor_can_hold_is_refused(tmp_path: Path, shape: list[int], stride: list[int]) -> None:
@@ -309,7 +309,8 @@ def test_view_no_tensor_can_hold_is_refused(tmp_path: Path, shape: list[int], st
     path = tmp_path / "huge.safetensors"
     record = json.dumps({"version": 1, "views": {"v": view}})
     safetensors.torch.save_file({"w": torch.ones(4)}, path, metadata={"format": "pt", "tiesafe": record})
-    with pytest.raises(TieMetadataError, match=rf"{path}: tie metadata \('tiesafe'\): view 'v' has more dimensions"):
+    refusal = "(: (shape|stride) must be a list of at most 1024 non-negative 64-bit integers| repeats 4 bytes)"
+    with pytest.raises(TieMetadataError, match=rf"{path}: tie metadata \('tiesafe'\): view 'v'{refusal}"):
         converter.load_file(path)
 
 

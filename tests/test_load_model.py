@@ -366,7 +366,7 @@ def _record(**views_and_aliases) -> dict[str, str]:
 _HOSTILE = {
     "alias-to-missing": (_record(aliases={"q": "nowhere"}), "points to 'nowhere', which is not in the file"),
     "view-out-of-bounds": (_record(views={"v": View("qkv", 20, (2, 4), (4, 1), "F32")}), "reaches element 28"),
-    "view-dtype": (_record(views={"q": View("qkv", 0, (2, 4), (4, 1), "F16")}), "is F16 but its base"),
+    "view-dtype": (_record(views={"q": View("qkv", 0, (2, 4), (4, 1), "F16")}), "is 'F16' but its base"),
     "cycle": (
         {"tiesafe": json.dumps({"version": 1, "aliases": {"q": "k", "k": "q"}})},
         "which is itself a tie",
