@@ -487,17 +487,30 @@ def _fmt(value: float, spec: str) -> str:
     return "–" if value != value else format(value, spec)  # NaN -> dash
 
 
+def ratio(row: Row, base: Row | None) -> float:
+    """Median over rounds of ``row``'s wall time over ``base``'s in the same round.
+
+    Tools alternate, so a round's runs share the machine's load at that moment:
+    on a busy machine this is steadier than a ratio of medians.
+    """
+    if base is None:
+        return float("nan")
+    rounds = zip(row.runs, base.runs, strict=False)  # a failed tool stops early
+    pairs = [a.wall / b.wall for a, b in rounds if a.returncode == 0 and b.returncode == 0]
+    return statistics.median(pairs) if pairs else float("nan")
+
+
 def table(rows: list[Row]) -> str:
-    """Medians as a Markdown table, with ratios to the floor and to the best reference (wall time)."""
+    """Medians as a Markdown table, with wall-time ratios to the floor and to the best reference."""
     lines = [
         "| input | tool | wall s | CPU s | peak RSS MiB | written MB | × floor | × best ref |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for name in dict.fromkeys(r.input for r in rows):
         group = [r for r in rows if r.input == name]
-        floor = next((r.median("wall") for r in group if r.kind == "floor"), float("nan"))
-        refs = [r.median("wall") for r in group if r.kind == "reference" and r.status == "ok"]
-        best = min(refs) if refs else float("nan")
+        floor = next((r for r in group if r.kind == "floor" and r.status == "ok"), None)
+        refs = [r for r in group if r.kind == "reference" and r.status == "ok"]
+        best = min(refs, key=lambda r: r.median("wall")) if refs else None
         for r in group:
             if r.status in ("pending", "skipped"):
                 lines.append(f"| {name} | {r.tool} | {r.status}: {r.note} | | | | | |")
@@ -510,11 +523,11 @@ def table(rows: list[Row]) -> str:
                     f"{bad.peak_rss / MiB:.0f} | | | |"
                 )
                 continue
-            wall = r.median("wall")
             lines.append(
-                f"| {name} | {r.tool} | {_fmt(wall, '.2f')} | {_fmt(r.median('cpu'), '.2f')} | "
+                f"| {name} | {r.tool} | {_fmt(r.median('wall'), '.2f')} | {_fmt(r.median('cpu'), '.2f')} | "
                 f"{_fmt(r.median('peak_rss') / MiB, '.0f')} | {_fmt(r.median('written') / 1e6, '.0f')} | "
-                f"{_fmt(wall / floor, '.2f')} | {_fmt(wall / best, '.2f') if r.kind != 'floor' else '–'} |"
+                f"{_fmt(ratio(r, floor), '.2f') if r is not floor else '1.00'} | "
+                f"{_fmt(ratio(r, best), '.2f') if r.kind != 'floor' else '–'} |"
             )
     return "\n".join(lines)
 
