@@ -220,6 +220,7 @@ class Run:
     written: int = 0  # bytes of output files
     stopped: str = ""  # why the watchdog stopped it
     error: str = ""  # last line of stderr when it failed
+    load: float = 0.0  # 1-minute load average when it started (other work on the machine)
 
 
 def child_env() -> dict[str, str]:
@@ -256,6 +257,7 @@ def measure(argv: Sequence[str], *, anon_limit: int | None = None) -> Run:
     conversion whose anonymous memory grows with the model cannot convert a
     model larger than RAM, and we stop it before it takes the machine down.
     """
+    load = os.getloadavg()[0]
     with tempfile.TemporaryFile() as err:
         started = time.perf_counter()
         proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=err, cwd=CHECKOUT[0], env=child_env())
@@ -285,6 +287,7 @@ def measure(argv: Sequence[str], *, anon_limit: int | None = None) -> Run:
         returncode=proc.returncode,
         stopped=stopped[0] if stopped else "",
         error=lines[-1].strip()[:300] if lines and proc.returncode else "",
+        load=load,
     )
 
 
