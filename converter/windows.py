@@ -51,6 +51,19 @@ def read_exact(fd: int, offset: int, nbytes: int) -> bytes:
     return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
+def read_into(fd: int, buffer: memoryview, offset: int) -> None:
+    """Fill ``buffer`` from ``fd`` at ``offset`` with ``os.preadv`` (no allocation; short reads retried).
+
+    Raises EOFError when the file ends first.
+    """
+    filled, size = 0, len(buffer)
+    while filled < size:
+        got = os.preadv(fd, [buffer[filled:]], offset + filled)
+        if not got:
+            raise EOFError(f"unexpected end of file at byte {offset + filled}")
+        filled += got
+
+
 def gather(fd: int, storage_offset: int, ref: TensorRef) -> memoryview:
     """The row-major bytes of the tensor ``ref`` whose storage starts at ``storage_offset``."""
     import torch  # lazily: only strided tensors need it

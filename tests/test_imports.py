@@ -1,0 +1,30 @@
+"""The conversion path never imports torch (nor rich, which only draws tables)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+
+def _imported_modules(*args: str) -> set[str]:
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "converter", *args], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    return {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")}
+
+
+def test_convert_and_inspect_of_a_checkpoint_do_not_import_torch(tmp_path: Path) -> None:
+    weight = torch.randn(8, 4)
+    source = tmp_path / "pytorch_model.bin"
+    torch.save({"wte.weight": weight, "lm_head.weight": weight, "qkv": torch.randn(12, 4)}, source)
+
+    converted = _imported_modules("convert", str(source), str(tmp_path / "model.safetensors"))
+    assert "converter.convert" in converted  # the probe sees our own imports
+    assert "torch" not in converted and "rich" not in converted
+    assert "torch" not in _imported_modules("inspect", str(source))
+    assert "torch" not in _imported_modules("verify", str(source), str(tmp_path / "model.safetensors"))
+    assert "torch" not in _imported_modules("--help")
