@@ -12,12 +12,9 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
-from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
 
 from . import __version__, convert_file, convert_folder, dask_client, inspect, prepare_upload, push, verify_file
 from .batch import BatchReport, convert_tree, discover
@@ -25,8 +22,10 @@ from .convert import ConversionReport, InspectReport
 from .errors import TiesafeError
 from .folder import FolderReport
 from .hub import UploadReport
-from .progress import BatchProgress
 from .reports import human_bytes
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 EXIT_INTERNAL = 1
 EXIT_USER = 2
@@ -69,6 +68,13 @@ def _saved_line(report: ConversionReport | FolderReport) -> str:
         + ("; verified bit for bit" if report.verified else "; not verified (--no-verify)")
         + f" in {report.seconds:.2f} s"
     )
+
+
+def _console(**options: Any) -> Console:
+    """A rich console, imported only when something is printed (rich costs ~30 ms to import)."""
+    from rich.console import Console
+
+    return Console(**{"highlight": False, "soft_wrap": True, **options})
 
 
 def _render_conversion(report: ConversionReport, console: Console) -> None:
@@ -126,6 +132,8 @@ _STATUS_STYLE = {"pass": "green", "warn": "yellow", "fail": "bold red"}
 
 
 def _render_upload(report: UploadReport, console: Console) -> None:
+    from rich.markup import escape
+
     source = report.source + (f" @ {report.commit[:7]} (local cache)" if report.commit else "")
     console.print(f"[bold]{escape(source)}[/] -> [bold]{escape(report.output or 'nothing written')}[/]")
     width = max((len(c.name) for c in report.checks), default=0)
@@ -151,6 +159,8 @@ def _render_upload(report: UploadReport, console: Console) -> None:
 
 
 def _render_inspect(report: InspectReport, console: Console) -> None:
+    from rich.table import Table
+
     table = Table(title=f"{report.path} ({report.format})")
     for column in ("name", "dtype", "shape", "bytes", "stored as"):
         table.add_column(column)
@@ -243,7 +253,7 @@ def convert_command(
         if as_json:
             _print_json(folder_report.to_dict())
         else:
-            _render_folder(folder_report, Console(highlight=False, soft_wrap=True))
+            _render_folder(folder_report, _console(highlight=False, soft_wrap=True))
         return
     report = convert_file(
         src, dst, verify=not no_verify, materialize_views=materialize_views, key=key, overwrite=overwrite
@@ -251,7 +261,7 @@ def convert_command(
     if as_json:
         _print_json(report.to_dict())
     else:
-        _render_conversion(report, Console(highlight=False, soft_wrap=True))
+        _render_conversion(report, _console(highlight=False, soft_wrap=True))
 
 
 @main.command("inspect")
@@ -264,7 +274,7 @@ def inspect_command(path: str, key: str | None, as_json: bool) -> None:
     if as_json:
         _print_json(report.to_dict())
     else:
-        _render_inspect(report, Console(highlight=False, soft_wrap=True))
+        _render_inspect(report, _console(highlight=False, soft_wrap=True))
 
 
 @main.command("verify")
@@ -335,7 +345,7 @@ def batch_command(
         "allow_untied": allow_untied,
     }
     started = time.perf_counter()
-    console = Console(highlight=False, soft_wrap=True, stderr=as_json, quiet=quiet)
+    console = _console(highlight=False, soft_wrap=True, stderr=as_json, quiet=quiet)
     results = []
     items = discover(root, out, in_place=in_place)  # a bad ROOT fails before a cluster starts
     with contextlib.ExitStack() as stack:
@@ -345,6 +355,8 @@ def batch_command(
             console.print(
                 f"Dask scheduler {client.scheduler.address}: {len(threads)} workers, {sum(threads.values())} threads"
             )
+        from .progress import BatchProgress
+
         progress = stack.enter_context(BatchProgress(items, console))
         for result in convert_tree(
             root,
@@ -363,7 +375,7 @@ def batch_command(
     if as_json:
         _print_json(report.to_dict())
     else:
-        _render_batch_summary(report, Console(highlight=False, soft_wrap=True))
+        _render_batch_summary(report, _console(highlight=False, soft_wrap=True))
     if report.failed:
         sys.exit(EXIT_USER)
 
@@ -419,7 +431,7 @@ def prepare_upload_command(
         dedup_identical=dedup_identical,
         allow_untied=allow_untied,
     )
-    console = Console(highlight=False, soft_wrap=True)
+    console = _console(highlight=False, soft_wrap=True)
     try:
         if push_to and report.ok:
             report.push = push(report, push_to, pr=pr, message=message)
