@@ -392,9 +392,7 @@ def bench_input(
                 continue
             if free_disk(work) < input_bytes + 4 * GB:
                 row.status = "skipped"
-                row.note = (
-                    f"skipped: {free_disk(work) / GB:.0f} GB free on disk, the output needs {input_bytes / GB:.0f}"
-                )
+                row.note = f"{free_disk(work) / GB:.0f} GB free on disk, the output needs {input_bytes / GB:.0f}"
                 continue
             out = _fresh(work / f"{spec.name}-{key}")
             argv = tool.command(folder, out)
@@ -928,7 +926,9 @@ def main(argv: list[str] | None = None) -> int:
         per_input[r.input] = max(per_input.get(r.input, 0), len(r.runs))
     counts = ", ".join(f"{name}: {n}" for name, n in per_input.items())
     print(f"\n{machine()}; {cache_note}; load average {load_avg[0]:.2f} -> {load_avg[1]:.2f}")
-    print(f"medians of the runs per input ({counts})\n")
+    print(f"medians of the runs per input ({counts})")
+    titles = {s.name: s.title for s in SPECS.values()}
+    print("; ".join(f"{name}: {titles[name]}" for name in per_input) + "\n")
     print(table(rows))
     if load:
         print("\n" + load_table(load))
