@@ -10,8 +10,11 @@ no weights, no code from the folder: only classes transformers ships, no
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
+from importlib import metadata
 from pathlib import Path
 
 
@@ -43,6 +46,57 @@ def declared_ties(folder: str | Path) -> list[list[str]]:
     architecture, _ = _architecture(folder)
     if architecture is None:
         return []
+    key = _cache_key(folder)
+    cached = _read_cache().get(key) if key else None
+    if isinstance(cached, list) and all(isinstance(g, list) and all(isinstance(n, str) for n in g) for g in cached):
+        return cached
+    groups = _build_and_read_ties(folder, architecture)
+    if key:
+        _write_cache(key, groups)
+    return groups
+
+
+def _cache_file() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(os.environ.get("TIESAFE_CACHE_DIR") or Path(base) / "tiesafe") / "declared-ties.json"
+
+
+def _cache_key(folder: Path) -> str | None:
+    """transformers' version and the config's bytes: all that decides the tie groups.
+
+    Building the model class costs seconds (torch and transformers imports); a batch
+    of checkpoints of one architecture, or a second run, pays it once.
+    """
+    try:
+        version = metadata.version("transformers")
+        config = (folder / "config.json").read_bytes()
+    except (OSError, metadata.PackageNotFoundError):
+        return None
+    return f"{version}:{hashlib.sha256(config).hexdigest()}"
+
+
+def _read_cache() -> dict[str, object]:
+    try:
+        data = json.loads(_cache_file().read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _write_cache(key: str, groups: list[list[str]]) -> None:
+    path = _cache_file()
+    entries = _read_cache()
+    entries[key] = groups
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(entries), encoding="utf-8")
+        os.replace(tmp, path)  # readers see the old cache or the new one, never half of it
+    except OSError:
+        pass  # a cache that cannot be written only costs time
+
+
+def _build_and_read_ties(folder: Path, architecture: str) -> list[list[str]]:
     import torch  # lazily: only folders with a config pay for it
     import transformers
 

@@ -18,9 +18,10 @@ from .layout import StoredItem
 from .windows import FileWindow, gather
 
 _BLOCK = 16 * 1024 * 1024
+_PREFIX = 64 * 1024
 
 
-def _digest(window: FileWindow, fds: dict[Path, int]) -> bytes:
+def _digest(window: FileWindow, fds: dict[Path, int], limit: int | None = None) -> bytes:
     if window.path not in fds:
         fds[window.path] = os.open(window.path, os.O_RDONLY)
     fd = fds[window.path]
@@ -30,6 +31,8 @@ def _digest(window: FileWindow, fds: dict[Path, int]) -> bytes:
         digest.update(gather(fd, window.storage_offset, window.ref))
         return digest.digest()
     offset, remaining = span
+    if limit is not None:
+        remaining = min(remaining, limit)
     while remaining:
         block = os.pread(fd, min(_BLOCK, remaining), offset)
         if not block:
@@ -57,11 +60,20 @@ def identical_groups(items: list[StoredItem]) -> list[list[str]]:
         for candidates in by_geometry.values():
             if len(candidates) < 2:
                 continue
-            by_digest: dict[bytes, list[str]] = defaultdict(list)
+            # Trained weights differ in their first bytes: a prefix rules most pairs out
+            # before any tensor is read in full.
+            by_prefix: dict[bytes, list[StoredItem]] = defaultdict(list)
             for item in candidates:
                 assert isinstance(item.source, FileWindow)
-                by_digest[_digest(item.source, fds)].append(item.name)
-            groups.extend(names for names in by_digest.values() if len(names) > 1)
+                by_prefix[_digest(item.source, fds, _PREFIX)].append(item)
+            for alike in by_prefix.values():
+                if len(alike) < 2:
+                    continue
+                by_digest: dict[bytes, list[str]] = defaultdict(list)
+                for item in alike:
+                    assert isinstance(item.source, FileWindow)
+                    by_digest[_digest(item.source, fds)].append(item.name)
+                groups.extend(names for names in by_digest.values() if len(names) > 1)
     finally:
         for fd in fds.values():
             os.close(fd)

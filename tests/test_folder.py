@@ -210,3 +210,23 @@ def test_cli_converts_a_folder(llama_folder, tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["ties"][0]["origin"] == "config" and report["verified"] is True
+
+
+def test_declared_ties_are_cached_per_config(llama_folder, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from converter import declared
+
+    monkeypatch.setenv("TIESAFE_CACHE_DIR", str(tmp_path / "cache"))
+    src, _ = llama_folder
+    first = declared.declared_ties(src)
+    assert first == [["model.embed_tokens.weight", "lm_head.weight"]]
+
+    def must_not_build(*args: object) -> list[list[str]]:
+        raise AssertionError("the cached answer should have been used")
+
+    monkeypatch.setattr(declared, "_build_and_read_ties", must_not_build)
+    assert declared.declared_ties(src) == first
+    config = json.loads((src / "config.json").read_text())
+    config["tie_word_embeddings"] = False  # another config: no cached answer for it
+    (src / "config.json").write_text(json.dumps(config))
+    with pytest.raises(AssertionError, match="cached answer"):
+        declared.declared_ties(src)
