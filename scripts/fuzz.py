@@ -600,12 +600,19 @@ class Summary:
 
 
 def fuzz(args: argparse.Namespace) -> Summary:
-    import threading
     import warnings
 
     warnings.simplefilter("ignore")
-
     work = Path(tempfile.mkdtemp(prefix="tiesafe-fuzz-", dir=args.workdir))
+    try:
+        return _fuzz_in(work, args)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _fuzz_in(work: Path, args: argparse.Namespace) -> Summary:
+    import threading
+
     sentinels = work / "sentinels"
     sentinels.mkdir()
     out = Path(args.out)
@@ -653,7 +660,6 @@ def fuzz(args: argparse.Namespace) -> Summary:
     for w in workers:
         w.stop()
     summary.seconds = time.perf_counter() - started
-    shutil.rmtree(work, ignore_errors=True)
     return summary
 
 
@@ -699,13 +705,17 @@ def fuzz_atheris(args: argparse.Namespace) -> None:
     import atheris
 
     warnings.simplefilter("ignore")
-    work = Path(tempfile.mkdtemp(prefix="tiesafe-atheris-", dir=args.workdir))
+    # libFuzzer ends the process itself, so nothing here is cleaned up at exit: the work
+    # folder lives under --out, and a later run resumes from the corpus it grew.
+    work = Path(args.out).resolve() / "atheris"
     sentinels, corpus_dir = work / "sentinels", work / "corpus"
-    sentinels.mkdir()
-    corpus_dir.mkdir()
-    child = multiprocessing.get_context("spawn").Process(target=_write_seeds, args=(work, not args.no_corpus))
-    child.start()
-    child.join()
+    sentinels.mkdir(parents=True, exist_ok=True)
+    corpus_dir.mkdir(exist_ok=True)
+    if not any(corpus_dir.iterdir()):
+        shutil.rmtree(work / "seeds", ignore_errors=True)
+        child = multiprocessing.get_context("spawn").Process(target=_write_seeds, args=(work, not args.no_corpus))
+        child.start()
+        child.join()
     pool = [p.read_bytes() for p in corpus_dir.iterdir()]
     with atheris.instrument_imports(include=["converter"]):
         import converter
@@ -755,7 +765,9 @@ def main() -> int:
     parser.add_argument("--timeout", type=float, default=10.0, help="seconds per input before it counts as a hang")
     parser.add_argument("--memory-mb", type=int, default=3072, help="address-space limit of a worker (MiB)")
     parser.add_argument("--rss-mb", type=int, default=1024, help="resident memory that counts as a finding (MiB)")
-    parser.add_argument("--out", default="fuzz-findings", help="folder for findings (inputs + descriptions)")
+    parser.add_argument(
+        "--out", default="fuzz-findings", help="folder for findings; atheris also keeps its corpus there"
+    )
     parser.add_argument("--workdir", default="/dev/shm" if os.path.isdir("/dev/shm") else None, help="scratch space")
     parser.add_argument("--no-corpus", action="store_true", help="seed only with real checkpoints")
     parser.add_argument("--no-differential", action="store_true", help="skip the comparison with torch.load")

@@ -203,3 +203,16 @@ def test_clean_cases_load_back_bit_for_bit(tmp_path: Path) -> None:
         source = torch.load(inputs[0], weights_only=False)  # our own benign files; protocol 1 is not weights-only
         assert set(loaded) == set(source), case.id
         assert all(same_bits(loaded[n], source[n]) for n in source), case.id
+
+
+def test_the_opcode_walk_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pickle of millions of one-byte opcodes (cheap for the C unpickler) must not make the scan the bomb."""
+    import io
+
+    from converter import pickle_guard
+
+    monkeypatch.setattr(pickle_guard, "MAX_OPCODES", 1_000)
+    small = c.program(b"N0" * 400 + c.NONE)
+    assert pickle_guard.scan(io.BytesIO(small), max_bytes=len(small)) == small
+    with pytest.raises(errors.CorruptFileError, match="more than 1000 opcodes"):
+        pickle_guard.scan(io.BytesIO(c.program(b"N0" * 600 + c.NONE)), max_bytes=10_000)
