@@ -86,7 +86,20 @@ class _Lines:
             style = match.group(1)
             return click.style(match.group(2), bold=True) if style == "bold" else click.style(match.group(2), fg=style)
 
-        click.echo(self._MARKUP.sub(styled, text))
+        protected = text.replace("\\[", "\x00")  # an escaped bracket is text, not markup
+        click.echo(self._MARKUP.sub(styled, protected).replace("\x00", "["))
+
+
+def _shown(text: object) -> str:
+    """Text from a file (tensor names, paths) made safe to print: control characters
+    escaped (no terminal escape sequences from a checkpoint) and ``[`` escaped so that
+    it is never read as markup."""
+    printable = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in str(text))
+    return printable.replace("[", "\\[")
+
+
+def _names(names: Any) -> str:
+    return ", ".join(_shown(n) for n in names)
 
 
 def _console(**options: Any) -> Console:
@@ -97,26 +110,26 @@ def _console(**options: Any) -> Console:
 
 
 def _render_conversion(report: ConversionReport, console: Console | _Lines) -> None:
-    console.print(f"[bold]{report.source}[/] -> [bold]{report.output}[/]")
+    console.print(f"[bold]{_shown(report.source)}[/] -> [bold]{_shown(report.output)}[/]")
     console.print(
         f"  {report.tensors} tensors, {report.stored} stored; "
         f"{len(report.aliases)} aliases, {len(report.views)} views"
         + (f", {len(report.materialized)} views written as tensors" if report.materialized else "")
     )
     for alias, stored in report.aliases.items():
-        console.print(f"  tied: {alias} = {stored}")
+        console.print(f"  tied: {_shown(alias)} = {_shown(stored)}")
     if report.views:
         console.print(
             "  restored only by tiesafe (plain loaders skip them; --materialize-views writes them): "
-            + ", ".join(report.views)
+            + _names(report.views)
         )
     if report.skipped:
-        console.print(f"  skipped non-tensor entries: {', '.join(report.skipped)}")
+        console.print(f"  skipped non-tensor entries: {_names(report.skipped)}")
     console.print(_saved_line(report))
 
 
 def _render_folder(report: FolderReport, console: Console | _Lines) -> None:
-    console.print(f"[bold]{report.source}[/] -> [bold]{report.output}[/]: {', '.join(report.files)}")
+    console.print(f"[bold]{_shown(report.source)}[/] -> [bold]{_shown(report.output)}[/]: {_names(report.files)}")
     by_origin: dict[str, int] = {}
     for tie in report.ties:
         by_origin[f"{tie.kind} ({tie.origin})"] = by_origin.get(f"{tie.kind} ({tie.origin})", 0) + 1
@@ -124,15 +137,15 @@ def _render_folder(report: FolderReport, console: Console | _Lines) -> None:
     console.print(f"  {report.tensors} tensors, {report.stored} stored; ties: {found}")
     for tie in report.ties:
         if tie.origin != "storage" or tie.kind == "alias":
-            console.print(f"  {tie.kind}: {tie.name} = {tie.target} ({tie.origin})")
+            console.print(f"  {tie.kind}: {_shown(tie.name)} = {_shown(tie.target)} ({tie.origin})")
     for group in report.identical:
-        console.print(f"  identical bytes, not tied (--dedup-identical stores them once): {', '.join(group)}")
+        console.print(f"  identical bytes, not tied (--dedup-identical stores them once): {_names(group)}")
     for warning in report.warnings:
-        console.print(f"  [yellow]warning[/]: {warning}")
+        console.print(f"  [yellow]warning[/]: {_shown(warning)}")
     if report.copied:
-        console.print(f"  copied: {', '.join(report.copied)}")
+        console.print(f"  copied: {_names(report.copied)}")
     if report.deleted:
-        console.print(f"  deleted source files: {', '.join(report.deleted)}")
+        console.print(f"  deleted source files: {_names(report.deleted)}")
     console.print(_saved_line(report))
 
 
@@ -144,7 +157,7 @@ def _render_batch_summary(report: BatchReport, console: Console) -> None:
         f"[green]{human_bytes(data['bytes_saved'])} saved[/] in {report.seconds:.1f} s"
     )
     for failure in report.failed:
-        console.print(f"  [red]failed[/]: {failure.error}")
+        console.print(f"  [red]failed[/]: {_shown(failure.error)}")
 
 
 _STATUS_STYLE = {"pass": "green", "warn": "yellow", "fail": "bold red"}
@@ -180,16 +193,16 @@ def _render_upload(report: UploadReport, console: Console) -> None:
 def _render_inspect(report: InspectReport, console: Console) -> None:
     from rich.table import Table
 
-    table = Table(title=f"{report.path} ({report.format})")
+    table = Table(title=f"{_shown(report.path)} ({report.format})")
     for column in ("name", "dtype", "shape", "bytes", "stored as"):
         table.add_column(column)
     for t in report.tensors:
-        table.add_row(t.name, t.dtype, str(t.shape), human_bytes(t.nbytes), t.stored_as)
+        table.add_row(_shown(t.name), t.dtype, str(t.shape), human_bytes(t.nbytes), _shown(t.stored_as))
     console.print(table)
     for group in report.groups:
-        console.print(f"  {group.kind}: {', '.join(group.names)}")
+        console.print(f"  {group.kind}: {_names(group.names)}")
     if report.skipped:
-        console.print(f"  skipped non-tensor entries: {', '.join(report.skipped)}")
+        console.print(f"  skipped non-tensor entries: {_names(report.skipped)}")
     console.print(
         f"  {len(report.tensors)} names, {human_bytes(report.bytes_stored)} stored for "
         f"{human_bytes(report.bytes_all_names)}: {human_bytes(report.bytes_saved)} saved by ties"

@@ -143,9 +143,11 @@ def read_folder_checkpoint(files: list[Path], weight_map: dict[str, str] | None)
     storages: dict[str, StorageRecord] = {}
     skipped: list[str] = []
     formats = set()
+    stamps: dict[Path, tuple[int, ...]] = {}
     for path in files:
         ckpt = read_checkpoint(path)
         formats.add(ckpt.format)
+        stamps.update(ckpt.stamps)
         for key, record in ckpt.storages.items():
             storages[f"{path.name}/{key}"] = dataclasses.replace(record, key=f"{path.name}/{key}")
         for name, ref in ckpt.tensors.items():
@@ -159,7 +161,7 @@ def read_folder_checkpoint(files: list[Path], weight_map: dict[str, str] | None)
         missing = [n for n in weight_map if n not in tensors]
         if missing:
             raise TiesafeError(f"the index lists {missing[0]!r}, which no weight file holds", path=files[0].parent)
-    return Checkpoint(files[0].parent, "+".join(sorted(formats)), tensors, storages, skipped)
+    return Checkpoint(files[0].parent, "+".join(sorted(formats)), tensors, storages, skipped, stamps=stamps)
 
 
 def _apply_declared(
@@ -349,6 +351,7 @@ def _write_set(plan: FolderPlan, out: Path, *, verify: bool) -> list[str]:
             staged_files = [read_safetensors(t) for t in temporary]
             try:
                 verify_output(plan.checkpoint, staged_files, plan.sharing.ties, declared=plan.declared)
+                plan.checkpoint.check_unchanged()  # the verified bytes are those of the files that were read
             except TiesafeError as exc:
                 raise VerificationError(exc.problem, path=out) from None
         if out != plan.source:

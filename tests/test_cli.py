@@ -105,3 +105,16 @@ def test_internal_errors_exit_1_without_traceback(tied_checkpoint: Path, monkeyp
 def test_console_script_is_installed() -> None:
     result = subprocess.run([Path(sys.executable).with_name("tiesafe"), "--version"], capture_output=True, text=True)
     assert result.returncode == 0 and "tiesafe" in result.stdout
+
+
+def test_hostile_names_cannot_drive_the_terminal(tmp_path: Path) -> None:
+    """Names come from the file: escape sequences and markup are printed as text."""
+    w = torch.randn(2, 2)
+    hostile = "evil\x1b[2J[red]name[/]"
+    path = tmp_path / "x.bin"
+    torch.save({"w": w, hostile: w}, path)
+    for args in (["convert", str(path)], ["inspect", str(path)]):
+        result = _run(*args)
+        assert result.returncode == 0, result.stderr
+        assert "\x1b[2J" not in result.stdout and "\\x1b" in result.stdout
+        assert "[red]name[/]" in result.stdout  # the markup is shown, not applied
