@@ -862,7 +862,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-load", action="store_true", help="skip the load and start-up measurements")
     parser.add_argument("--json", type=Path, help="write every run and the summary here")
     parser.add_argument("--checkout", type=Path, help="measure the converter package of another checkout")
+    parser.add_argument(
+        "--dask", action="store_true", help="only the tree benchmark: a Dask LocalCluster vs the local executor"
+    )
     opts = parser.parse_args(argv)
+    if opts.dask:  # one entry point for every benchmark; the tree one lives beside this script
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import bench_dask
+
+        return int(bench_dask.main([*(["--quick"] if opts.quick else []), "--runs", str(opts.runs)]))
 
     if opts.checkout:
         CHECKOUT[0] = opts.checkout.resolve()
