@@ -76,3 +76,14 @@ def quoted(value: object, limit: int = 80) -> str:
     else:
         text = f"<{type(value).__name__}>"
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def read_error(exc: OSError, path: str | Path, what: str) -> TiesafeError:
+    """The one line for a file that cannot be read (``what``: "checkpoint file", ...)."""
+    if isinstance(exc, FileNotFoundError):
+        return TiesafeError("no such file", path=path)
+    if isinstance(exc, IsADirectoryError):
+        return TiesafeError(f"is a folder, not a {what}", path=path)
+    if isinstance(exc, PermissionError):
+        return TiesafeError("permission denied", path=path)
+    return TiesafeError(f"cannot read the file ({exc.strerror or exc})", path=path)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .dtypes import BY_CODE, DType
-from .errors import CorruptFileError, TiesafeError, quoted
+from .errors import CorruptFileError, TiesafeError, quoted, read_error
 from .geometry import MAX_DIMS, MAX_INT64, numel
 from .ties import StoredInfo, decode
 
@@ -163,13 +163,7 @@ def read_safetensors(path: str | Path) -> SafetensorsFile:
         decode(metadata, {e.name: StoredInfo(e.dtype.code, e.shape) for e in entries.values()})
     except TiesafeError as exc:
         raise type(exc)(exc.problem, path=path) from None
-    except FileNotFoundError:
-        raise TiesafeError("no such file", path=path) from None
-    except IsADirectoryError:
-        raise TiesafeError("is a folder, not a safetensors file", path=path) from None
-    except PermissionError:
-        raise TiesafeError("permission denied", path=path) from None
     except OSError as exc:
-        raise TiesafeError(f"cannot read the file ({exc.strerror or exc})", path=path) from None
+        raise read_error(exc, path, "safetensors file") from None
     ordered = dict(sorted(entries.items(), key=lambda item: item[1].start))
     return SafetensorsFile(path, ordered, metadata, data_start, size)

@@ -36,7 +36,7 @@ from .dtypes import (
     UNSUPPORTED_TORCH_DTYPES,
     DType,
 )
-from .errors import CorruptFileError, TiesafeError, UnsafeCheckpointError, UnsupportedError, quoted
+from .errors import CorruptFileError, TiesafeError, UnsafeCheckpointError, UnsupportedError, quoted, read_error
 from .geometry import MAX_DIMS, MAX_EXPANDED_BYTES, extent, is_contiguous, numel
 from .pickle_guard import charge_floodable, scan
 
@@ -780,12 +780,6 @@ def read_checkpoint(path: str | Path, *, key: str | None = None) -> Checkpoint:
         raise CorruptFileError("the checkpoint nests too deeply", path=path) from None
     except MemoryError:
         raise CorruptFileError("the checkpoint needs more memory than a weights file can", path=path) from None
-    except IsADirectoryError:
-        raise TiesafeError("is a folder, not a checkpoint file", path=path) from None
-    except FileNotFoundError:
-        raise TiesafeError("no such file", path=path) from None
-    except PermissionError:
-        raise TiesafeError("permission denied", path=path) from None
     except OSError as exc:
-        raise TiesafeError(f"cannot read the file ({exc.strerror or exc})", path=path) from None
+        raise read_error(exc, path, "checkpoint file") from None
     return Checkpoint(path, fmt, tensors, records, skipped, wrapper, {path: stamp})

@@ -24,6 +24,18 @@ from transformers import (
 )
 
 
+class Seed(torch.nn.Module):
+    """The seed example: one layer under two attribute names (``self.b = self.a``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.Linear(4, 4)
+        self.b = self.a
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.relu(self.a(x)))
+
+
 def gpt2() -> PreTrainedModel:
     return GPT2LMHeadModel(
         GPT2Config(vocab_size=64, n_positions=16, n_embd=16, n_layer=2, n_head=2, bos_token_id=0, eos_token_id=0)

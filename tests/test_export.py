@@ -11,25 +11,13 @@ import pytest
 import safetensors.torch
 import torch
 from helpers import same_bits, shares_memory
-from models import BUILDERS
+from models import BUILDERS, Seed
 
 import converter
 from converter import export
 from converter.errors import UnsupportedError, VerificationError
 from converter.stfile import read_safetensors
 from converter.ties import TieRecord, View
-
-
-class Seed(torch.nn.Module):
-    """The seed example: one module under two attributes."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.a = torch.nn.Linear(4, 4)
-        self.b = self.a
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.b(self.a(x))
 
 
 class FusedQKV(torch.nn.Module):

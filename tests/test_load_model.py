@@ -12,22 +12,11 @@ import pytest
 import safetensors.torch
 import torch
 from helpers import same_bits, save_and_convert, shares_memory
+from models import Seed
 
 import converter
 from converter.errors import ModelMismatchError, TieMetadataError, TiesafeError
 from converter.ties import TieRecord, View, encode
-
-
-class Seed(torch.nn.Module):
-    """The seed example: one layer under two names."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.a = torch.nn.Linear(4, 4)
-        self.b = self.a
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.b(torch.relu(self.a(x)))
 
 
 class TwoLayers(Seed):

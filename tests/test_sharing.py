@@ -7,21 +7,13 @@ from pathlib import Path
 import safetensors.torch
 import torch
 from helpers import same_bits, save_and_convert, shares_memory
+from models import Seed
 
 import converter
 from converter.dtypes import BY_CODE
 from converter.sharing import plan_sharing
 from converter.ties import RESERVED_PREFIX
 from converter.torchfile import TensorRef
-
-
-class Seed(torch.nn.Module):
-    """The seed example: two attributes, one module."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.a = torch.nn.Linear(4, 4)
-        self.b = self.a
 
 
 def test_seed_module_weight_and_bias_are_aliases(tmp_path: Path) -> None:
