@@ -865,7 +865,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--dask", action="store_true", help="only the tree benchmark: a Dask LocalCluster vs the local executor"
     )
+    parser.add_argument(
+        "--export", action="store_true", help="only the export benchmark: memory of save_model vs safetensors'"
+    )
     opts = parser.parse_args(argv)
+    if opts.export:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import bench_export
+
+        return int(bench_export.main([*(["--quick"] if opts.quick else []), "--runs", str(opts.runs)]))
     if opts.dask:  # one entry point for every benchmark; the tree one lives beside this script
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         import bench_dask
