@@ -37,12 +37,14 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the converter package of this checkout, also in spawned workers
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench import evict  # noqa: E402  (one page-cache eviction for every benchmark)
 
 MB = 10**6
 # name -> (GPT-2 n_embd, n_layer, vocab or None for GPT-2's, copies); loose files are added apart
@@ -100,17 +102,6 @@ def build_tree(cache: Path, quick: bool) -> Path:
 
 def _sources(tree: Path) -> list[Path]:
     return [p for p in tree.rglob("*") if p.suffix in (".bin", ".pt")]
-
-
-def evict(files: Sequence[Path]) -> None:
-    """Write back dirty pages, then drop ``files`` from the page cache."""
-    os.sync()
-    for path in files:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
 
 
 def _hashes(out: Path) -> dict[str, dict[str, Any]]:
