@@ -20,7 +20,7 @@ from pathlib import Path
 from .declared import declared_ties
 from .errors import TiesafeError, VerificationError
 from .identical import identical_groups
-from .layout import SetPlan, plan_shards, stored_items
+from .layout import SetPlan, plan_shards, set_file_names, stored_items
 from .reports import SavedBytesReport
 from .sharing import SharingPlan, plan_sharing, retie
 from .stfile import read_safetensors
@@ -33,7 +33,7 @@ SAFETENSORS_INDEX = "model.safetensors.index.json"
 WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 # Pickles a training run leaves beside the weights that are not weights.
 NOT_WEIGHTS = re.compile(r"^(training_args\.bin|optimizer\.pt|scheduler\.pt|scaler\.pt|rng_state.*\.pth)$")
-_OUTPUT_NAME = re.compile(r"^model(-\d{5}-of-\d{5})?\.safetensors$|^model\.safetensors\.index\.json$")
+_OUTPUT_NAME = set_file_names("model")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
 _UNITS.update({"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40})
@@ -210,7 +210,7 @@ def _resolve_output(src: Path, dst: Path | None, overwrite: bool) -> Path:
     if out.exists() and not out.is_dir():
         raise TiesafeError("output must be a folder", path=out)
     if out.is_dir() and not overwrite:
-        existing = [p.name for p in out.iterdir() if _OUTPUT_NAME.match(p.name)]
+        existing = [p.name for p in out.iterdir() if _OUTPUT_NAME.fullmatch(p.name)]
         if existing:
             raise TiesafeError(f"holds {existing[0]} already; pass --overwrite to replace it", path=out)
     return out
@@ -291,7 +291,7 @@ def plan_folder(
     weights = [*files, *([src / PICKLE_INDEX] if weight_map is not None else [])]
     names = {p.name for p in weights}
     others = [
-        p for p in sorted(src.iterdir()) if p.is_file() and p.name not in names and not _OUTPUT_NAME.match(p.name)
+        p for p in sorted(src.iterdir()) if p.is_file() and p.name not in names and not _OUTPUT_NAME.fullmatch(p.name)
     ]
     return FolderPlan(src, weights, ckpt, sharing, ties, identical, warnings, moved, others, output)
 
@@ -371,8 +371,7 @@ def remove_stale_set(folder: Path, stem: str, written: set[str]) -> None:
     transformers reads ``model.safetensors`` before an index, so a stale file would
     shadow new shards; save_pretrained cleans up the same way.
     """
-    s = re.escape(stem)
-    pattern = re.compile(rf"{s}\.safetensors|{s}\.safetensors\.index\.json|{s}-\d{{5}}-of-\d{{5}}\.safetensors")
+    pattern = set_file_names(stem)
     for path in folder.iterdir():
         if path.name not in written and pattern.fullmatch(path.name) and path.is_file():
             path.unlink()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections import defaultdict
+from collections.abc import Callable, Hashable
 from pathlib import Path
 
 from .layout import StoredItem
@@ -43,6 +44,17 @@ def _digest(window: FileWindow, fds: dict[Path, int], limit: int | None = None) 
     return digest.digest()
 
 
+_Pair = tuple[StoredItem, FileWindow]
+
+
+def _alike(pairs: list[_Pair], key: Callable[[_Pair], Hashable]) -> list[list[_Pair]]:
+    """The groups of two or more that share ``key``, in the given order."""
+    groups: dict[Hashable, list[_Pair]] = defaultdict(list)
+    for pair in pairs:
+        groups[key(pair)].append(pair)
+    return [group for group in groups.values() if len(group) > 1]
+
+
 def identical_groups(items: list[StoredItem]) -> list[list[str]]:
     """Groups of stored names with equal dtype, shape and bytes, in source order.
 
@@ -50,30 +62,16 @@ def identical_groups(items: list[StoredItem]) -> list[list[str]]:
         >>> identical_groups(stored_items(ckpt, sharing))  # doctest: +SKIP
         [['model.embed_tokens.weight', 'lm_head.weight']]
     """
-    by_geometry: dict[tuple[object, ...], list[StoredItem]] = defaultdict(list)
-    for item in items:
-        if item.nbytes and isinstance(item.source, FileWindow):
-            by_geometry[(item.dtype, item.shape)].append(item)
+    windowed = [(item, item.source) for item in items if item.nbytes and isinstance(item.source, FileWindow)]
     fds: dict[Path, int] = {}
     groups: list[list[str]] = []
     try:
-        for candidates in by_geometry.values():
-            if len(candidates) < 2:
-                continue
+        for candidates in _alike(windowed, lambda pair: (pair[0].dtype, pair[0].shape)):
             # Trained weights differ in their first bytes: a prefix rules most pairs out
             # before any tensor is read in full.
-            by_prefix: dict[bytes, list[StoredItem]] = defaultdict(list)
-            for item in candidates:
-                assert isinstance(item.source, FileWindow)
-                by_prefix[_digest(item.source, fds, _PREFIX)].append(item)
-            for alike in by_prefix.values():
-                if len(alike) < 2:
-                    continue
-                by_digest: dict[bytes, list[str]] = defaultdict(list)
-                for item in alike:
-                    assert isinstance(item.source, FileWindow)
-                    by_digest[_digest(item.source, fds)].append(item.name)
-                groups.extend(names for names in by_digest.values() if len(names) > 1)
+            for alike in _alike(candidates, lambda pair: _digest(pair[1], fds, _PREFIX)):
+                for same in _alike(alike, lambda pair: _digest(pair[1], fds)):
+                    groups.append([item.name for item, _ in same])
     finally:
         for fd in fds.values():
             os.close(fd)

@@ -8,6 +8,7 @@ The writer carries the plan out; verification reads the result back.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -131,9 +132,15 @@ def plan_file(items: list[StoredItem], record: ties.TieRecord, *, metadata: dict
     return FilePlan(tensors, entries, encode_header(tensors, entries))
 
 
-def shard_name(index: int, count: int, stem: str = "model") -> str:
-    """``model-00001-of-00003.safetensors``, as transformers names shards."""
-    return f"{stem}-{index:05d}-of-{count:05d}.safetensors"
+def set_file_names(stem: str = "model") -> re.Pattern[str]:
+    """The names an output set for ``stem`` may use: one file, shards, the index (use ``fullmatch``).
+
+    Example:
+        >>> bool(set_file_names().fullmatch("model-00001-of-00003.safetensors"))
+        True
+    """
+    s = re.escape(stem)
+    return re.compile(rf"{s}\.safetensors|{s}\.safetensors\.index\.json|{s}-\d{{5}}-of-\d{{5}}\.safetensors")
 
 
 def plan_shards(

@@ -50,11 +50,6 @@ class SharingPlan:
     groups: list[SharedGroup] = field(default_factory=list)
     materialized: list[str] = field(default_factory=list)  # views written as own tensors
 
-    @property
-    def restorable_only_by_tiesafe(self) -> list[str]:
-        """Names a plain safetensors loader will not see (views, reserved spans)."""
-        return sorted(self.ties.views)
-
 
 def _geometry(ref: TensorRef) -> tuple[object, ...]:
     return (ref.dtype, ref.offset, ref.shape, ref.stride)

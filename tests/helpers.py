@@ -7,6 +7,10 @@ from pathlib import Path
 import torch
 
 import converter
+from converter.dtypes import BY_CODE
+
+# Every dtype a safetensors file can hold, as torch names it (converter/dtypes.py is the table).
+SAFETENSORS_DTYPES = [getattr(torch, d.torch_name) for d in BY_CODE.values()]
 
 
 def save_and_convert(state: dict, folder: Path, name: str = "ckpt.pt", legacy: bool = False, **options):

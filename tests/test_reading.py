@@ -10,30 +10,13 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import torch
-from helpers import same_bits, save_and_convert
+from helpers import SAFETENSORS_DTYPES, same_bits, save_and_convert
 
 import converter
 from converter.errors import TiesafeError, UnsupportedError
 from converter.torchfile import read_checkpoint
 
-DTYPES = [
-    torch.float64,
-    torch.float32,
-    torch.float16,
-    torch.bfloat16,
-    torch.int64,
-    torch.int32,
-    torch.int16,
-    torch.int8,
-    torch.uint8,
-    torch.uint16,
-    torch.uint32,
-    torch.uint64,
-    torch.bool,
-    torch.float8_e4m3fn,
-    torch.float8_e5m2,
-    torch.complex64,
-]
+DTYPES = SAFETENSORS_DTYPES
 
 
 def _sample(dtype: torch.dtype) -> torch.Tensor:
