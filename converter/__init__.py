@@ -12,16 +12,62 @@ Example:
 
 from __future__ import annotations
 
-from .batch import ItemResult, convert_tree
-from .convert import ConversionReport, InspectReport, convert_file, inspect, verify_file
-from .dask_executor import DaskExecutor, dask_client
-from .errors import TiesafeError
-from .export import save_file, save_model
-from .folder import FolderReport, convert_folder
-from .hub import UploadReport, prepare_upload, push
-from .loader import load_file
-from .retie import LoadReport, load_model
-from .torchfile import read_checkpoint
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .batch import ItemResult, convert_tree
+    from .convert import ConversionReport, InspectReport, convert_file, inspect, verify_file
+    from .dask_executor import DaskExecutor, dask_client
+    from .errors import TiesafeError
+    from .export import save_file, save_model
+    from .folder import FolderReport, convert_folder
+    from .hub import UploadReport, prepare_upload, push
+    from .loader import load_file
+    from .retie import LoadReport, load_model
+    from .torchfile import read_checkpoint
+
+# Public name -> the module defining it. The package imports a module only when one
+# of its names is first used, so `tiesafe convert` never pays for the batch, Hub,
+# Dask or loading machinery (multiprocessing, importlib.metadata, ...): start-up is
+# part of every conversion's wall time.
+_EXPORTS = {
+    "ItemResult": "batch",
+    "convert_tree": "batch",
+    "ConversionReport": "convert",
+    "InspectReport": "convert",
+    "convert_file": "convert",
+    "inspect": "convert",
+    "verify_file": "convert",
+    "DaskExecutor": "dask_executor",
+    "dask_client": "dask_executor",
+    "TiesafeError": "errors",
+    "save_file": "export",
+    "save_model": "export",
+    "FolderReport": "folder",
+    "convert_folder": "folder",
+    "UploadReport": "hub",
+    "prepare_upload": "hub",
+    "push": "hub",
+    "load_file": "loader",
+    "LoadReport": "retie",
+    "load_model": "retie",
+    "read_checkpoint": "torchfile",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])
+
 
 __all__ = [
     "ConversionReport",

@@ -17,16 +17,19 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from . import __version__, convert_file, convert_folder, dask_client, inspect, prepare_upload, push, verify_file
-from .batch import BatchReport, convert_tree, discover
-from .convert import ConversionReport, InspectReport
+from . import __version__
 from .errors import TiesafeError
-from .folder import FolderReport
-from .hub import UploadReport
 from .reports import human_bytes
 
+# Each command imports what it runs when it runs: start-up is part of every
+# conversion's wall time, and `convert` must not pay for batch, Hub or Dask code.
 if TYPE_CHECKING:
     from rich.console import Console
+
+    from .batch import BatchReport
+    from .convert import ConversionReport, InspectReport
+    from .folder import FolderReport
+    from .hub import UploadReport
 
 EXIT_INTERNAL = 1
 EXIT_USER = 2
@@ -271,6 +274,8 @@ def convert_command(
     (default: SRC itself), with every other file of SRC copied.
     """
     if Path(src).is_dir():
+        from .folder import convert_folder
+
         folder_report = convert_folder(
             src,
             dst,
@@ -287,6 +292,8 @@ def convert_command(
         else:
             _render_folder(folder_report, _Lines())
         return
+    from .convert import convert_file
+
     report = convert_file(
         src, dst, verify=not no_verify, materialize_views=materialize_views, key=key, overwrite=overwrite
     )
@@ -302,6 +309,8 @@ def convert_command(
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def inspect_command(path: str, key: str | None, as_json: bool) -> None:
     """List the tensors of PATH (.bin/.pt or .safetensors), their ties and bytes."""
+    from .convert import inspect
+
     report = inspect(path, key=key)
     if as_json:
         _print_json(report.to_dict())
@@ -316,6 +325,8 @@ def inspect_command(path: str, key: str | None, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def verify_command(src: str, dst: str, key: str | None, as_json: bool) -> None:
     """Check that safetensors DST gives every tensor of SRC bit for bit, ties included."""
+    from .convert import verify_file
+
     report = verify_file(src, dst, key=key)
     if as_json:
         _print_json({"ok": True, **report.__dict__})
@@ -369,6 +380,9 @@ def batch_command(
         raise click.UsageError("give exactly one of --out OUTROOT and --in-place")
     if workers is not None and scheduler is not None:
         raise click.UsageError("give --workers or --scheduler, not both (local:N starts N workers)")
+    from .batch import BatchReport, convert_tree, discover
+    from .dask_executor import dask_client
+
     options: dict[str, Any] = {
         "max_shard_size": max_shard_size,
         "verify": not no_verify,
@@ -453,6 +467,8 @@ def prepare_upload_command(
     """
     if (pr or message) and not push_to:
         raise click.UsageError("--pr and --message go with --push REPO_ID")
+    from .hub import prepare_upload, push
+
     report = prepare_upload(
         source,
         out,

@@ -11,7 +11,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from converter import cli
+from converter import cli, convert
 
 
 def _run(*args: str) -> subprocess.CompletedProcess[str]:
@@ -96,7 +96,7 @@ def test_internal_errors_exit_1_without_traceback(tied_checkpoint: Path, monkeyp
     def boom(*args: object, **kwargs: object) -> None:
         raise RuntimeError("simulated bug")
 
-    monkeypatch.setattr(cli, "convert_file", boom)
+    monkeypatch.setattr(convert, "convert_file", boom)  # the command imports it when it runs
     result = CliRunner().invoke(cli.main, ["convert", str(tied_checkpoint)])
     assert result.exit_code == 1
     assert "internal error: RuntimeError: simulated bug" in result.output and "Traceback" not in result.output
