@@ -2,8 +2,9 @@
 
 Bytes go from the source file to the output by the kernel (``os.copy_file_range``)
 without passing through Python, so memory stays flat whatever the model size.
-The output is written under a temporary name in the target folder, synced,
-optionally checked, then renamed: the final name never holds a partial file.
+The output is written under a temporary name in the target folder, checked
+(optionally) while a background thread syncs it, then renamed once both are
+done: the final name never holds a partial or unsynced file.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import fcntl
 import os
 import stat
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -143,6 +145,49 @@ def atomic_output(dst: Path) -> Iterator[tuple[int, Path]]:
         yield staged.open(dst)
 
 
+class _BackgroundSync:
+    """fsync staged files on a thread, so the disk flushes while this process verifies.
+
+    ``fsync`` releases the GIL for as long as the device takes; verifying reads the
+    same pages from the page cache meanwhile. Errors are kept and raised by ``wait``.
+    """
+
+    def __init__(self) -> None:
+        self._queue: list[int] = []
+        self._error: OSError | None = None
+        self._done = threading.Condition()
+        self._thread: threading.Thread | None = None
+
+    def add(self, fd: int) -> None:
+        with self._done:
+            self._queue.append(fd)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="tiesafe-fsync", daemon=True)
+                self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            with self._done:
+                if not self._queue:
+                    self._thread = None
+                    self._done.notify_all()
+                    return
+                fd = self._queue[0]
+            try:
+                os.fsync(fd)
+            except OSError as exc:
+                self._error = self._error or exc
+            with self._done:
+                self._queue.pop(0)
+
+    def wait(self) -> None:
+        """Block until every added file is synced; raise the first fsync error."""
+        with self._done:
+            self._done.wait_for(lambda: self._thread is None)
+        if self._error is not None:
+            raise self._error
+
+
 class StagedWrites:
     """Files that appear together: each is written under a temporary name, synced, and
     all are renamed into place when the block ends without error (in the order they
@@ -159,6 +204,7 @@ class StagedWrites:
         self._staged: list[tuple[Path, Path]] = []  # (temporary, final), not renamed yet
         self._renamed: list[Path] = []
         self._open: list[int] = []
+        self._sync = _BackgroundSync()
 
     def __enter__(self) -> StagedWrites:
         return self
@@ -182,14 +228,14 @@ class StagedWrites:
         return fd, tmp
 
     def write_plan(self, plan: FilePlan, dst: Path, check: Callable[[Path], None] | None = None) -> Path:
-        """Write a planned safetensors file; ``check`` runs on its synced temporary file.
+        """Write a planned safetensors file; ``check`` reads its temporary file while it syncs.
 
         Returns the temporary path, readable until the block ends (to verify a set).
         """
         fd, tmp = self.open(dst)
         _write_plan(fd, plan)
+        self._sync.add(fd)  # flushes while the next file is written, or while ``check`` reads
         if check is not None:
-            os.fsync(fd)
             check(tmp)
         return tmp
 
@@ -207,8 +253,9 @@ class StagedWrites:
 
     def _commit(self) -> None:
         try:
+            self._sync.wait()
             for fd in self._open:
-                os.fsync(fd)
+                os.fsync(fd)  # a no-op for files synced in the background
             # The locks are still held: no other run's cleanup can take a file before its rename.
             while self._staged:
                 tmp, dst = self._staged[0]
@@ -229,6 +276,8 @@ class StagedWrites:
         self._open.clear()
 
     def _discard(self) -> None:
+        with contextlib.suppress(OSError):
+            self._sync.wait()  # never close a descriptor under a running fsync
         for tmp, _ in self._staged:
             with contextlib.suppress(OSError):
                 tmp.unlink(missing_ok=True)
@@ -282,7 +331,7 @@ def _write_error(exc: OSError, dst: Path) -> WriteError:
 def write_file(plan: FilePlan, dst: str | Path, *, check: Callable[[Path], None] | None = None) -> int:
     """Write ``plan`` to ``dst`` atomically and return the bytes written.
 
-    ``check`` runs on the synced temporary file before it is renamed into place
+    ``check`` runs on the temporary file, while it is synced, before it is renamed into place
     (verification): if it raises, no output is left behind.
 
     Example:

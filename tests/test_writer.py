@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
 import converter
+from converter import convert as convert_module
 from converter import verify as verify_module
-from converter.errors import VerificationError
+from converter import writer as writer_module
+from converter.errors import VerificationError, WriteError
 
 
 def _checkpoint(tmp_path: Path) -> Path:
@@ -75,3 +80,58 @@ def test_verify_file_catches_a_false_tie(tmp_path: Path) -> None:
     save_file({"a": w}, tmp_path / "fake.safetensors", metadata={"format": "pt", "b": "a"})
     with pytest.raises(VerificationError):
         converter.verify_file(source, tmp_path / "fake.safetensors")
+
+
+@pytest.mark.parametrize("verify", [True, False])
+def test_a_failed_fsync_is_a_one_line_write_error_and_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, verify: bool
+) -> None:
+    # The output is synced on a background thread while it is verified: its error must
+    # still reach the caller, and the temporary file must still go.
+    source = _checkpoint(tmp_path)
+    real_fsync = os.fsync
+
+    def failing_fsync(fd: int) -> None:
+        if os.path.isfile(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.EIO, "Input/output error")
+        real_fsync(fd)
+
+    monkeypatch.setattr(writer_module.os, "fsync", failing_fsync)
+    with pytest.raises(WriteError, match=r"cannot write the output \(Input/output error\)") as caught:
+        converter.convert_file(source, verify=verify)
+    assert "\n" not in str(caught.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.bin"]
+
+
+def test_verification_overlaps_the_sync_but_the_rename_waits_for_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source = _checkpoint(tmp_path)
+    events: list[str] = []
+    real_fsync, real_replace, real_verify = os.fsync, os.replace, verify_module.verify_output
+    verified = threading.Event()
+
+    def background_fsync(fd: int) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            # A slow disk: the sync ends only after verification finished (or 10 s passed),
+            # which is possible only if verification does not wait for it.
+            events.append("verified before the sync ended" if verified.wait(10) else "verification waited")
+            real_fsync(fd)
+            events.append("synced in the background")
+        else:
+            real_fsync(fd)
+
+    def recording_replace(src: str | Path, dst: str | Path) -> None:
+        events.append("renamed")
+        real_replace(src, dst)
+
+    def recording_verify(*args: Any, **kwargs: Any) -> Any:
+        report = real_verify(*args, **kwargs)
+        verified.set()
+        return report
+
+    monkeypatch.setattr(writer_module.os, "fsync", background_fsync)
+    monkeypatch.setattr(writer_module.os, "replace", recording_replace)
+    monkeypatch.setattr(convert_module, "verify_output", recording_verify)
+    converter.convert_file(source)
+    assert events == ["verified before the sync ended", "synced in the background", "renamed"]
