@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import threading
@@ -135,3 +136,33 @@ def test_verification_overlaps_the_sync_but_the_rename_waits_for_it(
     monkeypatch.setattr(convert_module, "verify_output", recording_verify)
     converter.convert_file(source)
     assert events == ["verified before the sync ended", "synced in the background", "renamed"]
+
+
+def test_a_full_disk_fails_before_any_byte_is_copied(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The output's blocks are reserved first, so a disk too small is told at once
+    # rather than after copying most of a large model.
+    source = _checkpoint(tmp_path)
+
+    def no_space(fd: int, mode: int, offset: int, length: int) -> int:
+        ctypes.set_errno(errno.ENOSPC)
+        return -1
+
+    copies: list[int] = []
+    monkeypatch.setattr(writer_module, "_libc_fallocate", lambda: no_space)
+    monkeypatch.setattr(writer_module, "_copy_range", lambda *args: copies.append(1))
+    with pytest.raises(WriteError, match=r"No space left on device.*free some space") as caught:
+        converter.convert_file(source)
+    assert "\n" not in str(caught.value) and copies == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.bin"]
+
+
+def test_file_systems_without_fallocate_still_convert(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    source = _checkpoint(tmp_path)
+
+    def unsupported(fd: int, mode: int, offset: int, length: int) -> int:
+        ctypes.set_errno(errno.EOPNOTSUPP)
+        return -1
+
+    monkeypatch.setattr(writer_module, "_libc_fallocate", lambda: unsupported)
+    report = converter.convert_file(source)
+    assert report.verified and Path(report.output).stat().st_size == report.file_size
