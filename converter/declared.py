@@ -3,9 +3,11 @@
 Saving each shard with ``torch.save`` separately breaks shared storage: a tied
 embedding lands in two files as two copies. The model folder still says they are
 one tensor: ``config.json`` names the architecture, and the transformers class
-ties the weights when it is built. We build it on the ``meta`` device (no memory,
-no weights, no code from the folder: only classes transformers ships, no
-``trust_remote_code``) and read the tie groups off parameter identity.
+ties the weights when it is built. When transformers' source settles the answer
+(static_ties.py reads it without importing anything), that answer is used;
+otherwise we build the class on the ``meta`` device (no memory, no weights, no
+code from the folder: only classes transformers ships, no ``trust_remote_code``)
+and read the tie groups off parameter identity.
 """
 
 from __future__ import annotations
@@ -17,18 +19,20 @@ import os
 from importlib import metadata
 from pathlib import Path
 
+from .static_ties import static_ties
 
-def _architecture(folder: Path) -> tuple[str | None, bool]:
-    """The first ``architectures`` entry of ``config.json`` and ``tie_word_embeddings``."""
+
+def _architecture(folder: Path) -> tuple[str | None, dict[str, object]]:
+    """The first ``architectures`` entry of ``config.json``, and the config."""
     try:
         config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return None, False
+        return None, {}
     if not isinstance(config, dict):
-        return None, False
+        return None, {}
     architectures = config.get("architectures")
     name = architectures[0] if isinstance(architectures, list) and architectures else None
-    return (name if isinstance(name, str) else None), bool(config.get("tie_word_embeddings", True))
+    return (name if isinstance(name, str) else None), config
 
 
 def declared_ties(folder: str | Path) -> list[list[str]]:
@@ -43,16 +47,18 @@ def declared_ties(folder: str | Path) -> list[list[str]]:
         [['model.embed_tokens.weight', 'lm_head.weight']]
     """
     folder = Path(folder)
-    architecture, _ = _architecture(folder)
+    architecture, config = _architecture(folder)
     if architecture is None:
         return []
     key = _cache_key(folder)
     cached = _read_cache().get(key) if key else None
     if isinstance(cached, list) and all(isinstance(g, list) and all(isinstance(n, str) for n in g) for g in cached):
         return cached
-    groups = _build_and_read_ties(folder, architecture)
-    if key:
-        _write_cache(key, groups)
+    groups = static_ties(config, architecture)  # milliseconds, when transformers' source settles it
+    if groups is None:
+        groups = _build_and_read_ties(folder, architecture)
+        if key:
+            _write_cache(key, groups)
     return groups
 
 
