@@ -25,7 +25,7 @@ from typing import Any
 
 from .convert import convert_file, default_output
 from .errors import TiesafeError
-from .folder import NOT_WEIGHTS, PICKLE_INDEX, WEIGHT_SUFFIXES, convert_folder, plan_folder
+from .folder import ADAPTER_CONFIG, NOT_WEIGHTS, PICKLE_INDEX, WEIGHT_SUFFIXES, convert_folder, plan_folder
 from .sharing import plan_sharing
 from .torchfile import read_checkpoint
 from .writer import TEMP_SUFFIX
@@ -78,8 +78,8 @@ def _weight_files(folder: Path) -> tuple[bool, list[Path]]:
     pickles = sorted(p for n, p in names.items() if p.suffix in WEIGHT_SUFFIXES and not NOT_WEIGHTS.match(n))
     if PICKLE_INDEX in names or any(n.startswith("pytorch_model") and n.endswith(".bin") for n in names):
         return True, []
-    if "config.json" in names and len(pickles) == 1:
-        return True, []
+    if ("config.json" in names or ADAPTER_CONFIG in names) and len(pickles) == 1:
+        return True, []  # a model with its config, or a PEFT adapter with its own
     return False, pickles
 
 
@@ -186,7 +186,7 @@ def _plan_item(item: BatchItem, options: dict[str, Any]) -> dict[str, Any]:
             if k in ("max_shard_size", "materialize_views", "dedup_identical", "allow_untied")
         }
         plan = plan_folder(item.source, **planning)
-        return plan.report(item.output, list(plan.output.files), verified=False, seconds=0.0).to_dict()
+        return plan.report(item.output, plan.written_names, verified=False, seconds=0.0).to_dict()
     ckpt = read_checkpoint(item.source)
     sharing = plan_sharing(ckpt.tensors, materialize_views=bool(options.get("materialize_views")))
     total = sum(t.nbytes for t in ckpt.tensors.values())

@@ -173,3 +173,17 @@ def test_loose_files_with_one_stem_get_distinct_outputs(tmp_path: Path) -> None:
     torch.save({"w": torch.zeros(2)}, tmp_path / "src" / "x.bin")
     outputs = sorted(i.output.name for i in discover(tmp_path / "src", tmp_path / "out"))
     assert outputs == ["x.bin.safetensors", "x.pt.safetensors"]
+
+
+def test_a_peft_adapter_folder_is_one_item_with_its_config(tmp_path: Path) -> None:
+    adapter = tmp_path / "src" / "run" / "lora"
+    adapter.mkdir(parents=True)
+    torch.save({"base_model.model.q_proj.lora_A.weight": torch.randn(4, 8)}, adapter / "adapter_model.bin")
+    (adapter / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 4}')
+    assert [(i.key, i.kind) for i in discover(tmp_path / "src", tmp_path / "out")] == [("run/lora", "folder")]
+    (result,) = convert_tree(tmp_path / "src", tmp_path / "out", workers=1)
+    assert result.status == "converted"
+    assert sorted(p.name for p in (tmp_path / "out" / "run" / "lora").iterdir()) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
