@@ -17,7 +17,7 @@ import json
 import multiprocessing
 import os
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -41,6 +41,7 @@ DEFAULT_OPTIONS: dict[str, Any] = {
     "allow_untied": False,
 }
 _HASH_BLOCK = 16 * 1024 * 1024
+_START_POLL_SECONDS = 0.2  # how soon an item an executor takes from its queue shows as started
 
 
 @dataclass(frozen=True)
@@ -306,25 +307,73 @@ def convert_tree(
         return
     own = executor is None or client is not None
     pool = executor or concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+    # Our own pool gets an item only when a worker is free, so that a submitted item is one
+    # being converted (on_start means what it says); an executor passed in keeps its own queue.
+    window = workers if executor is None else len(todo)
     try:
-        pending = {}
-        for item in todo:
-            if on_start:
-                on_start(item)
-            pending[pool.submit(run_item, item, options, dry_run)] = item
-        for future in concurrent.futures.as_completed(pending):
-            item = pending[future]
-            try:
-                result = future.result()
-            except Exception as exc:  # the executor lost the item (e.g. Dask: its workers kept dying)
-                result = ItemResult(item.key, item.kind, "failed", str(item.source), str(item.output), item.size)
-                result.error = f"{item.source}: not converted: {type(exc).__name__}: {exc}"
+        for item, result in _run_on(pool, todo, options, dry_run, window, on_start):
             if result.status == "converted":
                 manifest.record(item, options, result)
             yield result
     finally:
         if own:
             pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _run_on(
+    pool: concurrent.futures.Executor,
+    todo: list[BatchItem],
+    options: dict[str, Any],
+    dry_run: bool,
+    window: int,
+    on_start: Callable[[BatchItem], None] | None,
+) -> Iterator[tuple[BatchItem, ItemResult]]:
+    """Run ``todo`` on ``pool``, at most ``window`` submitted at once, in order; yield results as they come.
+
+    ``on_start`` is called when the executor starts an item (its future is running),
+    not when it is queued, so a progress display shows the items actually in flight.
+    """
+    waiting = deque(todo)
+    pending: dict[concurrent.futures.Future[ItemResult], BatchItem] = {}
+    started: set[concurrent.futures.Future[ItemResult]] = set()
+
+    def submit() -> None:
+        while waiting and len(pending) < window:
+            item = waiting.popleft()
+            pending[pool.submit(run_item, item, options, dry_run)] = item
+
+    def announce(future: concurrent.futures.Future[ItemResult], item: BatchItem) -> None:
+        started.add(future)
+        if on_start:
+            on_start(item)
+
+    submit()
+    while pending:
+        done = {future for future in pending if future.done()}
+        if not done:  # items that finished are reported before the ones that took their place are shown
+            for future, item in pending.items():
+                if future not in started and future.running():
+                    announce(future, item)
+            queued = len(started) < len(pending)  # look again soon: a queued item may start any moment
+            done, _ = concurrent.futures.wait(
+                pending, timeout=_START_POLL_SECONDS if queued else None, return_when=concurrent.futures.FIRST_COMPLETED
+            )
+        finished = [(future, pending.pop(future)) for future in list(pending) if future in done]
+        submit()  # the next items go out before the finished ones are recorded and reported
+        for future, item in finished:
+            if future not in started:  # it started and finished between two looks
+                announce(future, item)
+            started.discard(future)
+            yield item, _outcome(future, item)
+
+
+def _outcome(future: concurrent.futures.Future[ItemResult], item: BatchItem) -> ItemResult:
+    try:
+        return future.result()
+    except Exception as exc:  # the executor lost the item (e.g. Dask: its workers kept dying)
+        result = ItemResult(item.key, item.kind, "failed", str(item.source), str(item.output), item.size)
+        result.error = f"{item.source}: not converted: {type(exc).__name__}: {exc}"
+        return result
 
 
 @dataclass

@@ -24,6 +24,7 @@ from .errors import TiesafeError
 from .folder import FolderReport
 from .hub import UploadReport
 from .reports import human_bytes
+from .reports import shown as _shown
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -88,14 +89,6 @@ class _Lines:
 
         protected = text.replace("\\[", "\x00")  # an escaped bracket is text, not markup
         click.echo(self._MARKUP.sub(styled, protected).replace("\x00", "["))
-
-
-def _shown(text: object) -> str:
-    """Text from a file (tensor names, paths) made safe to print: control characters
-    escaped (no terminal escape sequences from a checkpoint) and ``[`` escaped so that
-    it is never read as markup."""
-    printable = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in str(text))
-    return printable.replace("[", "\\[")
 
 
 def _names(names: Any) -> str:
