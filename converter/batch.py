@@ -16,6 +16,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import sys
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
@@ -71,6 +72,10 @@ class ItemResult:
     error: str | None = None
     report: dict[str, Any] | None = None
     outputs: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> size, sha256
+    # The process that ran the item and its peak resident memory (bytes) when the item
+    # ended: the high-water mark of that whole process so far, the figure to size a worker by.
+    worker_pid: int | None = None
+    peak_rss: int | None = None
 
 
 def _weight_files(folder: Path) -> tuple[bool, list[Path]]:
@@ -122,6 +127,32 @@ def _signature(item: BatchItem) -> dict[str, list[int]]:
     """Size and mtime of every source file of the item: what "unchanged" means."""
     files = [p for p in item.source.iterdir() if p.is_file()] if item.kind == "folder" else [item.source]
     return {p.name: [st.st_size, st.st_mtime_ns] for p in sorted(files) if (st := p.stat())}
+
+
+def process_peak_rss() -> int | None:
+    """This process's peak resident memory so far, in bytes (None where the OS does not say).
+
+    On Linux it is ``VmHWM``, the peak of this program's own memory. ``getrusage``'s
+    ``ru_maxrss`` is not: Linux carries it over exec, so a worker started by a
+    large process would report that process's size.
+
+    Example:
+        >>> process_peak_rss() > 0
+        True
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on the BSDs
 
 
 def _hash_file(path: Path) -> str:
@@ -176,6 +207,7 @@ def run_item(item: BatchItem, options: dict[str, Any], dry_run: bool = False) ->
     except Exception as exc:  # keep going past a bug in one item; it is reported, not hidden
         result.status, result.error = "failed", f"{item.source}: internal error: {type(exc).__name__}: {exc}"
     result.seconds = time.perf_counter() - started
+    result.worker_pid, result.peak_rss = os.getpid(), process_peak_rss()
     return result
 
 
@@ -378,16 +410,37 @@ def _outcome(future: concurrent.futures.Future[ItemResult], item: BatchItem) -> 
 
 @dataclass
 class BatchReport:
-    """All items of a batch run, for the summary and ``--json``."""
+    """All items of a batch run, for the summary and ``--json``.
+
+    ``pid`` and ``peak_rss`` (bytes) are those of the process that ran the batch;
+    each item carries its worker's (``ItemResult.worker_pid``, ``.peak_rss``):
+    the same process when the items ran inline.
+    """
 
     root: str
     output: str
     items: list[ItemResult]
     seconds: float
+    peak_rss: int | None = None
+    pid: int = field(default_factory=os.getpid)
 
     @property
     def failed(self) -> list[ItemResult]:
         return [r for r in self.items if r.status == "failed"]
+
+    @property
+    def peak_rss_by_worker(self) -> dict[int, int]:
+        """Worker pid -> its peak resident memory in bytes (the most any of its items saw).
+
+        Example:
+            >>> max(report.peak_rss_by_worker.values()) / 2**20  # doctest: +SKIP
+            61.2
+        """
+        peaks: dict[int, int] = {}
+        for r in self.items:
+            if r.worker_pid is not None and r.peak_rss is not None:
+                peaks[r.worker_pid] = max(peaks.get(r.worker_pid, 0), r.peak_rss)
+        return peaks
 
     def to_dict(self) -> dict[str, Any]:
         counts: dict[str, int] = {}
@@ -398,4 +451,5 @@ class BatchReport:
             "counts": counts,
             "bytes_saved": sum(r.bytes_saved for r in self.items),
             "bytes_written": sum(r.bytes_written for r in self.items),
+            "peak_rss_by_worker": {str(pid): peak for pid, peak in self.peak_rss_by_worker.items()},
         }

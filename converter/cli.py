@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from . import __version__, convert_file, convert_folder, dask_client, inspect, prepare_upload, push, verify_file
-from .batch import BatchReport, convert_tree, discover
+from .batch import BatchReport, convert_tree, discover, process_peak_rss
 from .convert import ConversionReport, InspectReport
 from .errors import TiesafeError
 from .folder import FolderReport
@@ -149,6 +149,14 @@ def _render_batch_summary(report: BatchReport, console: Console) -> None:
         f"{len(report.items)} items: {counts}; {human_bytes(data['bytes_written'])} written, "
         f"[green]{human_bytes(data['bytes_saved'])} saved[/] in {report.seconds:.1f} s"
     )
+    workers = report.peak_rss_by_worker
+    if workers:
+        several = f"the largest of {len(workers)} worker processes" if len(workers) > 1 else "the worker process"
+        if set(workers) == {report.pid}:
+            several = "one process"
+        elif report.peak_rss is not None:
+            several += f", {human_bytes(report.peak_rss)} in the coordinating one"
+        console.print(f"  peak memory: {human_bytes(max(workers.values()))} in {several}")
     for failure in report.failed:
         console.print(f"  [red]failed[/]: {_shown(failure.error)}")
 
@@ -396,7 +404,7 @@ def batch_command(
         ):
             progress.finish(result)
             results.append(result)
-    report = BatchReport(root, out or root, results, time.perf_counter() - started)
+    report = BatchReport(root, out or root, results, time.perf_counter() - started, process_peak_rss())
     if as_json:
         _print_json(report.to_dict())
     else:

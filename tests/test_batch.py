@@ -15,7 +15,15 @@ import torch
 from models import save_model_folder
 
 import converter
-from converter.batch import DEFAULT_OPTIONS, MANIFEST, convert_tree, discover, run_item
+from converter.batch import (
+    DEFAULT_OPTIONS,
+    MANIFEST,
+    BatchReport,
+    convert_tree,
+    discover,
+    process_peak_rss,
+    run_item,
+)
 from converter.writer import TEMP_SUFFIX
 
 
@@ -187,3 +195,31 @@ def test_a_peft_adapter_folder_is_one_item_with_its_config(tmp_path: Path) -> No
         "adapter_config.json",
         "adapter_model.safetensors",
     ]
+
+
+def test_each_item_reports_its_workers_pid_and_peak_memory(tree: Path, tmp_path: Path) -> None:
+    inline = list(convert_tree(tree, tmp_path / "serial", workers=1))
+    assert {r.worker_pid for r in inline} == {os.getpid()}
+    assert all(r.peak_rss is not None and 0 < r.peak_rss <= (process_peak_rss() or 0) for r in inline)
+    pooled = list(convert_tree(tree, tmp_path / "parallel", workers=2))
+    assert os.getpid() not in {r.worker_pid for r in pooled} and 1 <= len({r.worker_pid for r in pooled}) <= 2
+    report = BatchReport(str(tree), str(tmp_path / "parallel"), pooled, 1.0, process_peak_rss())
+    by_worker = report.to_dict()["peak_rss_by_worker"]
+    assert set(by_worker) == {str(r.worker_pid) for r in pooled}
+    assert by_worker == {
+        str(pid): max(r.peak_rss or 0 for r in pooled if r.worker_pid == pid) for pid in report.peak_rss_by_worker
+    }
+
+
+def test_peak_memory_is_the_workers_own_not_its_parents(tmp_path: Path) -> None:
+    """Linux carries ru_maxrss over exec: a worker started by a 300 MiB process would report 300 MiB.
+    The figure must be the worker's own (VmHWM)."""
+    probe = "from converter.batch import process_peak_rss; print(process_peak_rss())"
+    parent = (
+        "import subprocess, sys\n"
+        "ballast = bytearray(300 << 20)\n"
+        "ballast[::4096] = b'x' * len(ballast[::4096])\n"
+        f"print(subprocess.run([sys.executable, '-c', {probe!r}], capture_output=True, text=True, check=True).stdout)\n"
+    )
+    child_peak = int(subprocess.run([sys.executable, "-c", parent], capture_output=True, text=True, check=True).stdout)
+    assert 0 < child_peak < 200 << 20
