@@ -32,6 +32,7 @@ of every mode is checked to be the same bytes (the manifest's SHA-256s).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -40,7 +41,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,10 @@ from bench import evict, measure  # noqa: E402  (one page-cache eviction and one
 
 MB = 10**6
 MiB = 2**20
+# The declared-ties cache (converter/declared.py): filled, a run finds every folder's ties in
+# it; empty, each process that converts a folder imports torch and transformers and builds
+# the model class on the meta device once per config: what a first run on a machine pays.
+TIE_CACHE_VARIABLE = "TIESAFE_CACHE_DIR"
 _RSS_KEYS = ("peak_rss_per_worker", "peak_rss_coordinator", "peak_rss_sum", "peak_rss_command")
 # name -> (GPT-2 n_embd, n_layer, vocab or None for GPT-2's, copies); loose files are added apart
 TREE: dict[str, tuple[int, int, int | None, int]] = {
@@ -134,29 +139,29 @@ def end_to_end(tree: Path, work: Path, workers: int, runs: int) -> tuple[dict[st
     would otherwise count this process's size), gives the largest of the command
     and every child it reaped: one process's peak, not a sum.
     """
-    modes = {
-        "tiesafe batch --workers 1": ["--workers", "1"],
-        f"tiesafe batch --workers {workers}": ["--workers", str(workers)],
-        f"tiesafe batch --scheduler local:{workers}": ["--scheduler", f"local:{workers}"],
+    modes = {  # mode -> (arguments, whether the declared-ties cache starts empty)
+        "tiesafe batch --workers 1": (["--workers", "1"], False),
+        f"tiesafe batch --workers {workers}": (["--workers", str(workers)], False),
+        f"tiesafe batch --scheduler local:{workers}": (["--scheduler", f"local:{workers}"], False),
+        "tiesafe batch --workers 1, empty tie cache": (["--workers", "1"], True),
+        f"tiesafe batch --workers {workers}, empty tie cache": (["--workers", str(workers)], True),
     }
     measured: dict[str, list[dict[str, Any]]] = {mode: [] for mode in modes}
     outputs = []
+    argv = [sys.executable, "-m", "converter", "batch", str(tree), "--quiet", "--json", "--out"]
+    _run_batch([*argv, str(_fresh(work / "e2e")), "--workers", "1"])  # fills the tie cache, compiles bytecode
     for _ in range(runs):
-        for mode, extra in modes.items():  # modes alternate run by run
+        for mode, (extra, empty_cache) in modes.items():  # modes alternate run by run
             out = _fresh(work / "e2e")
             evict(_sources(tree))
-            argv = [sys.executable, "-m", "converter", "batch", str(tree), "--out", str(out), "--quiet", "--json"]
-            with tempfile.TemporaryFile() as stdout:
-                run = measure([*argv, *extra], stdout=stdout, small_parent=True)
-                stdout.seek(0)
-                report = json.loads(stdout.read()) if run.returncode == 0 else None
-            if report is None or report["counts"] != {"converted": len(report["items"])}:
-                raise RuntimeError(f"{mode} failed: {run.error if report is None else report['counts']}")
+            with _tie_cache(_fresh(work / "empty-tie-cache") if empty_cache else None):
+                run, report = _run_batch([*argv, str(out), *extra])
             peaks = {int(pid): peak for pid, peak in report["peak_rss_by_worker"].items()}
             measured[mode].append(
                 {
                     "wall": run.wall,
                     "cpu": run.cpu,
+                    "load": run.load,  # 1-minute load average when it started: other work on the machine
                     "workers_seen": len(peaks),
                     "peak_rss_per_worker": max(peaks.values()),
                     "peak_rss_by_worker": peaks,
@@ -167,6 +172,32 @@ def end_to_end(tree: Path, work: Path, workers: int, runs: int) -> tuple[dict[st
             )
             outputs.append(_hashes(out))
     return measured, outputs
+
+
+def _run_batch(argv: list[str]) -> tuple[Any, dict[str, Any]]:
+    """Run ``tiesafe batch ... --json`` once, measured; its report (every item must convert)."""
+    with tempfile.TemporaryFile() as stdout:
+        run = measure(argv, stdout=stdout, small_parent=True)
+        stdout.seek(0)
+        report = json.loads(stdout.read()) if run.returncode == 0 else None
+    if report is None or report["counts"] != {"converted": len(report["items"])}:
+        raise RuntimeError(f"{' '.join(argv)} failed: {run.error if report is None else report['counts']}")
+    return run, report
+
+
+@contextlib.contextmanager
+def _tie_cache(folder: Path | None) -> Iterator[None]:
+    """Point the declared-ties cache of the children at ``folder`` (None: leave it as it is)."""
+    before = os.environ.get(TIE_CACHE_VARIABLE)
+    if folder is not None:
+        os.environ[TIE_CACHE_VARIABLE] = str(folder)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(TIE_CACHE_VARIABLE, None)
+        else:
+            os.environ[TIE_CACHE_VARIABLE] = before
 
 
 def warm_workers(tree: Path, work: Path, workers: int, runs: int) -> tuple[dict[str, Any], list[Any]]:
@@ -259,8 +290,8 @@ def _e2e_table(measured: dict[str, list[dict[str, Any]]], size: int, workers: di
     """Wall time, throughput and peak RSS per mode, medians over runs."""
     lines = [
         "end to end (fresh process, as a user runs it)",
-        "  peak RSS, MiB: of the largest worker process; of the coordinating tiesafe process; their sum (a bound",
-        "  on the whole command at any moment); wait4 on the command (the largest single process of its tree)",
+        "  peak RSS, MiB: of the largest worker process; of the coordinating tiesafe process; their sum (bounds what",
+        "  they held together); wait4 on the command (the largest single process of its tree)",
         f"  {'mode':<44} {'wall s':>8} {'MB/s':>8} {'MB/s/worker':>12} {'RSS/worker':>11} {'coordinator':>12}"
         f" {'sum':>6} {'wait4':>6}",
     ]
@@ -313,6 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     size = sum(p.stat().st_size for p in _sources(tree))
     items = len(list((tree / "models").iterdir())) + len(list((tree / "loose").iterdir()))
     work = cache / "dask-out"
+    os.environ[TIE_CACHE_VARIABLE] = str(work / "tie-cache")  # this run's own, not the user's ~/.cache
 
     parallelism = cpu_parallelism(opts.workers)
     e2e, e2e_outputs = end_to_end(tree, work, opts.workers, runs)
@@ -326,7 +358,9 @@ def main(argv: list[str] | None = None) -> int:
     workers = {mode: _workers_of(mode, opts.workers) for mode in [*e2e, *warm["times"]]}
     print(f"\n{os.cpu_count()} cores; tree of {items} items, {size / MB:.0f} MB of pickles; median of {runs}")
     print(f"{opts.workers} CPU-bound processes here do {parallelism:.2f}x the work of one (sha256)")
-    print("sources evicted from the page cache before every run; every mode wrote the same bytes\n")
+    print("sources evicted from the page cache before every run; every mode wrote the same bytes")
+    loads = [run["load"] for runs in e2e.values() for run in runs]
+    print(f"load average when the end-to-end runs started: {min(loads):.2f} to {max(loads):.2f}\n")
     print(_e2e_table(e2e, size, workers))
     print()
     print(_table("warm workers (convert_tree in a long-lived process)", warm["times"], size, workers))

@@ -55,7 +55,13 @@ def test_quick_tree_benchmark_reports_peak_memory_per_worker(tmp_path: Path) -> 
 
     doc = json.loads(report.read_text())
     runs = doc["end_to_end"]
-    assert set(runs) == {"tiesafe batch --workers 1", "tiesafe batch --workers 2", "tiesafe batch --scheduler local:2"}
+    assert set(runs) == {
+        "tiesafe batch --workers 1",
+        "tiesafe batch --workers 2",
+        "tiesafe batch --scheduler local:2",
+        "tiesafe batch --workers 1, empty tie cache",
+        "tiesafe batch --workers 2, empty tie cache",
+    }
     for mode, measured in runs.items():
         (run,) = measured
         worker, coordinator = run["peak_rss_per_worker"], run["peak_rss_coordinator"]
@@ -64,10 +70,14 @@ def test_quick_tree_benchmark_reports_peak_memory_per_worker(tmp_path: Path) -> 
         command = run["peak_rss_command"] + SLACK
         assert run["wall"] > 0 and 0 < worker <= command and coordinator <= command, mode
         assert worker == max(run["peak_rss_by_worker"].values()) and run["peak_rss_sum"] >= worker, mode
-        if mode.endswith("--workers 1"):  # converted inline: the worker is the coordinating process
+        if "--workers 1" in mode:  # converted inline: the worker is the coordinating process
             assert run["workers_seen"] == 1 and worker <= coordinator == run["peak_rss_sum"]
         else:
             assert 1 <= run["workers_seen"] <= 2 and run["peak_rss_sum"] >= coordinator + worker, mode
     # One process's peak, however measured, is not a multiple of another's: bare Python is ~10 MiB,
     # a conversion of this tiny tree well under a GiB (a figure inherited from the parent would be off).
     assert all(10 << 20 < run[0]["peak_rss_command"] < 1 << 30 for run in runs.values())
+    # With the tie cache empty, a worker builds the model class (torch and transformers imported);
+    # with it filled, none does: the conversion itself never imports torch.
+    warm, cold = runs["tiesafe batch --workers 1"][0], runs["tiesafe batch --workers 1, empty tie cache"][0]
+    assert warm["peak_rss_per_worker"] < 150 << 20 < cold["peak_rss_per_worker"]
