@@ -331,7 +331,11 @@ def verify_command(src: str, dst: str, key: str | None, as_json: bool) -> None:
 @click.argument("root", type=click.Path(file_okay=False, path_type=str))
 @click.option("--out", "out", type=click.Path(file_okay=False, path_type=str), help="Mirror the tree here.")
 @click.option("--in-place", is_flag=True, help="Write each output beside its source instead of under --out.")
-@click.option("--workers", type=click.IntRange(min=1), help="Items converted in parallel (default: cores, at most 2).")
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    help="Items converted in parallel (default: one per core, at most 2; see README).",
+)
 @click.option(
     "--scheduler",
     metavar="ADDRESS",

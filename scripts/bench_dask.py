@@ -56,6 +56,8 @@ MiB = 2**20
 # it; empty, each process that converts a folder imports torch and transformers and builds
 # the model class on the meta device once per config: what a first run on a machine pays.
 TIE_CACHE_VARIABLE = "TIESAFE_CACHE_DIR"
+_COLD = ", empty tie cache"
+_ONE_WORKER, _ONE_WORKER_COLD = "tiesafe batch --workers 1", f"tiesafe batch --workers 1{_COLD}"
 _RSS_KEYS = ("peak_rss_per_worker", "peak_rss_coordinator", "peak_rss_sum", "peak_rss_command")
 # name -> (GPT-2 n_embd, n_layer, vocab or None for GPT-2's, copies); loose files are added apart
 TREE: dict[str, tuple[int, int, int | None, int]] = {
@@ -140,11 +142,11 @@ def end_to_end(tree: Path, work: Path, workers: int, runs: int) -> tuple[dict[st
     and every child it reaped: one process's peak, not a sum.
     """
     modes = {  # mode -> (arguments, whether the declared-ties cache starts empty)
-        "tiesafe batch --workers 1": (["--workers", "1"], False),
+        _ONE_WORKER: (["--workers", "1"], False),
         f"tiesafe batch --workers {workers}": (["--workers", str(workers)], False),
         f"tiesafe batch --scheduler local:{workers}": (["--scheduler", f"local:{workers}"], False),
-        "tiesafe batch --workers 1, empty tie cache": (["--workers", "1"], True),
-        f"tiesafe batch --workers {workers}, empty tie cache": (["--workers", str(workers)], True),
+        _ONE_WORKER_COLD: (["--workers", "1"], True),
+        f"tiesafe batch --workers {workers}{_COLD}": (["--workers", str(workers)], True),
     }
     measured: dict[str, list[dict[str, Any]]] = {mode: [] for mode in modes}
     outputs = []
@@ -287,21 +289,25 @@ def _table(title: str, times: dict[str, list[float]], size: int, workers: dict[s
 
 
 def _e2e_table(measured: dict[str, list[dict[str, Any]]], size: int, workers: dict[str, int]) -> str:
-    """Wall time, throughput and peak RSS per mode, medians over runs."""
+    """Wall time, throughput and peak RSS per mode, medians over runs; time against one worker."""
     lines = [
-        "end to end (fresh process, as a user runs it)",
+        "end to end (fresh process, as a user runs it); x w1: wall time over --workers 1's with the same tie",
+        "  cache, median of per-round ratios",
         "  peak RSS, MiB: of the largest worker process; of the coordinating tiesafe process; their sum (bounds what",
         "  they held together); wait4 on the command (the largest single process of its tree)",
-        f"  {'mode':<44} {'wall s':>8} {'MB/s':>8} {'MB/s/worker':>12} {'RSS/worker':>11} {'coordinator':>12}"
-        f" {'sum':>6} {'wait4':>6}",
+        f"  {'mode':<44} {'wall s':>7} {'x w1':>5} {'MB/s':>5} {'MB/s/worker':>11} {'RSS/worker':>10}"
+        f" {'coordinator':>11} {'sum':>5} {'wait4':>5}",
     ]
     for mode, runs in measured.items():
         wall = statistics.median(r["wall"] for r in runs)
+        one = measured[_ONE_WORKER_COLD if mode.endswith(_COLD) else _ONE_WORKER]
+        ratio = statistics.median(r["wall"] / base["wall"] for r, base in zip(runs, one, strict=True))
         rate = size / wall / MB
         rss = {key: statistics.median(r[key] for r in runs) / MiB for key in _RSS_KEYS}
         lines.append(
-            f"  {mode:<44} {wall:8.2f} {rate:8.0f} {rate / workers[mode]:12.0f} {rss['peak_rss_per_worker']:11.0f}"
-            f" {rss['peak_rss_coordinator']:12.0f} {rss['peak_rss_sum']:6.0f} {rss['peak_rss_command']:6.0f}"
+            f"  {mode:<44} {wall:7.2f} {ratio:5.2f} {rate:5.0f} {rate / workers[mode]:11.0f}"
+            f" {rss['peak_rss_per_worker']:10.0f} {rss['peak_rss_coordinator']:11.0f} {rss['peak_rss_sum']:5.0f}"
+            f" {rss['peak_rss_command']:5.0f}"
         )
     return "\n".join(lines)
 
