@@ -5,6 +5,7 @@ from __future__ import annotations
 import concurrent.futures
 import io
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -75,7 +76,7 @@ def _tree(root: Path) -> None:
         torch.save({"w": torch.randn(16)}, root / f"loose{i}.pt")
 
 
-def _watch(results, progress: BatchProgress, seen: list[int]):  # type: ignore[no-untyped-def]
+def _watch(results: Iterator[ItemResult], progress: BatchProgress, seen: list[int]) -> Iterator[ItemResult]:
     for result in results:
         seen.append(len(progress.in_flight))
         assert result.item in progress.in_flight, "an item is finished before it was shown as started"
