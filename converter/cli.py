@@ -20,6 +20,7 @@ import click
 from . import __version__
 from .errors import TiesafeError
 from .reports import human_bytes
+from .reports import shown as _shown
 
 # Each command imports what it runs when it runs: start-up is part of every
 # conversion's wall time, and `convert` must not pay for batch, Hub or Dask code.
@@ -93,14 +94,6 @@ class _Lines:
         click.echo(self._MARKUP.sub(styled, protected).replace("\x00", "["))
 
 
-def _shown(text: object) -> str:
-    """Text from a file (tensor names, paths) made safe to print: control characters
-    escaped (no terminal escape sequences from a checkpoint) and ``[`` escaped so that
-    it is never read as markup."""
-    printable = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in str(text))
-    return printable.replace("[", "\\[")
-
-
 def _names(names: Any) -> str:
     return ", ".join(_shown(n) for n in names)
 
@@ -159,6 +152,14 @@ def _render_batch_summary(report: BatchReport, console: Console) -> None:
         f"{len(report.items)} items: {counts}; {human_bytes(data['bytes_written'])} written, "
         f"[green]{human_bytes(data['bytes_saved'])} saved[/] in {report.seconds:.1f} s"
     )
+    workers = report.peak_rss_by_worker
+    if workers:
+        several = f"the largest of {len(workers)} worker processes" if len(workers) > 1 else "the worker process"
+        if set(workers) == {report.pid}:
+            several = "one process"
+        elif report.peak_rss is not None:
+            several += f", {human_bytes(report.peak_rss)} in the coordinating one"
+        console.print(f"  peak memory: {human_bytes(max(workers.values()))} in {several}")
     for failure in report.failed:
         console.print(f"  [red]failed[/]: {_shown(failure.error)}")
 
@@ -341,7 +342,11 @@ def verify_command(src: str, dst: str, key: str | None, as_json: bool) -> None:
 @click.argument("root", type=click.Path(file_okay=False, path_type=str))
 @click.option("--out", "out", type=click.Path(file_okay=False, path_type=str), help="Mirror the tree here.")
 @click.option("--in-place", is_flag=True, help="Write each output beside its source instead of under --out.")
-@click.option("--workers", type=click.IntRange(min=1), help="Items converted in parallel (default: cores, at most 2).")
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    help="Items converted in parallel (default: one per core, at most 2; see README).",
+)
 @click.option(
     "--scheduler",
     metavar="ADDRESS",
@@ -380,7 +385,7 @@ def batch_command(
         raise click.UsageError("give exactly one of --out OUTROOT and --in-place")
     if workers is not None and scheduler is not None:
         raise click.UsageError("give --workers or --scheduler, not both (local:N starts N workers)")
-    from .batch import BatchReport, convert_tree, discover
+    from .batch import BatchReport, convert_tree, discover, process_peak_rss
     from .dask_executor import dask_client
 
     options: dict[str, Any] = {
@@ -417,7 +422,7 @@ def batch_command(
         ):
             progress.finish(result)
             results.append(result)
-    report = BatchReport(root, out or root, results, time.perf_counter() - started)
+    report = BatchReport(root, out or root, results, time.perf_counter() - started, process_peak_rss())
     if as_json:
         _print_json(report.to_dict())
     else:

@@ -5,7 +5,8 @@ their index, plus config, tokenizer and the rest. The shards are read as one
 checkpoint, ties are found within files (shared storage), across files (ties the
 config declares, checked bit-identical) and optionally among identical bytes, and
 the output -- ``model.safetensors`` or shards with ``model.safetensors.index.json``
--- appears all at once, verified, beside every other file of the folder.
+(``adapter_model.safetensors`` for a PEFT adapter) -- appears all at once, verified,
+beside every other file of the folder.
 """
 
 from __future__ import annotations
@@ -30,10 +31,14 @@ from .writer import StagedWrites
 
 PICKLE_INDEX = "pytorch_model.bin.index.json"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
+# A PEFT adapter: PEFT's save_pretrained writes adapter_model.safetensors in place of this
+# pickle, and PEFT loads that name only (one file: it reads no shards and no index).
+ADAPTER_PICKLE = "adapter_model.bin"
+ADAPTER_STEM = "adapter_model"
+ADAPTER_CONFIG = "adapter_config.json"
 WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 # Pickles a training run leaves beside the weights that are not weights.
 NOT_WEIGHTS = re.compile(r"^(training_args\.bin|optimizer\.pt|scheduler\.pt|scaler\.pt|rng_state.*\.pth)$")
-_OUTPUT_NAME = set_file_names("model")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
 _UNITS.update({"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40})
@@ -205,15 +210,23 @@ def _apply_identical(sharing: SharingPlan, identical: list[list[str]]) -> tuple[
     return ties, moved
 
 
-def _resolve_output(src: Path, dst: Path | None, overwrite: bool) -> Path:
+def _output_stem(files: list[Path]) -> str:
+    """``adapter_model`` for a PEFT adapter (its one pickle is ``adapter_model.bin``), else ``model``."""
+    return ADAPTER_STEM if [p.name for p in files] == [ADAPTER_PICKLE] else "model"
+
+
+def _output_folder(src: Path, dst: Path | None) -> Path:
     out = src if dst is None else dst
     if out.exists() and not out.is_dir():
         raise TiesafeError("output must be a folder", path=out)
+    return out
+
+
+def _refuse_existing(out: Path, stem: str, overwrite: bool) -> None:
     if out.is_dir() and not overwrite:
-        existing = [p.name for p in out.iterdir() if _OUTPUT_NAME.fullmatch(p.name)]
+        existing = sorted(p.name for p in out.iterdir() if set_file_names(stem).fullmatch(p.name))
         if existing:
             raise TiesafeError(f"holds {existing[0]} already; pass --overwrite to replace it", path=out)
-    return out
 
 
 @dataclass
@@ -230,6 +243,17 @@ class FolderPlan:
     declared: set[str]  # names tied across storages on purpose (exempt from the sharing check)
     others: list[Path]  # files carried over as they are
     output: SetPlan
+    stem: str = "model"  # output names: model.safetensors, or adapter_model.safetensors for a PEFT adapter
+
+    @property
+    def index_name(self) -> str | None:
+        """``model.safetensors.index.json`` when the output is sharded, else None."""
+        return f"{self.stem}.safetensors.index.json" if self.output.index is not None else None
+
+    @property
+    def written_names(self) -> list[str]:
+        """The files the output consists of: the safetensors files, then the index if sharded."""
+        return [*self.output.files, *([self.index_name] if self.index_name else [])]
 
     def _left_behind(self, output: Path) -> list[str]:
         """Subfolders are not model files: say so when the output goes elsewhere."""
@@ -287,13 +311,18 @@ def plan_folder(
         copies, copied_names = _apply_identical(sharing, identical)
         ties += copies
         moved |= copied_names
-    output = plan_shards(stored_items(ckpt, sharing), sharing.ties, max_shard_size=limit)
+    stem = _output_stem(files)
+    items = stored_items(ckpt, sharing)
+    total = sum(item.nbytes for item in items)
+    if stem == ADAPTER_STEM and total > limit:  # PEFT loads one file: an adapter is never sharded
+        warnings.append(f"written as one file over the shard size: PEFT loads {ADAPTER_STEM}.safetensors unsharded")
+        limit = total
+    output = plan_shards(items, sharing.ties, max_shard_size=limit, stem=stem)
     weights = [*files, *([src / PICKLE_INDEX] if weight_map is not None else [])]
     names = {p.name for p in weights}
-    others = [
-        p for p in sorted(src.iterdir()) if p.is_file() and p.name not in names and not _OUTPUT_NAME.fullmatch(p.name)
-    ]
-    return FolderPlan(src, weights, ckpt, sharing, ties, identical, warnings, moved, others, output)
+    own = set_file_names(stem)
+    others = [p for p in sorted(src.iterdir()) if p.is_file() and p.name not in names and not own.fullmatch(p.name)]
+    return FolderPlan(src, weights, ckpt, sharing, ties, identical, warnings, moved, others, output, stem)
 
 
 def convert_folder(
@@ -323,7 +352,7 @@ def convert_folder(
     src = Path(src)
     if delete_source and not verify:
         raise TiesafeError("--delete-source needs verification; drop --no-verify")
-    out = _resolve_output(src, None if dst is None else Path(dst), overwrite)
+    out = _output_folder(src, None if dst is None else Path(dst))
     plan = plan_folder(
         src,
         max_shard_size=max_shard_size,
@@ -331,6 +360,7 @@ def convert_folder(
         dedup_identical=dedup_identical,
         allow_untied=allow_untied,
     )
+    _refuse_existing(out, plan.stem, overwrite)
     written = _write_set(plan, out, verify=verify)
     deleted = []
     if delete_source:
@@ -357,11 +387,10 @@ def _write_set(plan: FolderPlan, out: Path, *, verify: bool) -> list[str]:
         if out != plan.source:
             for path in plan.others:
                 staged.copy_file(path, out / path.name)
-        names = list(plan.output.files)
-        if plan.output.index is not None:
-            staged.write_bytes(plan.output.index_json(), out / SAFETENSORS_INDEX)
-            names.append(SAFETENSORS_INDEX)
-    remove_stale_set(out, "model", set(names))
+        if plan.index_name is not None:
+            staged.write_bytes(plan.output.index_json(), out / plan.index_name)
+    names = plan.written_names
+    remove_stale_set(out, plan.stem, set(names))
     return names
 
 

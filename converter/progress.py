@@ -8,17 +8,23 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
 from .batch import BatchItem, ItemResult
+from .reports import shown
+
+_SHOWN_IN_FLIGHT = 4  # names in the live line; a large cluster's others are counted
 
 
 def _line(result: ItemResult) -> str:
     if result.status == "failed":
-        return f"[red]failed[/]     {result.item}: {result.error}"
+        return f"[red]failed[/]     {shown(result.item)}: {shown(result.error)}"
     saved = f", {result.bytes_saved / 2**20:.1f} MiB saved" if result.bytes_saved else ""
-    return f"{result.status:<10} {result.item} ({result.seconds:.1f} s{saved})"
+    return f"{result.status:<10} {shown(result.item)} ({result.seconds:.1f} s{saved})"
 
 
 class BatchProgress:
-    """Items done/total, bytes, throughput, ETA and the current item; one line per finished item.
+    """Items done/total, bytes, throughput, ETA and the items in flight; a line per finished item.
+
+    On a terminal the live line names the items being converted ("current: a, b");
+    elsewhere (a log, a pipe) a ``started`` line says which items are in flight.
 
     Example:
         >>> with BatchProgress(items, console) as progress:  # doctest: +SKIP
@@ -31,7 +37,7 @@ class BatchProgress:
         self._sizes = {item.key: item.size for item in items}
         self._count = len(items)
         self._done = 0
-        self._current = ""
+        self._in_flight: dict[str, None] = {}  # keys of started, unfinished items, in start order
         self._live: Progress | None = None
         if console.is_terminal:
             self._live = Progress(
@@ -57,15 +63,33 @@ class BatchProgress:
         if self._live is not None:
             self._live.stop()
 
+    @property
+    def in_flight(self) -> list[str]:
+        """The items started and not finished yet, oldest first."""
+        return list(self._in_flight)
+
+    def status(self) -> str:
+        """The live line's text: ``"3/15 items  current: a, b"``."""
+        names = [shown(key) for key in self._in_flight]
+        more = len(names) - _SHOWN_IN_FLIGHT
+        current = ", ".join(names[:_SHOWN_IN_FLIGHT]) + (f" and {more} more" if more > 0 else "")
+        return f"{self._done}/{self._count} items" + (f"  current: {current}" if current else "")
+
     def _describe(self) -> None:
         if self._live is not None:
-            self._live.update(self._task, description=f"{self._done}/{self._count} items  {self._current}")
+            self._live.update(self._task, description=self.status())
 
     def start(self, item: BatchItem) -> None:
-        self._current = item.key
+        """An item went to a worker (``convert_tree``'s ``on_start``)."""
+        self._in_flight[item.key] = None
+        if self._live is None:
+            others = ", ".join(shown(key) for key in self._in_flight if key != item.key)
+            self._console.print(f"{'started':<10} {shown(item.key)}" + (f" (also running: {others})" if others else ""))
         self._describe()
 
     def finish(self, result: ItemResult) -> None:
+        """An item ended: converted, unchanged, failed or planned."""
+        self._in_flight.pop(result.item, None)
         self._done += 1
         self._console.print(_line(result))
         if self._live is not None:

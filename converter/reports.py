@@ -6,6 +6,20 @@ from dataclasses import asdict
 from typing import Any
 
 
+def shown(text: object) -> str:
+    r"""Text from a file (tensor names, paths) made safe to print through rich markup.
+
+    Control characters are escaped (no terminal escape sequences from a checkpoint
+    or a file name) and ``[`` is escaped so that it is never read as markup.
+
+    Example:
+        >>> shown("a\x1b[2Jb")
+        'a\\x1b\\[2Jb'
+    """
+    printable = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in str(text))
+    return printable.replace("[", "\\[")
+
+
 def human_bytes(n: int) -> str:
     """``1536`` -> ``'1.5 KiB'``."""
     size = float(n)

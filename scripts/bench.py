@@ -249,18 +249,51 @@ def _anon_rss(pid: int) -> int:
     return 0
 
 
-def measure(argv: Sequence[str], *, anon_limit: int | None = None) -> Run:
+# Linux carries a process's peak RSS over exec: a child's ru_maxrss starts at the RSS its
+# parent had when it started it (a 500 MiB parent gives `python -c pass` 500 MiB). This
+# launcher, a bare interpreter (-S: nothing imported, ~8 MiB), starts the command and
+# writes back what wait4 said of it, so that the figure is the command's own.
+_LAUNCHER = """import json, os, sys, time
+started = time.perf_counter()
+pid = os.fork()
+if pid == 0:
+    try:
+        os.execvp(sys.argv[2], sys.argv[2:])
+    finally:
+        os._exit(127)
+_, status, usage = os.wait4(pid, 0)
+wall = time.perf_counter() - started
+with open(sys.argv[1], "w") as f:
+    json.dump([wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss, os.waitstatus_to_exitcode(status)], f)
+"""
+
+
+def measure(
+    argv: Sequence[str], *, anon_limit: int | None = None, stdout: Any = subprocess.DEVNULL, small_parent: bool = False
+) -> Run:
     """Run ``argv`` once: wall clock around it, CPU time and peak RSS from ``wait4``.
+
+    The peak RSS is Linux's for a reaped child: the largest of the child's own and
+    of every descendant it reaped (one process's peak, not a sum), and never less
+    than this process's RSS when it started the child (Linux carries the peak over
+    exec). ``small_parent`` starts ``argv`` from a bare interpreter instead, so a
+    large parent (one that imported torch or Dask) does not show in the figure; wall
+    and CPU time are then measured by that launcher around the command alone.
+    ``stdout`` takes what ``subprocess.Popen`` does (a file to read a report from).
 
     ``anon_limit`` stops the child when its anonymous memory passes that many
     bytes. It stands in for running out of RAM on this shared machine: a
     conversion whose anonymous memory grows with the model cannot convert a
     model larger than RAM, and we stop it before it takes the machine down.
     """
+    if small_parent and anon_limit is not None:
+        raise ValueError("anon_limit watches the child itself: not with small_parent")
     load = os.getloadavg()[0]
-    with tempfile.TemporaryFile() as err:
+    with tempfile.TemporaryFile() as err, tempfile.TemporaryDirectory() as scratch:
+        launched = Path(scratch) / "wait4.json"
+        command = [PYTHON, "-S", "-c", _LAUNCHER, str(launched), *argv] if small_parent else list(argv)
         started = time.perf_counter()
-        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=err, cwd=CHECKOUT[0], env=child_env())
+        proc = subprocess.Popen(command, stdout=stdout, stderr=err, cwd=CHECKOUT[0], env=child_env())
         stopped: list[str] = []
         done = threading.Event()
         if anon_limit is not None:
@@ -277,13 +310,16 @@ def measure(argv: Sequence[str], *, anon_limit: int | None = None) -> Run:
         _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - started
         done.set()
+        cpu, peak_kib = usage.ru_utime + usage.ru_stime, usage.ru_maxrss
         proc.returncode = os.waitstatus_to_exitcode(status)
+        if small_parent and proc.returncode == 0:
+            wall, cpu, peak_kib, proc.returncode = json.loads(launched.read_text())
         err.seek(0)
         lines = [line for line in err.read().decode("utf-8", "replace").splitlines() if line.strip()]
     return Run(
         wall=wall,
-        cpu=usage.ru_utime + usage.ru_stime,
-        peak_rss=usage.ru_maxrss * 1024,
+        cpu=cpu,
+        peak_rss=peak_kib * 1024,
         returncode=proc.returncode,
         stopped=stopped[0] if stopped else "",
         error=lines[-1].strip()[:300] if lines and proc.returncode else "",
@@ -878,7 +914,9 @@ def main(argv: list[str] | None = None) -> int:
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         import bench_dask
 
-        return int(bench_dask.main([*(["--quick"] if opts.quick else []), "--runs", str(opts.runs)]))
+        forwarded = ["--runs", str(opts.runs), "--cache", str(opts.cache)]
+        forwarded += [*(["--quick"] if opts.quick else []), *(["--json", str(opts.json)] if opts.json else [])]
+        return int(bench_dask.main(forwarded))
 
     if opts.checkout:
         CHECKOUT[0] = opts.checkout.resolve()

@@ -1,6 +1,6 @@
 """The tree benchmark: ``tiesafe batch`` on a Dask LocalCluster against the local executor.
 
-    python scripts/bench_dask.py               # a tree of 15 models (1.0 GB), 2 workers, median of 3
+    python scripts/bench_dask.py               # a tree of 15 models (0.96 GB), 2 workers, median of 3
     python scripts/bench_dask.py --quick       # a tiny tree, one run: keeps the script working (CI)
     python scripts/bench_dask.py --json out.json
 
@@ -13,7 +13,10 @@ Two tables:
 
 - **end to end**: the command a user runs, in a fresh process each time
   (``tiesafe batch --workers 1``, ``--workers 2``, ``--scheduler local:2``): it
-  includes starting the processes or the cluster and the workers' imports.
+  includes starting the processes or the cluster and the workers' imports. With
+  peak RSS: of each worker process (from ``tiesafe batch --json``: every item
+  carries its worker's pid and ``VmHWM``), of the coordinating process, their
+  sum, and ``wait4``'s for the command (the largest single process of its tree).
 - **warm workers**: ``convert_tree`` in this process on workers that already ran
   a batch, as on a long-lived cluster: inline, a process pool, Dask through
   tiesafe's :class:`DaskExecutor` (largest first, one item per free worker
@@ -29,24 +32,33 @@ of every mode is checked to be the same bytes (the manifest's SHA-256s).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the converter package of this checkout, also in spawned workers
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import evict  # noqa: E402  (one page-cache eviction for every benchmark)
+from bench import evict, measure  # noqa: E402  (one page-cache eviction and one wait4 for every benchmark)
 
 MB = 10**6
+MiB = 2**20
+# The declared-ties cache (converter/declared.py): filled, a run finds every folder's ties in
+# it; empty, each process that converts a folder imports torch and transformers and builds
+# the model class on the meta device once per config: what a first run on a machine pays.
+TIE_CACHE_VARIABLE = "TIESAFE_CACHE_DIR"
+_COLD = ", empty tie cache"
+_ONE_WORKER, _ONE_WORKER_COLD = "tiesafe batch --workers 1", f"tiesafe batch --workers 1{_COLD}"
+_RSS_KEYS = ("peak_rss_per_worker", "peak_rss_coordinator", "peak_rss_sum", "peak_rss_command")
 # name -> (GPT-2 n_embd, n_layer, vocab or None for GPT-2's, copies); loose files are added apart
 TREE: dict[str, tuple[int, int, int | None, int]] = {
     "gpt2-124m": (768, 12, None, 1),
@@ -118,25 +130,76 @@ def _fresh(folder: Path) -> Path:
     return folder
 
 
-def end_to_end(tree: Path, work: Path, workers: int, runs: int) -> tuple[dict[str, list[float]], list[Any]]:
-    """Wall time of ``tiesafe batch`` in a fresh process, per mode; the outputs of each mode."""
-    modes = {
-        "tiesafe batch --workers 1": ["--workers", "1"],
-        f"tiesafe batch --workers {workers}": ["--workers", str(workers)],
-        f"tiesafe batch --scheduler local:{workers}": ["--scheduler", f"local:{workers}"],
+def end_to_end(tree: Path, work: Path, workers: int, runs: int) -> tuple[dict[str, list[dict[str, Any]]], list[Any]]:
+    """``tiesafe batch`` in a fresh process, per mode: wall time and memory of each run; the outputs.
+
+    Memory, from the OS: each item's result carries the peak RSS of the process that
+    converted it when the item ended (its ``VmHWM``), so the largest per worker pid is
+    that worker's peak, and the report has the coordinating process's own. Their sum
+    bounds what the command held at once (peaks need not coincide). ``wait4`` on the
+    command, started from a bare launcher (``measure(small_parent=True)``: Linux
+    would otherwise count this process's size), gives the largest of the command
+    and every child it reaped: one process's peak, not a sum.
+    """
+    modes = {  # mode -> (arguments, whether the declared-ties cache starts empty)
+        _ONE_WORKER: (["--workers", "1"], False),
+        f"tiesafe batch --workers {workers}": (["--workers", str(workers)], False),
+        f"tiesafe batch --scheduler local:{workers}": (["--scheduler", f"local:{workers}"], False),
+        _ONE_WORKER_COLD: (["--workers", "1"], True),
+        f"tiesafe batch --workers {workers}{_COLD}": (["--workers", str(workers)], True),
     }
-    times: dict[str, list[float]] = {mode: [] for mode in modes}
+    measured: dict[str, list[dict[str, Any]]] = {mode: [] for mode in modes}
     outputs = []
+    argv = [sys.executable, "-m", "converter", "batch", str(tree), "--quiet", "--json", "--out"]
+    _run_batch([*argv, str(_fresh(work / "e2e")), "--workers", "1"])  # fills the tie cache, compiles bytecode
     for _ in range(runs):
-        for mode, extra in modes.items():  # modes alternate run by run
+        for mode, (extra, empty_cache) in modes.items():  # modes alternate run by run
             out = _fresh(work / "e2e")
             evict(_sources(tree))
-            argv = [sys.executable, "-m", "converter", "batch", str(tree), "--out", str(out), "--quiet", *extra]
-            clock = time.perf_counter()
-            subprocess.run(argv, check=True, cwd=ROOT)
-            times[mode].append(time.perf_counter() - clock)
+            with _tie_cache(_fresh(work / "empty-tie-cache") if empty_cache else None):
+                run, report = _run_batch([*argv, str(out), *extra])
+            peaks = {int(pid): peak for pid, peak in report["peak_rss_by_worker"].items()}
+            measured[mode].append(
+                {
+                    "wall": run.wall,
+                    "cpu": run.cpu,
+                    "load": run.load,  # 1-minute load average when it started: other work on the machine
+                    "workers_seen": len(peaks),
+                    "peak_rss_per_worker": max(peaks.values()),
+                    "peak_rss_by_worker": peaks,
+                    "peak_rss_coordinator": report["peak_rss"],
+                    "peak_rss_sum": report["peak_rss"] + sum(p for pid, p in peaks.items() if pid != report["pid"]),
+                    "peak_rss_command": run.peak_rss,
+                }
+            )
             outputs.append(_hashes(out))
-    return times, outputs
+    return measured, outputs
+
+
+def _run_batch(argv: list[str]) -> tuple[Any, dict[str, Any]]:
+    """Run ``tiesafe batch ... --json`` once, measured; its report (every item must convert)."""
+    with tempfile.TemporaryFile() as stdout:
+        run = measure(argv, stdout=stdout, small_parent=True)
+        stdout.seek(0)
+        report = json.loads(stdout.read()) if run.returncode == 0 else None
+    if report is None or report["counts"] != {"converted": len(report["items"])}:
+        raise RuntimeError(f"{' '.join(argv)} failed: {run.error if report is None else report['counts']}")
+    return run, report
+
+
+@contextlib.contextmanager
+def _tie_cache(folder: Path | None) -> Iterator[None]:
+    """Point the declared-ties cache of the children at ``folder`` (None: leave it as it is)."""
+    before = os.environ.get(TIE_CACHE_VARIABLE)
+    if folder is not None:
+        os.environ[TIE_CACHE_VARIABLE] = str(folder)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(TIE_CACHE_VARIABLE, None)
+        else:
+            os.environ[TIE_CACHE_VARIABLE] = before
 
 
 def warm_workers(tree: Path, work: Path, workers: int, runs: int) -> tuple[dict[str, Any], list[Any]]:
@@ -225,6 +288,30 @@ def _table(title: str, times: dict[str, list[float]], size: int, workers: dict[s
     return "\n".join(lines)
 
 
+def _e2e_table(measured: dict[str, list[dict[str, Any]]], size: int, workers: dict[str, int]) -> str:
+    """Wall time, throughput and peak RSS per mode, medians over runs; time against one worker."""
+    lines = [
+        "end to end (fresh process, as a user runs it); x w1: wall time over --workers 1's with the same tie",
+        "  cache, median of per-round ratios",
+        "  peak RSS, MiB: of the largest worker process; of the coordinating tiesafe process; their sum (bounds what",
+        "  they held together); wait4 on the command (the largest single process of its tree)",
+        f"  {'mode':<44} {'wall s':>7} {'x w1':>5} {'MB/s':>5} {'MB/s/worker':>11} {'RSS/worker':>10}"
+        f" {'coordinator':>11} {'sum':>5} {'wait4':>5}",
+    ]
+    for mode, runs in measured.items():
+        wall = statistics.median(r["wall"] for r in runs)
+        one = measured[_ONE_WORKER_COLD if mode.endswith(_COLD) else _ONE_WORKER]
+        ratio = statistics.median(r["wall"] / base["wall"] for r, base in zip(runs, one, strict=True))
+        rate = size / wall / MB
+        rss = {key: statistics.median(r[key] for r in runs) / MiB for key in _RSS_KEYS}
+        lines.append(
+            f"  {mode:<44} {wall:7.2f} {ratio:5.2f} {rate:5.0f} {rate / workers[mode]:11.0f}"
+            f" {rss['peak_rss_per_worker']:10.0f} {rss['peak_rss_coordinator']:11.0f} {rss['peak_rss_sum']:5.0f}"
+            f" {rss['peak_rss_command']:5.0f}"
+        )
+    return "\n".join(lines)
+
+
 def _balance_table(warm: dict[str, Any], size: int, workers: dict[str, int]) -> str:
     """Per mode: MB per second inside a worker, and wall time against the best a schedule could do."""
     lines = [
@@ -263,6 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     size = sum(p.stat().st_size for p in _sources(tree))
     items = len(list((tree / "models").iterdir())) + len(list((tree / "loose").iterdir()))
     work = cache / "dask-out"
+    os.environ[TIE_CACHE_VARIABLE] = str(work / "tie-cache")  # this run's own, not the user's ~/.cache
 
     parallelism = cpu_parallelism(opts.workers)
     e2e, e2e_outputs = end_to_end(tree, work, opts.workers, runs)
@@ -276,8 +364,10 @@ def main(argv: list[str] | None = None) -> int:
     workers = {mode: _workers_of(mode, opts.workers) for mode in [*e2e, *warm["times"]]}
     print(f"\n{os.cpu_count()} cores; tree of {items} items, {size / MB:.0f} MB of pickles; median of {runs}")
     print(f"{opts.workers} CPU-bound processes here do {parallelism:.2f}x the work of one (sha256)")
-    print("sources evicted from the page cache before every run; every mode wrote the same bytes\n")
-    print(_table("end to end (fresh process, as a user runs it)", e2e, size, workers))
+    print("sources evicted from the page cache before every run; every mode wrote the same bytes")
+    loads = [run["load"] for runs in e2e.values() for run in runs]
+    print(f"load average when the end-to-end runs started: {min(loads):.2f} to {max(loads):.2f}\n")
+    print(_e2e_table(e2e, size, workers))
     print()
     print(_table("warm workers (convert_tree in a long-lived process)", warm["times"], size, workers))
     print(_balance_table(warm, size, workers))

@@ -15,7 +15,15 @@ import torch
 from models import save_model_folder
 
 import converter
-from converter.batch import DEFAULT_OPTIONS, MANIFEST, convert_tree, discover, run_item
+from converter.batch import (
+    DEFAULT_OPTIONS,
+    MANIFEST,
+    BatchReport,
+    convert_tree,
+    discover,
+    process_peak_rss,
+    run_item,
+)
 from converter.writer import TEMP_SUFFIX
 
 
@@ -173,3 +181,45 @@ def test_loose_files_with_one_stem_get_distinct_outputs(tmp_path: Path) -> None:
     torch.save({"w": torch.zeros(2)}, tmp_path / "src" / "x.bin")
     outputs = sorted(i.output.name for i in discover(tmp_path / "src", tmp_path / "out"))
     assert outputs == ["x.bin.safetensors", "x.pt.safetensors"]
+
+
+def test_a_peft_adapter_folder_is_one_item_with_its_config(tmp_path: Path) -> None:
+    adapter = tmp_path / "src" / "run" / "lora"
+    adapter.mkdir(parents=True)
+    torch.save({"base_model.model.q_proj.lora_A.weight": torch.randn(4, 8)}, adapter / "adapter_model.bin")
+    (adapter / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 4}')
+    assert [(i.key, i.kind) for i in discover(tmp_path / "src", tmp_path / "out")] == [("run/lora", "folder")]
+    (result,) = convert_tree(tmp_path / "src", tmp_path / "out", workers=1)
+    assert result.status == "converted"
+    assert sorted(p.name for p in (tmp_path / "out" / "run" / "lora").iterdir()) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
+
+
+def test_each_item_reports_its_workers_pid_and_peak_memory(tree: Path, tmp_path: Path) -> None:
+    inline = list(convert_tree(tree, tmp_path / "serial", workers=1))
+    assert {r.worker_pid for r in inline} == {os.getpid()}
+    assert all(r.peak_rss is not None and 0 < r.peak_rss <= (process_peak_rss() or 0) for r in inline)
+    pooled = list(convert_tree(tree, tmp_path / "parallel", workers=2))
+    assert os.getpid() not in {r.worker_pid for r in pooled} and 1 <= len({r.worker_pid for r in pooled}) <= 2
+    report = BatchReport(str(tree), str(tmp_path / "parallel"), pooled, 1.0, process_peak_rss())
+    by_worker = report.to_dict()["peak_rss_by_worker"]
+    assert set(by_worker) == {str(r.worker_pid) for r in pooled}
+    assert by_worker == {
+        str(pid): max(r.peak_rss or 0 for r in pooled if r.worker_pid == pid) for pid in report.peak_rss_by_worker
+    }
+
+
+def test_peak_memory_is_the_workers_own_not_its_parents(tmp_path: Path) -> None:
+    """Linux carries ru_maxrss over exec: a worker started by a 300 MiB process would report 300 MiB.
+    The figure must be the worker's own (VmHWM)."""
+    probe = "from converter.batch import process_peak_rss; print(process_peak_rss())"
+    parent = (
+        "import subprocess, sys\n"
+        "ballast = bytearray(300 << 20)\n"
+        "ballast[::4096] = b'x' * len(ballast[::4096])\n"
+        f"print(subprocess.run([sys.executable, '-c', {probe!r}], capture_output=True, text=True, check=True).stdout)\n"
+    )
+    child_peak = int(subprocess.run([sys.executable, "-c", parent], capture_output=True, text=True, check=True).stdout)
+    assert 0 < child_peak < 200 << 20

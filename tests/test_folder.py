@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import torch
+from helpers import same_bits
 from models import llama_tied
 from transformers import AutoModelForCausalLM
 
@@ -231,3 +232,58 @@ def test_declared_ties_are_cached_per_config(llama_folder, tmp_path: Path, monke
     (src / "config.json").write_text(json.dumps(config))
     with pytest.raises(AssertionError, match="cached answer"):
         declared.declared_ties(src)
+
+
+def _peft_adapter(folder: Path) -> dict[str, torch.Tensor]:
+    """A LoRA adapter folder as PEFT's save_pretrained(safe_serialization=False) leaves it."""
+    torch.manual_seed(3)
+    prefix = "base_model.model.model.layers"
+    state = {
+        f"{prefix}.{layer}.self_attn.{proj}.lora_{ab}.weight": torch.randn((4, 16) if ab == "A" else (16, 4))
+        for layer in range(2)
+        for proj in ("q_proj", "v_proj")
+        for ab in ("A", "B")
+    }
+    folder.mkdir(parents=True)
+    torch.save(state, folder / "adapter_model.bin")
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 4, "lora_alpha": 8}
+    config |= {"target_modules": ["q_proj", "v_proj"], "base_model_name_or_path": "tiny-llama"}
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    (folder / "README.md").write_text("# a LoRA adapter\n")
+    return state
+
+
+def test_peft_adapter_becomes_adapter_model_safetensors(tmp_path: Path) -> None:
+    """PEFT writes and loads adapter_model.safetensors: a model.safetensors beside adapter_config.json
+    would be ignored by PEFT (and taken for a full model by transformers)."""
+    state = _peft_adapter(tmp_path / "lora")
+    report = converter.convert_folder(tmp_path / "lora", tmp_path / "out")
+    assert report.files == ["adapter_model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "README.md",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
+    loaded = safetensors.torch.load_file(tmp_path / "out" / "adapter_model.safetensors")
+    assert loaded.keys() == state.keys()
+    assert all(same_bits(loaded[name], tensor) for name, tensor in state.items())
+
+
+def test_peft_adapter_in_place_refuses_to_overwrite_its_own_output(tmp_path: Path) -> None:
+    _peft_adapter(tmp_path / "lora")
+    (tmp_path / "lora" / "model.safetensors").write_bytes(b"someone else's file")  # not this output's name
+    assert converter.convert_folder(tmp_path / "lora").files == ["adapter_model.safetensors"]
+    assert (tmp_path / "lora" / "adapter_model.bin").exists()
+    assert (tmp_path / "lora" / "model.safetensors").read_bytes() == b"someone else's file"
+    with pytest.raises(TiesafeError, match=r"adapter_model\.safetensors already"):
+        converter.convert_folder(tmp_path / "lora")
+    assert converter.convert_folder(tmp_path / "lora", overwrite=True).files == ["adapter_model.safetensors"]
+
+
+def test_peft_adapter_is_never_sharded(tmp_path: Path) -> None:
+    state = _peft_adapter(tmp_path / "lora")
+    report = converter.convert_folder(tmp_path / "lora", tmp_path / "out", max_shard_size="1KB")
+    assert report.files == ["adapter_model.safetensors"]
+    assert any("PEFT loads adapter_model.safetensors unsharded" in w for w in report.warnings)
+    loaded = safetensors.torch.load_file(tmp_path / "out" / "adapter_model.safetensors")
+    assert all(same_bits(loaded[name], tensor) for name, tensor in state.items())
