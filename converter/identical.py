@@ -1,8 +1,9 @@
 """Find stored tensors whose bytes are identical, reading only the candidates.
 
 Candidates come from descriptors alone (same dtype and shape, different bytes
-in the source); only those are hashed, in large blocks, so a model whose
-tensors all differ in shape costs nothing. Equal bytes are reported, never tied
+in the source); a digest of their first 64 KiB rules most out, and the rest are
+compared byte for byte (memcmp through reusable buffers: several times faster
+than hashing them), so a model whose tensors all differ in shape costs nothing. Equal bytes are reported, never tied
 on that ground alone: fresh LayerNorm weights are all ones today and trained
 apart tomorrow.
 """
@@ -16,10 +17,11 @@ from collections.abc import Callable, Hashable
 from pathlib import Path
 
 from .layout import StoredItem
-from .windows import FileWindow, gather
+from .windows import FileWindow, WindowComparer, gather
 
 _BLOCK = 16 * 1024 * 1024
 _PREFIX = 64 * 1024
+_COMPARE_AT_MOST = 8  # tensors alike in dtype, shape and prefix compared pairwise; more are hashed
 
 
 def _digest(window: FileWindow, fds: dict[Path, int], limit: int | None = None) -> bytes:
@@ -55,6 +57,19 @@ def _alike(pairs: list[_Pair], key: Callable[[_Pair], Hashable]) -> list[list[_P
     return [group for group in groups.values() if len(group) > 1]
 
 
+def _equal_classes(pairs: list[_Pair], comparer: WindowComparer) -> list[list[_Pair]]:
+    """Split ``pairs`` into classes of equal bytes: each joins the first class whose first member it equals."""
+    classes: list[list[_Pair]] = []
+    for pair in pairs:
+        for members in classes:
+            if comparer.equal(members[0][1], pair[1]):
+                members.append(pair)
+                break
+        else:
+            classes.append([pair])
+    return [members for members in classes if len(members) > 1]
+
+
 def identical_groups(items: list[StoredItem]) -> list[list[str]]:
     """Groups of stored names with equal dtype, shape and bytes, in source order.
 
@@ -65,14 +80,19 @@ def identical_groups(items: list[StoredItem]) -> list[list[str]]:
     windowed = [(item, item.source) for item in items if item.nbytes and isinstance(item.source, FileWindow)]
     fds: dict[Path, int] = {}
     groups: list[list[str]] = []
+    comparer = WindowComparer()
     try:
         for candidates in _alike(windowed, lambda pair: (pair[0].dtype, pair[0].shape)):
             # Trained weights differ in their first bytes: a prefix rules most pairs out
             # before any tensor is read in full.
             for alike in _alike(candidates, lambda pair: _digest(pair[1], fds, _PREFIX)):
-                for same in _alike(alike, lambda pair: _digest(pair[1], fds)):
-                    groups.append([item.name for item, _ in same])
+                if len(alike) > _COMPARE_AT_MOST:  # comparing pairs grows as the square: hash each once
+                    classes = _alike(alike, lambda pair: _digest(pair[1], fds))
+                else:
+                    classes = _equal_classes(alike, comparer)
+                groups.extend([item.name for item, _ in same] for same in classes)
     finally:
+        comparer.close()
         for fd in fds.values():
             os.close(fd)
     order = {item.name: i for i, item in enumerate(items)}

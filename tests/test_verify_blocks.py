@@ -8,14 +8,14 @@ import pytest
 import torch
 
 import converter
-from converter import verify
+from converter import windows
 from converter.errors import VerificationError
 from converter.stfile import read_safetensors
 
 
 @pytest.mark.parametrize("where", ["first block", "middle block", "partial last block"])
 def test_a_flipped_byte_anywhere_in_a_multi_block_tensor_is_found(tmp_path: Path, where: str) -> None:
-    block = verify._BLOCK
+    block = windows._BLOCK
     big = torch.arange(0, (2 * block + block // 2 + 3) // 4, dtype=torch.int32)  # 2.5 blocks and a bit
     source = tmp_path / "pytorch_model.bin"
     torch.save({"big": big, "alias": big, "small": torch.ones(3)}, source)

@@ -15,6 +15,7 @@ import torch
 import converter
 from converter import convert as convert_module
 from converter import verify as verify_module
+from converter import windows as windows_module
 from converter import writer as writer_module
 from converter.errors import VerificationError, WriteError
 
@@ -28,12 +29,12 @@ def _checkpoint(tmp_path: Path) -> Path:
 
 def test_failed_verification_leaves_nothing_behind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     source = _checkpoint(tmp_path)
-    real_equal = verify_module._Comparer.equal
-    monkeypatch.setattr(verify_module._Comparer, "equal", lambda self, a, b: False)
+    real_equal = windows_module.WindowComparer.equal
+    monkeypatch.setattr(windows_module.WindowComparer, "equal", lambda self, a, b: False)
     with pytest.raises(VerificationError, match="differs from the source"):
         converter.convert_file(source)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.bin"]  # no output, no temp file
-    monkeypatch.setattr(verify_module._Comparer, "equal", real_equal)
+    monkeypatch.setattr(windows_module.WindowComparer, "equal", real_equal)
     assert Path(converter.convert_file(source).output).exists()
 
 
@@ -41,7 +42,7 @@ def test_an_existing_output_survives_a_failed_overwrite(tmp_path: Path, monkeypa
     source = _checkpoint(tmp_path)
     output = Path(converter.convert_file(source).output)
     before = output.read_bytes()
-    monkeypatch.setattr(verify_module._Comparer, "equal", lambda self, a, b: False)
+    monkeypatch.setattr(windows_module.WindowComparer, "equal", lambda self, a, b: False)
     with pytest.raises(VerificationError):
         converter.convert_file(source, overwrite=True)
     assert output.read_bytes() == before
@@ -59,7 +60,7 @@ def test_file_mode_follows_the_umask(tmp_path: Path) -> None:
 
 def test_no_verify_skips_the_check(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     source = _checkpoint(tmp_path)
-    monkeypatch.setattr(verify_module._Comparer, "equal", lambda self, a, b: False)
+    monkeypatch.setattr(windows_module.WindowComparer, "equal", lambda self, a, b: False)
     report = converter.convert_file(source, verify=False)
     assert report.verified is False and Path(report.output).exists()
 
