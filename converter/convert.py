@@ -21,7 +21,7 @@ from .stfile import read_safetensors
 from .ties import StoredInfo, TieRecord, decode
 from .torchfile import Checkpoint, read_checkpoint
 from .verify import VerifyReport, output_windows, verify_output
-from .writer import write_file
+from .writer import WriteProgress, write_file
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 _HF_SHARD = re.compile(r"^pytorch_model(-\d+-of-\d+)?\.bin$")
@@ -122,8 +122,8 @@ def convert_file(
     sharing = plan_sharing(ckpt.tensors, materialize_views=materialize_views)
     plan = plan_file(stored_items(ckpt, sharing), sharing.ties, metadata=metadata)
 
-    def check(tmp: Path) -> None:
-        verify_output(ckpt, [read_safetensors(tmp)], sharing.ties)
+    def check(tmp: Path, progress: WriteProgress) -> None:
+        verify_output(ckpt, [read_safetensors(tmp)], sharing.ties, wait=progress.wait)
         ckpt.check_unchanged()  # the bytes just verified are those of the file that was read
 
     try:

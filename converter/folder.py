@@ -27,7 +27,7 @@ from .sharing import SharingPlan, plan_sharing, retie
 from .stfile import read_safetensors
 from .torchfile import Checkpoint, StorageRecord, TensorRef, read_checkpoint
 from .verify import verify_output
-from .writer import StagedWrites
+from .writer import StagedWrites, WriteProgress
 
 PICKLE_INDEX = "pytorch_model.bin.index.json"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -373,17 +373,20 @@ def convert_folder(
 
 
 def _write_set(plan: FolderPlan, out: Path, *, verify: bool) -> list[str]:
-    """Stage every output file, verify the staged set, then rename it all into place."""
+    """Stage every output file, verify the staged set as it is written, then rename it all into place."""
     out.mkdir(parents=True, exist_ok=True)
+
+    def check(temporary: list[Path], progress: WriteProgress) -> None:
+        staged_files = [read_safetensors(t) for t in temporary]
+        try:
+            verify_output(plan.checkpoint, staged_files, plan.sharing.ties, declared=plan.declared, wait=progress.wait)
+            plan.checkpoint.check_unchanged()  # the verified bytes are those of the files that were read
+        except TiesafeError as exc:
+            raise VerificationError(exc.problem, path=out) from None
+
     with StagedWrites() as staged:
-        temporary = [staged.write_plan(file_plan, out / name) for name, file_plan in plan.output.files.items()]
-        if verify:
-            staged_files = [read_safetensors(t) for t in temporary]
-            try:
-                verify_output(plan.checkpoint, staged_files, plan.sharing.ties, declared=plan.declared)
-                plan.checkpoint.check_unchanged()  # the verified bytes are those of the files that were read
-            except TiesafeError as exc:
-                raise VerificationError(exc.problem, path=out) from None
+        plans = {out / name: file_plan for name, file_plan in plan.output.files.items()}
+        staged.write_set(plans, check if verify else None)
         if out != plan.source:
             for path in plan.others:
                 staged.copy_file(path, out / path.name)

@@ -11,7 +11,7 @@ embedding costs one pass.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,12 +69,15 @@ def verify_output(
     expected: ties.TieRecord,
     *,
     declared: Collection[str] = (),
+    wait: Callable[[Path, int], None] | None = None,
 ) -> VerifyReport:
     """Check that ``files`` give every name of ``checkpoint`` bit for bit, tied as planned.
 
     ``declared`` names are tied across storages on purpose (ties a model's config
     declares, or copies of identical bytes): their bytes are still compared, but
     they are exempt from the check that output sharing mirrors source sharing.
+    ``wait(path, end)``, when given, blocks until bytes ``[0, end)`` of an output
+    file are written: verification then trails the writer (see ``WriteProgress``).
 
     Raises :class:`~converter.errors.VerificationError` naming the first difference.
 
@@ -90,7 +93,7 @@ def verify_output(
     if extra:
         raise VerificationError(f"output has a tensor the source lacks: {sorted(extra)[0]!r}", path=where)
     _check_no_false_sharing(checkpoint, record, set(declared), where)
-    comparer = WindowComparer()
+    comparer = WindowComparer(wait)
     try:
         for name, ref in checkpoint.tensors.items():
             window = windows.get(name)

@@ -11,6 +11,7 @@ without such tensors convert without paying for it.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -94,7 +95,9 @@ class WindowComparer:
     1 GB/s for a fresh ``pread`` of 16 MiB per block).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, wait: Callable[[Path, int], None] | None = None) -> None:
+        """``wait(path, end)`` blocks until bytes ``[0, end)`` of the first window's file exist."""
+        self._wait = wait
         self._fds: dict[Path, int] = {}
         # (output fd, source fd, output start - source start) -> [(output start, length)]
         self._proven: dict[tuple[int, int, int], list[tuple[int, int]]] = {}
@@ -119,6 +122,8 @@ class WindowComparer:
             ...     comparer.equal(output_window, source_window)
             True
         """
+        if self._wait is not None:
+            self._wait(out.path, out.storage_offset + out.ref.span[1])
         out_range, src_range = out.contiguous_range, src.contiguous_range
         if out_range is None or src_range is None:
             self.bytes_compared += 2 * src.ref.nbytes

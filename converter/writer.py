@@ -3,8 +3,9 @@
 Bytes go from the source file to the output by the kernel (``os.copy_file_range``)
 without passing through Python, so memory stays flat whatever the model size.
 The output is written under a temporary name in the target folder, checked
-(optionally) while a background thread syncs it, then renamed once both are
-done: the final name never holds a partial or unsynced file.
+(optionally) by a thread that reads each range just after it lands, synced in
+the background, then renamed once all is done: the final name never holds a
+partial or unsynced file.
 """
 
 from __future__ import annotations
@@ -191,6 +192,74 @@ class _BackgroundSync:
             raise self._error
 
 
+class WriteStopped(Exception):
+    """Raised in a reader waiting on :class:`WriteProgress` when the writing stopped early."""
+
+
+class WriteProgress:
+    """How far each staged file is written, for a reader that trails the writer.
+
+    Verification reads each range just after it lands, while its bytes (and the
+    source's, just copied) are still in the page cache: a model larger than RAM is
+    not read back from disk, and the comparison runs on another core during the copy.
+    """
+
+    def __init__(self) -> None:
+        self._written: dict[Path, int] = {}
+        self._stopped = False
+        self._changed = threading.Condition()
+
+    def advance(self, path: Path, end: int) -> None:
+        """Bytes ``[0, end)`` of ``path`` are written."""
+        with self._changed:
+            self._written[path] = end
+            self._changed.notify_all()
+
+    def stop(self) -> None:
+        """No more bytes will come: waiting readers raise :class:`WriteStopped`."""
+        with self._changed:
+            self._stopped = True
+            self._changed.notify_all()
+
+    def wait(self, path: Path, end: int) -> None:
+        """Block until bytes ``[0, end)`` of ``path`` are written."""
+        with self._changed:
+            while self._written.get(path, 0) < end:
+                if self._stopped:
+                    raise WriteStopped(path)
+                self._changed.wait()
+
+
+class _Checker:
+    """Runs a check on a thread beside the writer and keeps what it raised."""
+
+    def __init__(self, check: Callable[[list[Path], WriteProgress], None], paths: list[Path]) -> None:
+        self.progress = WriteProgress()
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(check, paths), name="tiesafe-check", daemon=True)
+        self._thread.start()
+
+    def _run(self, check: Callable[[list[Path], WriteProgress], None], paths: list[Path]) -> None:
+        try:
+            check(paths, self.progress)
+        except WriteStopped:
+            pass  # the writer failed first; its error is the one to report
+        except BaseException as exc:  # raised in the caller's thread by finish()
+            self.error = exc
+            self.progress.stop()
+
+    def finish(self) -> None:
+        """Wait for the check; raise its error."""
+        self._thread.join()
+        if self.error is not None:
+            raise self.error
+
+    def abandon(self) -> None:
+        """The writer failed: release the check and wait for it to end."""
+        self.progress.stop()
+        self._thread.join()
+
+
 class StagedWrites:
     """Files that appear together: each is written under a temporary name, synced, and
     all are renamed into place when the block ends without error (in the order they
@@ -241,6 +310,39 @@ class StagedWrites:
         if check is not None:
             check(tmp)
         return tmp
+
+    def write_set(
+        self, plans: dict[Path, FilePlan], check: Callable[[list[Path], WriteProgress], None] | None = None
+    ) -> list[Path]:
+        """Write planned safetensors files while ``check`` reads them, trailing the writer.
+
+        Every header is written first, so ``check(temporary paths, progress)`` may
+        parse them at once; it runs on a thread and must ``progress.wait(path, end)``
+        before reading a range. Each file is synced in the background once written.
+        An error of ``check`` stops the writing and is raised here. Returns the
+        temporary paths, readable until the block ends.
+        """
+        opened = []
+        for dst, plan in plans.items():
+            fd, tmp = self.open(dst)
+            _start_plan(fd, plan)
+            opened.append((fd, tmp, plan))
+        checker = _Checker(check, [tmp for _, tmp, _ in opened]) if check is not None else None
+        try:
+            for fd, tmp, plan in opened:
+                for end in _copy_tensors(fd, plan):
+                    if checker is not None:
+                        if checker.error is not None:
+                            break  # raised by finish() below
+                        checker.progress.advance(tmp, end)
+                self._sync.add(fd)
+        except BaseException:
+            if checker is not None:
+                checker.abandon()
+            raise
+        if checker is not None:
+            checker.finish()
+        return [tmp for _, tmp, _ in opened]
 
     def write_bytes(self, data: bytes, dst: Path) -> None:
         fd, _ = self.open(dst)
@@ -317,29 +419,41 @@ def _libc_fallocate() -> Callable[[int, int, int, int], int] | None:
     return cast(Callable[[int, int, int, int], int], function)
 
 
-def _write_plan(fd: int, plan: FilePlan) -> None:
+def _start_plan(fd: int, plan: FilePlan) -> None:
+    """Reserve the file's blocks, give it its final size and write its header."""
+    _preallocate(fd, plan.file_size)
+    os.ftruncate(fd, plan.file_size)  # the full size at once: a reader may parse the header now
+    pwrite_all(fd, plan.header, 0)
+
+
+def _copy_tensors(fd: int, plan: FilePlan) -> Iterator[int]:
+    """Copy every tensor into place, in file order; yield the end offset of each one written."""
     sources: dict[Path, int] = {}
     try:
-        _preallocate(fd, plan.file_size)
-        pwrite_all(fd, plan.header, 0)
         base = len(plan.header)
         for tensor in plan.tensors:
             source = tensor.source
             if not isinstance(source, FileWindow):
                 source.write_into(fd, base + tensor.begin)
-                continue
-            if source.path not in sources:
-                sources[source.path] = os.open(source.path, os.O_RDONLY)
-            src = sources[source.path]
-            span = source.contiguous_range
-            if span is not None:
-                _copy_range(src, fd, span[0], base + tensor.begin, span[1])
             else:
-                pwrite_all(fd, gather(src, source.storage_offset, source.ref), base + tensor.begin)
-        os.ftruncate(fd, plan.file_size)
+                if source.path not in sources:
+                    sources[source.path] = os.open(source.path, os.O_RDONLY)
+                src = sources[source.path]
+                span = source.contiguous_range
+                if span is not None:
+                    _copy_range(src, fd, span[0], base + tensor.begin, span[1])
+                else:
+                    pwrite_all(fd, gather(src, source.storage_offset, source.ref), base + tensor.begin)
+            yield base + tensor.end
     finally:
         for src in sources.values():
             os.close(src)
+
+
+def _write_plan(fd: int, plan: FilePlan) -> None:
+    _start_plan(fd, plan)
+    for _ in _copy_tensors(fd, plan):
+        pass
 
 
 _HINTS = {
@@ -362,16 +476,21 @@ def _write_error(exc: OSError, dst: Path) -> WriteError:
     return WriteError(message, path=dst)
 
 
-def write_file(plan: FilePlan, dst: str | Path, *, check: Callable[[Path], None] | None = None) -> int:
+def write_file(plan: FilePlan, dst: str | Path, *, check: Callable[[Path, WriteProgress], None] | None = None) -> int:
     """Write ``plan`` to ``dst`` atomically and return the bytes written.
 
-    ``check`` runs on the temporary file, while it is synced, before it is renamed into place
-    (verification): if it raises, no output is left behind.
+    ``check(temporary path, progress)`` runs beside the writer, reading each range
+    once ``progress.wait(path, end)`` says it landed (verification); if it raises,
+    the writing stops and no output is left behind.
 
     Example:
         >>> write_file(plan_file(items, sharing.ties), "model.safetensors")  # doctest: +SKIP
         497759232
     """
+    dst = Path(dst)
     with StagedWrites() as staged:
-        staged.write_plan(plan, Path(dst), check)
+        if check is None:
+            staged.write_set({dst: plan})
+        else:
+            staged.write_set({dst: plan}, lambda paths, progress: check(paths[0], progress))
     return plan.file_size

@@ -173,7 +173,7 @@ def test_a_temp_is_locked_by_its_writer_until_the_rename(tmp_path: Path, monkeyp
     seen: list[bool] = []
     real = convert_module.verify_output
 
-    def probe(*args: object) -> object:
+    def probe(*args: object, **kwargs: object) -> object:
         (name,) = _temps(tmp_path)
         probe_script = (
             "import fcntl, sys\n"
@@ -182,7 +182,7 @@ def test_a_temp_is_locked_by_its_writer_until_the_rename(tmp_path: Path, monkeyp
         )
         code = subprocess.run([sys.executable, "-c", probe_script, str(tmp_path / name)]).returncode
         seen.append(code == 3)
-        return real(*args)  # type: ignore[arg-type]
+        return real(*args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(convert_module, "verify_output", probe)
     converter.convert_file(source)
@@ -341,8 +341,8 @@ def _change_during_verification(monkeypatch: pytest.MonkeyPatch, change: object)
     """Run ``change(source)`` after the output is written and before it is renamed into place."""
     real = convert_module.verify_output
 
-    def verify_then_change(checkpoint, files, expected):  # type: ignore[no-untyped-def]
-        report = real(checkpoint, files, expected)
+    def verify_then_change(checkpoint, files, expected, **options):  # type: ignore[no-untyped-def]
+        report = real(checkpoint, files, expected, **options)
         change(checkpoint.path)  # type: ignore[operator]
         return report
 

@@ -167,3 +167,98 @@ def test_file_systems_without_fallocate_still_convert(tmp_path: Path, monkeypatc
     monkeypatch.setattr(writer_module, "_libc_fallocate", lambda: unsupported)
     report = converter.convert_file(source)
     assert report.verified and Path(report.output).stat().st_size == report.file_size
+
+
+def _many_tensors(tmp_path: Path, count: int = 6) -> Path:
+    path = tmp_path / "many.bin"
+    torch.save({f"layer{i}.weight": torch.randn(64, 16) for i in range(count)}, path)
+    return path
+
+
+def test_verification_trails_the_writer_and_reads_only_what_landed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The first tensor is verified while the last one is still to be copied: its bytes are
+    # read back while they are in the page cache. No range is read before it is written.
+    source = _many_tensors(tmp_path)
+    first_verified = threading.Event()
+    written: dict[str, int] = {}
+    reads_before_written: list[tuple[str, int]] = []
+    trailed: list[bool] = []
+    real_copy, real_advance, real_read = (
+        writer_module._copy_range,
+        writer_module.WriteProgress.advance,
+        windows_module.read_into,
+    )
+
+    copies: list[int] = []
+
+    def copy(*args: int) -> None:
+        copies.append(1)
+        if len(copies) == 6:  # before the last tensor: wait until the first one was verified
+            trailed.append(first_verified.wait(10))
+        real_copy(*args)
+
+    def advance(self: writer_module.WriteProgress, path: Path, end: int) -> None:
+        written[str(path)] = end
+        real_advance(self, path, end)
+
+    def read(fd: int, buffer: memoryview, offset: int) -> None:
+        path = os.readlink(f"/proc/self/fd/{fd}")
+        if path.endswith(writer_module.TEMP_SUFFIX):  # the output being written
+            if written.get(path, 0) < offset + len(buffer):
+                reads_before_written.append((path, offset))
+            first_verified.set()
+        real_read(fd, buffer, offset)
+
+    monkeypatch.setattr(writer_module, "_copy_range", copy)
+    monkeypatch.setattr(writer_module.WriteProgress, "advance", advance)
+    monkeypatch.setattr(windows_module, "read_into", read)
+    report = converter.convert_file(source)
+    assert report.verified and trailed == [True] and reads_before_written == []
+
+
+def test_a_difference_found_mid_write_stops_the_writer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    source = _many_tensors(tmp_path)
+    copies: list[int] = []
+    check_failed = threading.Event()
+    real_copy, real_run = writer_module._copy_range, writer_module._Checker._run
+
+    def run(self: Any, check: Any, paths: list[Path]) -> None:
+        real_run(self, check, paths)
+        if self.error is not None:
+            check_failed.set()
+
+    def copy(*args: int) -> None:
+        copies.append(1)
+        if len(copies) > 1:
+            check_failed.wait(10)  # the first tensor's check has failed before the second is copied
+        real_copy(*args)
+
+    monkeypatch.setattr(writer_module._Checker, "_run", run)
+    monkeypatch.setattr(writer_module, "_copy_range", copy)
+    monkeypatch.setattr(windows_module.WindowComparer, "equal", lambda self, a, b: False)
+    with pytest.raises(VerificationError, match="differs from the source"):
+        converter.convert_file(source)
+    # The writer stops at the first tensor boundary after the failure: at the latest, the
+    # copy in flight when it failed (the second) ends; none of the six after that is copied.
+    assert len(copies) in (1, 2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["many.bin"]
+
+
+def test_an_interrupted_write_releases_a_waiting_verifier(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    source = _many_tensors(tmp_path)
+    real_copy = writer_module._copy_range
+    copies: list[int] = []
+
+    def copy(*args: int) -> None:
+        copies.append(1)
+        if len(copies) == 3:
+            raise KeyboardInterrupt  # Ctrl-C while the verifier waits for this tensor
+        real_copy(*args)
+
+    monkeypatch.setattr(writer_module, "_copy_range", copy)
+    with pytest.raises(KeyboardInterrupt):
+        converter.convert_file(source)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["many.bin"]
+    assert not [t for t in threading.enumerate() if t.name == "tiesafe-check"]  # the verifier ended
