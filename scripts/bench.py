@@ -967,7 +967,7 @@ def main(argv: list[str] | None = None) -> int:
         tied = _fresh(work / "load") / "model.safetensors"
         convert = [PYTHON, "-m", "converter", "convert", str(first), str(tied)]
         subprocess.run(convert, check=True, stdout=subprocess.DEVNULL, cwd=CHECKOUT[0], env=child_env())
-        load = bench_load(tied, runs, repeats=1 if opts.quick else 5)
+        load = bench_load(tied, runs, repeats=1 if opts.quick else 25)  # a load is ~1.5 ms: many, for a stable median
         biggest = max((f for s in specs for f in weight_files(folders[s.name])), key=lambda p: p.stat().st_size)
         startup = bench_startup(biggest, runs, work)
     shutil.rmtree(work, ignore_errors=True)
