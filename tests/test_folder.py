@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -287,3 +290,38 @@ def test_peft_adapter_is_never_sharded(tmp_path: Path) -> None:
     assert any("PEFT loads adapter_model.safetensors unsharded" in w for w in report.warnings)
     loaded = safetensors.torch.load_file(tmp_path / "out" / "adapter_model.safetensors")
     assert all(same_bits(loaded[name], tensor) for name, tensor in state.items())
+
+
+def test_a_sharded_set_is_verified_while_later_shards_are_written(
+    llama_folder, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The first shard's bytes are compared before the last shard is copied (page cache,
+    # not disk, for a model larger than RAM); the set is still complete and verified.
+    from converter import windows, writer
+
+    src, _ = llama_folder
+    first_shard_read = threading.Event()
+    trailed: list[bool] = []
+    real_copy, real_read = writer._copy_range, windows.read_into
+
+    def shard(fd: int) -> tuple[int, int] | None:
+        """(K, N) of a staged model-0000K-of-0000N.safetensors this descriptor writes, if any."""
+        found = re.search(r"/\.model-(\d+)-of-(\d+)\.safetensors\.", os.readlink(f"/proc/self/fd/{fd}"))
+        return (int(found[1]), int(found[2])) if found else None
+
+    def copy(src_fd: int, dst_fd: int, *args: int) -> None:
+        number = shard(dst_fd)
+        if number is not None and number[0] == number[1] > 2 and not trailed:  # the last shard begins
+            trailed.append(first_shard_read.wait(10))
+        real_copy(src_fd, dst_fd, *args)
+
+    def read(fd: int, buffer: memoryview, offset: int) -> None:
+        if (shard(fd) or (0, 0))[0] == 1:
+            first_shard_read.set()
+        real_read(fd, buffer, offset)
+
+    monkeypatch.setattr(writer, "_copy_range", copy)
+    monkeypatch.setattr(windows, "read_into", read)
+    report = converter.convert_folder(src, tmp_path / "out", max_shard_size="4KiB")
+    assert report.verified and len([f for f in report.files if f.endswith(".safetensors")]) > 2
+    assert trailed == [True]
