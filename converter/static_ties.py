@@ -122,6 +122,13 @@ def _refuse_dynamic_tying(module: ast.Module) -> None:
     for node in ast.walk(module):
         if isinstance(node, ast.FunctionDef) and node.name in _TYING_METHODS:
             raise _Undecided  # the model ties in code of its own
+    constructors = [node for node in ast.walk(module) if isinstance(node, ast.FunctionDef) and node.name == "__init__"]
+    for node in (call for init in constructors for call in ast.walk(init) if isinstance(call, ast.Call)):
+        if ast.unparse(node.func) in _HARMLESS_NAMES:
+            continue
+        for argument in [*node.args, *(k.value for k in node.keywords)]:
+            if _self_chain(argument) in built:
+                raise _Undecided  # `Layer(self.embed)`: a module handed to another, which may keep it
     for node in assignments:
         for target in node.targets if isinstance(node, ast.Assign) else [node.target]:
             if isinstance(target, ast.Attribute) and target.attr == "_tied_weights_keys":

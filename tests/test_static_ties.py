@@ -90,6 +90,12 @@ _PLAIN_CONFIG = """
         # module sharing by assignment
         (_PLAIN_MODEL + "\n    def share(self):\n        self.lm_head = self.model\n", _PLAIN_CONFIG, False),
         (_PLAIN_MODEL.replace("self.width = self.config.hidden_size", "self.head = self.embed"), _PLAIN_CONFIG, False),
+        # a module handed to another at construction, which may keep it
+        (
+            _PLAIN_MODEL.replace("nn.Linear(4, config.vocab_size, bias=False)", "TiedHead(self.model)"),
+            _PLAIN_CONFIG,
+            False,
+        ),
         # a model that ties in its own code, or computes its ties
         (_PLAIN_MODEL + "\n        def tie_weights(self):\n            pass\n", _PLAIN_CONFIG, False),
         (_PLAIN_MODEL.replace("self.post_init()", "self._tied_weights_keys = {}"), _PLAIN_CONFIG, False),
