@@ -150,10 +150,11 @@ def atomic_output(dst: Path) -> Iterator[tuple[int, Path]]:
 
 
 class _BackgroundSync:
-    """fsync staged files on a thread, so the disk flushes while this process verifies.
+    """fsync staged files on a thread, so the disk flushes while this process goes on.
 
-    ``fsync`` releases the GIL for as long as the device takes; verifying reads the
-    same pages from the page cache meanwhile. Errors are kept and raised by ``wait``.
+    ``fsync`` releases the GIL for as long as the device takes; meanwhile the next
+    file is written and verification reads pages from the page cache. Errors are kept
+    and raised by ``wait``.
     """
 
     def __init__(self) -> None:
