@@ -16,7 +16,6 @@ import hashlib
 import json
 import logging
 import os
-from importlib import metadata
 from pathlib import Path
 
 from .static_ties import static_ties
@@ -50,15 +49,16 @@ def declared_ties(folder: str | Path) -> list[list[str]]:
     architecture, config = _architecture(folder)
     if architecture is None:
         return []
+    groups = static_ties(config, architecture)  # milliseconds, when transformers' source settles it
+    if groups is not None:
+        return groups
     key = _cache_key(folder)
     cached = _read_cache().get(key) if key else None
     if isinstance(cached, list) and all(isinstance(g, list) and all(isinstance(n, str) for n in g) for g in cached):
         return cached
-    groups = static_ties(config, architecture)  # milliseconds, when transformers' source settles it
-    if groups is None:
-        groups = _build_and_read_ties(folder, architecture)
-        if key:
-            _write_cache(key, groups)
+    groups = _build_and_read_ties(folder, architecture)
+    if key:
+        _write_cache(key, groups)
     return groups
 
 
@@ -73,6 +73,8 @@ def _cache_key(folder: Path) -> str | None:
     Building the model class costs seconds (torch and transformers imports); a batch
     of checkpoints of one architecture, or a second run, pays it once.
     """
+    from importlib import metadata  # lazily: only configs the source does not settle need the cache
+
     try:
         version = metadata.version("transformers")
         config = (folder / "config.json").read_bytes()

@@ -23,6 +23,7 @@ import ast
 import functools
 import importlib.util
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 # Plain parameter names, as transformers' own short-cut accepts them without expansion.
@@ -108,7 +109,7 @@ def _refuse_dynamic_tying(module: ast.Module) -> None:
         target.attr
         for node in assignments
         if isinstance(node.value, ast.Call) and ast.unparse(node.value.func) not in _HARMLESS_NAMES
-        for target in (node.targets if isinstance(node, ast.Assign) else [node.target])
+        for target in _targets(node)
         if _self_chain(target)
         and isinstance(target, ast.Attribute)
         and isinstance(target.value, ast.Name)  # `self.x = ...`
@@ -116,7 +117,7 @@ def _refuse_dynamic_tying(module: ast.Module) -> None:
     known = {
         target.attr
         for node in assignments
-        for target in (node.targets if isinstance(node, ast.Assign) else [node.target])
+        for target in _targets(node)
         if isinstance(target, ast.Attribute) and isinstance(target.value, ast.Name) and target.value.id == "self"
     }
     for node in ast.walk(module):
@@ -130,12 +131,16 @@ def _refuse_dynamic_tying(module: ast.Module) -> None:
             if _self_chain(argument) in built:
                 raise _Undecided  # `Layer(self.embed)`: a module handed to another, which may keep it
     for node in assignments:
-        for target in node.targets if isinstance(node, ast.Assign) else [node.target]:
+        for target in _targets(node):
             if isinstance(target, ast.Attribute) and target.attr == "_tied_weights_keys":
                 raise _Undecided  # ties computed at run time
             shared = _self_chain(node.value) if node.value is not None and _self_chain(target) else None
             if shared is not None and shared != "config" and (shared in built or shared not in known):
                 raise _Undecided  # `self.a = self.b`: a module or parameter shared by assignment
+
+
+def _targets(node: ast.Assign | ast.AnnAssign) -> list[ast.expr]:
+    return node.targets if isinstance(node, ast.Assign) else [node.target]
 
 
 def _self_chain(node: ast.expr | None) -> str | None:
@@ -160,15 +165,22 @@ def _mapping(classes: dict[str, ast.ClassDef], name: str) -> dict[str, str] | No
     found = _own_mapping(classes[name])
     if found is not None:
         return found
+    for base in _module_bases(classes, name):
+        mapping = _mapping(classes, base)
+        if mapping is not None:
+            return mapping
+    return None
+
+
+def _module_bases(classes: dict[str, ast.ClassDef], name: str) -> Iterator[str]:
+    """The bases of ``name`` defined in this module, in order; a model class from another
+    module (its ties and its ``__init__`` are not read here) leaves the answer undecided."""
     for base in classes[name].bases:
         base_name = ast.unparse(base)
         if base_name in classes:
-            mapping = _mapping(classes, base_name)
-            if mapping is not None:
-                return mapping
+            yield base_name
         elif base_name not in _NEUTRAL_BASES and _looks_like_a_model(base_name):
-            raise _Undecided  # a model class from another module: its ties are not read here
-    return None
+            raise _Undecided
 
 
 def _own_mapping(node: ast.ClassDef) -> dict[str, str] | None:
@@ -207,12 +219,8 @@ def _check_submodels(classes: dict[str, ast.ClassDef], name: str, seen: set[str]
     if name in seen:
         return
     seen.add(name)
-    for base in classes[name].bases:
-        base_name = ast.unparse(base)
-        if base_name in classes:
-            _check_submodels(classes, base_name, seen)
-        elif base_name not in _NEUTRAL_BASES and _looks_like_a_model(base_name):
-            raise _Undecided  # its __init__, not read here, may build sub-models
+    for base in _module_bases(classes, name):
+        _check_submodels(classes, base, seen)
     for statement in classes[name].body:
         if not (isinstance(statement, ast.FunctionDef) and statement.name == "__init__"):
             continue

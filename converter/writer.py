@@ -488,10 +488,7 @@ def write_file(plan: FilePlan, dst: str | Path, *, check: Callable[[Path, WriteP
         >>> write_file(plan_file(items, sharing.ties), "model.safetensors")  # doctest: +SKIP
         497759232
     """
-    dst = Path(dst)
+    one_file = None if check is None else lambda paths, progress: check(paths[0], progress)
     with StagedWrites() as staged:
-        if check is None:
-            staged.write_set({dst: plan})
-        else:
-            staged.write_set({dst: plan}, lambda paths, progress: check(paths[0], progress))
+        staged.write_set({Path(dst): plan}, one_file)
     return plan.file_size
