@@ -24,8 +24,8 @@ if TYPE_CHECKING:
     from .folder import FolderReport, convert_folder
     from .hub import UploadReport, prepare_upload, push
     from .loader import load_file
+    from .readers.torchfile import read_checkpoint
     from .retie import LoadReport, load_model
-    from .torchfile import read_checkpoint
 
 # Public name -> the module defining it. The package imports a module only when one
 # of its names is first used, so `tiesafe convert` never pays for the batch, Hub,
@@ -52,7 +52,7 @@ _EXPORTS = {
     "load_file": "loader",
     "LoadReport": "retie",
     "load_model": "retie",
-    "read_checkpoint": "torchfile",
+    "read_checkpoint": "readers.torchfile",
 }
 
 

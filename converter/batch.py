@@ -27,8 +27,8 @@ from typing import Any
 from .convert import convert_file, default_output
 from .errors import TiesafeError
 from .folder import ADAPTER_CONFIG, NOT_WEIGHTS, PICKLE_INDEX, WEIGHT_SUFFIXES, convert_folder, plan_folder
+from .readers.torchfile import read_checkpoint
 from .sharing import plan_sharing
-from .torchfile import read_checkpoint
 from .writer import TEMP_SUFFIX
 
 MANIFEST = ".tiesafe-manifest.jsonl"

@@ -12,14 +12,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .descriptors import Checkpoint
 from .errors import TiesafeError
 from .geometry import numel
 from .layout import plan_file, stored_items
+from .readers.torchfile import read_checkpoint
 from .reports import SavedBytesReport
 from .sharing import SharedGroup, SharingPlan, plan_sharing
 from .stfile import read_safetensors
 from .ties import StoredInfo, TieRecord, decode
-from .torchfile import Checkpoint, read_checkpoint
 from .verify import VerifyReport, output_windows, verify_output
 from .writer import WriteProgress, write_file
 

@@ -24,13 +24,13 @@ from typing import TYPE_CHECKING, TypeGuard, cast
 
 from . import ties
 from .convert import ConversionReport
+from .descriptors import TensorRef
 from .dtypes import BY_TORCH_NAME, DType
 from .errors import TiesafeError, UnsupportedError, VerificationError
 from .folder import parse_size, remove_stale_set
 from .layout import SetPlan, StoredItem, plan_file, plan_shards
 from .sharing import SharingPlan, plan_sharing
 from .stfile import read_safetensors
-from .torchfile import TensorRef
 from .verify import output_windows
 from .windows import FileWindow, gather, read_exact
 from .writer import StagedWrites, pwrite_all

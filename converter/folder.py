@@ -19,13 +19,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .declared import declared_ties
+from .descriptors import Checkpoint, StorageRecord, TensorRef
 from .errors import TiesafeError, VerificationError
 from .identical import identical_groups
 from .layout import SetPlan, plan_shards, set_file_names, stored_items
+from .readers.torchfile import read_checkpoint
 from .reports import SavedBytesReport
 from .sharing import SharingPlan, plan_sharing, retie
 from .stfile import read_safetensors
-from .torchfile import Checkpoint, StorageRecord, TensorRef, read_checkpoint
 from .verify import verify_output
 from .writer import StagedWrites, WriteProgress
 

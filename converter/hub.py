@@ -57,8 +57,8 @@ from .hub_checks import (
 )
 from .identical import identical_groups
 from .layout import StoredItem
+from .readers.torchfile import read_checkpoint
 from .stfile import read_safetensors
-from .torchfile import read_checkpoint
 from .verify import output_windows
 from .writer import TEMP_SUFFIX, StagedWrites
 

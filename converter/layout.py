@@ -13,10 +13,10 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from . import ties
+from .descriptors import Checkpoint
 from .dtypes import DType
 from .geometry import numel
 from .sharing import SharingPlan
-from .torchfile import Checkpoint
 from .windows import FileWindow
 
 FORMAT_METADATA = {"format": "pt"}  # transformers refuses safetensors files without it

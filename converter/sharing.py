@@ -1,6 +1,6 @@
 """Find which tensors share storage, and decide what is stored and what is a tie.
 
-Pure functions on descriptors (:class:`~converter.torchfile.TensorRef`): no I/O, no
+Pure functions on descriptors (:class:`~converter.descriptors.TensorRef`): no I/O, no
 torch. Tensors of one storage whose byte spans overlap form a *cluster*; each
 cluster is stored once and its other members become ties:
 
@@ -19,8 +19,8 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass, field
 
+from .descriptors import TensorRef
 from .ties import RESERVED_PREFIX, TieRecord, View
-from .torchfile import TensorRef
 
 
 @dataclass(frozen=True)

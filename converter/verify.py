@@ -16,11 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import ties
+from .descriptors import Checkpoint, TensorRef
 from .errors import TiesafeError, VerificationError
 from .geometry import contiguous_strides
 from .sharing import overlap_clusters
 from .stfile import SafetensorsFile
-from .torchfile import Checkpoint, TensorRef
 from .windows import FileWindow, WindowComparer
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
-from .torchfile import TensorRef
+from .descriptors import TensorRef
 
 # Element sizes to an integer dtype of the same width: moving bytes never needs
 # the real dtype (float8, bool, ... all travel as raw integers).

@@ -436,7 +436,7 @@ def run_one(kind: str, path: Path, source: Path | None, differential: bool) -> s
 
 def _check_checkpoint(path: Path, differential: bool) -> None:
     import converter
-    from converter.torchfile import read_checkpoint
+    from converter.readers.torchfile import read_checkpoint
 
     converter.inspect(path)
     out = path.with_name("out.safetensors")
@@ -461,7 +461,7 @@ def _against_torch(path: Path, loaded: dict[str, Any]) -> None:
         theirs = torch.load(path, weights_only=True, map_location="cpu")
     except Exception:
         return  # torch refuses what we accept (e.g. storages with a wrong CRC): not a misreading
-    from converter.torchfile import WRAPPER_KEYS
+    from converter.readers.torchfile import WRAPPER_KEYS
 
     while isinstance(theirs, dict) and not any(isinstance(v, torch.Tensor) for v in theirs.values()):
         inner = next((theirs[k] for k in WRAPPER_KEYS if isinstance(theirs.get(k), dict)), None)

@@ -25,7 +25,8 @@ from corpus.cli import run_cli
 from helpers import same_bits
 
 import converter
-from converter import errors, torchfile
+from converter import errors
+from converter.readers import unpickler
 
 
 def _snapshot(folder: Path) -> dict[str, str]:
@@ -133,7 +134,7 @@ def test_live_payloads_really_run_under_torch_load(tmp_path: Path) -> None:
 def _builder_state() -> list[object]:
     """Everything BUILD could change on the objects our unpickler hands out."""
     state = []
-    for obj in torchfile._ALLOWED.values():
+    for obj in unpickler._ALLOWED.values():
         for target in (obj, getattr(obj, "func", None)):  # a builder and the function it wraps
             state.append(repr(getattr(target, "__dict__", None)))
             state.append(repr(getattr(target, "__defaults__", None)))
@@ -209,7 +210,7 @@ def test_the_opcode_walk_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     """A pickle of millions of one-byte opcodes (cheap for the C unpickler) must not make the scan the bomb."""
     import io
 
-    from converter import pickle_guard
+    from converter.readers import pickle_guard
 
     monkeypatch.setattr(pickle_guard, "MAX_OPCODES", 1_000)
     small = c.program(b"N0" * 400 + c.NONE)

@@ -10,8 +10,8 @@ import torch
 from converter import identical
 from converter.identical import identical_groups
 from converter.layout import stored_items
+from converter.readers.torchfile import read_checkpoint
 from converter.sharing import plan_sharing
-from converter.torchfile import read_checkpoint
 
 
 def _groups(tmp_path: Path, tensors: dict[str, torch.Tensor]) -> list[list[str]]:

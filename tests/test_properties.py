@@ -27,8 +27,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import converter
-from converter.pickle_guard import scan
-from converter.torchfile import read_checkpoint
+from converter.readers.pickle_guard import scan
+from converter.readers.torchfile import read_checkpoint
 
 EXAMPLES = int(os.environ.get("TIESAFE_EXAMPLES", "30"))
 SETTINGS = settings(

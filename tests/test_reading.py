@@ -14,7 +14,7 @@ from helpers import SAFETENSORS_DTYPES, same_bits, save_and_convert
 
 import converter
 from converter.errors import TiesafeError, UnsupportedError
-from converter.torchfile import read_checkpoint
+from converter.readers.torchfile import read_checkpoint
 
 DTYPES = SAFETENSORS_DTYPES
 

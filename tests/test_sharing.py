@@ -10,10 +10,10 @@ from helpers import same_bits, save_and_convert, shares_memory
 from models import Seed
 
 import converter
+from converter.descriptors import TensorRef
 from converter.dtypes import BY_CODE
 from converter.sharing import plan_sharing
 from converter.ties import RESERVED_PREFIX
-from converter.torchfile import TensorRef
 
 
 def test_seed_module_weight_and_bias_are_aliases(tmp_path: Path) -> None:

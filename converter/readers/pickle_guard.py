@@ -33,7 +33,7 @@ import pickletools
 from collections.abc import Iterable
 from typing import IO, BinaryIO, NamedTuple, cast
 
-from .errors import CorruptFileError, UnsafeCheckpointError
+from ..errors import CorruptFileError, UnsafeCheckpointError
 
 MAX_TUPLE_DEPTH = 1_000  # real checkpoints nest tuples 3-4 deep; CPython crashes near 100,000
 MAX_FLOODABLE_KEYS = 4_096  # keys with attacker-chosen hashes; 4,096 colliding ones cost ~0.1 s

@@ -1,0 +1,97 @@
+"""The common language of the pipeline: a checkpoint as names -> tensor windows on byte ranges.
+
+Every reader (torch pickles today; training runs next) yields a :class:`Checkpoint`;
+the analysis (``sharing``), the layout, the writer's windows, verification and the
+exporter consume it. No tensor data lives here: a :class:`TensorRef` is geometry over a
+storage, and a :class:`StorageRecord` says where that storage's bytes lie in a file.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .dtypes import DType
+from .errors import TiesafeError
+from .geometry import extent, is_contiguous, numel
+
+
+@dataclass(frozen=True)
+class StorageRecord:
+    """Where one storage's bytes lie in the checkpoint file."""
+
+    key: str
+    path: Path  # the file holding the bytes (a sharded set has several)
+    offset: int  # byte offset of the first byte in the file
+    nbytes: int
+    location: str  # device it was saved from ("cpu", "cuda:0", ...): recorded, never needed
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    """A tensor as a window on a storage: no data, only geometry."""
+
+    storage: str
+    dtype: DType
+    offset: int  # in elements of ``dtype``
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        return numel(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+    @property
+    def span(self) -> tuple[int, int]:
+        """Byte range ``[start, end)`` of the storage that the tensor touches."""
+        size = self.dtype.itemsize
+        return self.offset * size, extent(self.offset, self.shape, self.stride) * size
+
+    @property
+    def is_contiguous(self) -> bool:
+        return is_contiguous(self.shape, self.stride)
+
+
+@dataclass
+class Checkpoint:
+    """A parsed checkpoint: tensor names in file order, storages, what was skipped."""
+
+    path: Path
+    format: str  # "zip" or "legacy"
+    tensors: dict[str, TensorRef]
+    storages: dict[str, StorageRecord]
+    skipped: list[str] = field(default_factory=list)
+    wrapper: str | None = None  # key path the weights were found under, if any
+    stamps: dict[Path, tuple[int, ...]] = field(default_factory=dict)  # each file as it was read
+
+    def check_unchanged(self) -> None:
+        """Raise if a file this checkpoint was read from has changed since (size, mtime, inode).
+
+        Called before an output is renamed into place: bytes copied from a file being
+        rewritten (a download still running, a training job saving) are not the
+        checkpoint that was read and verified.
+
+        Example:
+            >>> read_checkpoint("pytorch_model.bin").check_unchanged()  # doctest: +SKIP
+        """
+        for path, stamp in self.stamps.items():
+            try:
+                now = file_stamp(os.stat(path))
+            except OSError:
+                now = ()
+            if now != stamp:
+                raise TiesafeError(
+                    "the file changed while it was being converted (size, modification time or inode differ); "
+                    "nothing was written: convert it again once it is complete",
+                    path=path,
+                )
+
+
+def file_stamp(st: os.stat_result) -> tuple[int, ...]:
+    """What identifies a file's contents cheaply: size, modification time, inode, device."""
+    return (st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev)

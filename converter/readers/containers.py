@@ -1,0 +1,199 @@
+"""The two containers ``torch.save`` writes: a zip archive (since torch 1.6) and the legacy stream.
+
+Both are read by hand because torch's own reader must materialise every tensor, and
+no other library reads the format without torch. Each reader returns the unpickled
+structure (built by :mod:`.unpickler`) and where each storage's bytes lie in the file.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+import zipfile
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from ..descriptors import StorageRecord
+from ..dtypes import BYTE, DType
+from ..errors import CorruptFileError, UnsupportedError, quoted
+from .unpickler import MAX_ELEMENTS, MAX_PICKLE_BYTES, StorageNode, storage_fields, unpickle
+
+LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+LEGACY_PROTOCOL = 1001
+
+
+# --------------------------------------------------------------------------- zip format
+
+
+def _local_data_offset(raw: BinaryIO, info: zipfile.ZipInfo, file_size: int) -> int:
+    # The central directory does not give where data starts: the local header's
+    # extra field (torch pads it to align storages) may differ, so read it.
+    raw.seek(info.header_offset)
+    header = raw.read(30)
+    if len(header) != 30 or header[:4] != b"PK\x03\x04":
+        raise CorruptFileError(f"zip member {quoted(info.filename)} has no valid local header")
+    (method,) = struct.unpack("<H", header[8:10])
+    if method != zipfile.ZIP_STORED:  # the central directory said stored: the two disagree
+        raise CorruptFileError(f"zip member {quoted(info.filename)} is compressed; torch writes storages uncompressed")
+    name_len, extra_len = struct.unpack("<HH", header[26:30])
+    start = info.header_offset + 30 + name_len + extra_len
+    if start + info.file_size > file_size:
+        raise CorruptFileError(f"zip member {quoted(info.filename)} claims more bytes than the file holds")
+    return int(start)
+
+
+def _read_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> bytes:
+    try:
+        return archive.read(info)
+    except Exception as exc:  # zipfile's decoders raise zlib.error, RuntimeError, NotImplementedError, ...
+        raise CorruptFileError(f"cannot read {quoted(info.filename)} ({str(exc)[:120]})") from None
+
+
+def read_zip(path: Path, raw: BinaryIO, file_size: int) -> tuple[Any, dict[str, StorageRecord]]:
+    try:
+        archive = zipfile.ZipFile(raw)
+        infos = archive.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, struct.error, NotImplementedError) as exc:
+        raise CorruptFileError(f"damaged zip archive ({str(exc)[:120]})") from None
+    if not infos:
+        raise CorruptFileError("empty zip archive")
+    names = [i.filename for i in infos]
+    if len(set(names)) != len(names):
+        raise CorruptFileError("zip archive holds duplicate member names")
+    prefix = names[0].split("/", 1)[0]
+    pickle_name = f"{prefix}/data.pkl"
+    # TorchScript archives hold a data.pkl too, whose globals are the model's classes.
+    if any(n.endswith("/constants.pkl") or "/code/" in n for n in names):
+        raise CorruptFileError("this is a TorchScript archive (torch.jit.save), not a checkpoint")
+    if pickle_name not in names:
+        if any(n.endswith(".npy") for n in names):
+            raise CorruptFileError("this is a NumPy .npz archive, not a torch checkpoint")
+        raise CorruptFileError("zip archive without data.pkl: not a torch checkpoint")
+    for name in names:
+        if not name.startswith(prefix + "/") or ".." in name.split("/") or name.startswith("/"):
+            raise CorruptFileError(f"zip member {quoted(name)} lies outside the archive folder {quoted(prefix)}")
+    by_name = {i.filename: i for i in infos}
+    byteorder = by_name.get(f"{prefix}/byteorder")
+    if byteorder is not None and byteorder.file_size > 16:
+        raise CorruptFileError(f"the byteorder record claims {byteorder.file_size} bytes")
+    if byteorder is not None and _read_member(archive, byteorder).strip() not in (b"little", b""):
+        raise UnsupportedError("big-endian checkpoints are not supported; re-save on a little-endian machine")
+    pickle_info = by_name[pickle_name]
+    if pickle_info.file_size > MAX_PICKLE_BYTES:
+        raise CorruptFileError(f"data.pkl claims {pickle_info.file_size} bytes: too large for a weights file")
+    pickle_bytes = _read_member(archive, pickle_info)
+
+    records: dict[str, StorageRecord] = {}
+    nodes: dict[str, StorageNode] = {}
+
+    def on_storage(data: tuple[object, ...]) -> StorageNode:
+        storage_type, key, location, numel = storage_fields(data)
+        if key in nodes:
+            return nodes[key]
+        member = by_name.get(f"{prefix}/data/{key}")
+        if member is None:
+            raise CorruptFileError(f"storage {quoted(key)} has no record in the archive")
+        if member.compress_type != zipfile.ZIP_STORED or member.compress_size != member.file_size:
+            raise CorruptFileError(f"storage {quoted(key)} is compressed; torch writes storages uncompressed")
+        dtype = storage_type.dtype or BYTE
+        if numel * dtype.itemsize > member.file_size:
+            raise CorruptFileError(
+                f"storage {quoted(key)} should hold {numel * dtype.itemsize} bytes "
+                f"but its record has {member.file_size}"
+            )
+        offset = _local_data_offset(raw, member, file_size)
+        records[key] = StorageRecord(key, path, offset, numel * dtype.itemsize, location)
+        nodes[key] = StorageNode(key, dtype, 0, storage_type.unsupported)
+        return nodes[key]
+
+    return unpickle(io.BytesIO(pickle_bytes), on_storage), records
+
+
+# --------------------------------------------------------------------------- legacy format
+
+
+def read_legacy(path: Path, raw: BinaryIO, file_size: int) -> tuple[Any, dict[str, StorageRecord]]:
+    if unpickle(raw) != LEGACY_MAGIC:
+        raise CorruptFileError("not a torch checkpoint (no zip archive and no legacy magic number)")
+    if unpickle(raw) != LEGACY_PROTOCOL:
+        raise CorruptFileError("unknown legacy torch protocol version")
+    sys_info = unpickle(raw)
+    if isinstance(sys_info, dict) and sys_info.get("little_endian") is False:
+        raise UnsupportedError("big-endian checkpoints are not supported; re-save on a little-endian machine")
+
+    roots: dict[str, tuple[DType, int, str, str | None]] = {}  # key -> dtype, numel, location, unsupported
+    nodes: dict[tuple[str, str], StorageNode] = {}
+
+    def on_storage(data: tuple[object, ...]) -> StorageNode:
+        storage_type, key, location, numel = storage_fields(data)
+        view = data[4] if len(data) > 4 else None
+        dtype = storage_type.dtype or BYTE
+        roots.setdefault(key, (dtype, numel, location, storage_type.unsupported))
+        view_key, element_offset = key, 0
+        if view is not None:
+            if (
+                not (isinstance(view, tuple) and len(view) == 3 and isinstance(view[0], str) and type(view[1]) is int)
+                or not 0 <= view[1] <= MAX_ELEMENTS
+            ):
+                raise CorruptFileError(f"storage {quoted(key)} has a malformed view record")
+            view_key, element_offset = view[0], view[1]
+        if (key, view_key) not in nodes:
+            nodes[(key, view_key)] = StorageNode(key, dtype, element_offset, storage_type.unsupported)
+        return nodes[(key, view_key)]
+
+    result = unpickle(raw, on_storage)
+    keys = unpickle(raw)
+    if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+        raise CorruptFileError("the legacy storage key list is malformed")
+    records: dict[str, StorageRecord] = {}
+    position = raw.tell()
+    for key in keys:
+        if key not in roots:
+            raise CorruptFileError(f"storage {quoted(key)} is listed but never used")
+        if key in records:
+            raise CorruptFileError(f"storage {quoted(key)} is listed twice")
+        dtype, numel, location, _ = roots[key]
+        raw.seek(position)
+        header = raw.read(8)
+        if len(header) != 8:
+            raise CorruptFileError(f"storage {quoted(key)} is cut off (file ends at byte {file_size})")
+        (stored_numel,) = struct.unpack("<q", header)
+        if stored_numel != numel:
+            raise CorruptFileError(f"storage {quoted(key)} holds {stored_numel} elements but is described with {numel}")
+        start, nbytes = position + 8, numel * dtype.itemsize
+        if start + nbytes > file_size:
+            raise CorruptFileError(
+                f"storage {quoted(key)} is cut off (needs {nbytes} bytes at {start}, file has {file_size})"
+            )
+        records[key] = StorageRecord(key, path, start, nbytes, location)
+        position = start + nbytes
+    missing = set(roots) - set(records)
+    if missing:
+        raise CorruptFileError(f"storage {quoted(sorted(missing)[0])} is used but has no data")
+    return result, records
+
+
+# --------------------------------------------------------------------------- top level
+
+
+def sniff_foreign(head: bytes) -> str | None:
+    """Name the format of a file that is clearly not a torch checkpoint."""
+    if not head:
+        return "the file is empty"
+    if head.startswith(b"GGUF"):
+        return "this is a GGUF file, not a torch checkpoint"
+    if head.startswith(b"\x89HDF\r\n\x1a\n"):
+        return "this is an HDF5 (.h5) file, not a torch checkpoint"
+    if head.startswith(b"\x93NUMPY"):
+        return "this is a NumPy .npy file, not a torch checkpoint"
+    if len(head) >= 9 and head[8:9] == b"{":
+        (n,) = struct.unpack("<Q", head[:8])
+        if n < (1 << 27):
+            return "this is a safetensors file already (use 'tiesafe inspect' on it)"
+    if len(head) > 262 and head[257:262] == b"ustar":
+        return "this is a tar archive (torch < 0.4 checkpoint format), which tiesafe does not read"
+    if head[:1] != b"\x80" and not head.startswith(b"PK"):
+        if all(32 <= b < 127 or b in (9, 10, 13) for b in head[:512]):
+            return "this is a text file, not a torch checkpoint"
+        return "not a torch checkpoint (neither a zip archive nor a pickle)"
+    return None

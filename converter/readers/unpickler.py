@@ -1,0 +1,382 @@
+"""The restricted unpickler: a pickle's globals become inert descriptor builders of ours.
+
+A ``.bin``/``.pt`` file is a pickle, and a pickle is a program: ``torch.load`` (even
+with ``weights_only``) executes it. We never do. ``find_class`` maps the handful of
+globals a weights file names (the tensor rebuild functions, storage classes, dtypes,
+``OrderedDict``) to *our own* builders that record geometry, and refuses every other
+global by name. Every stream is first walked by :mod:`.pickle_guard`, which refuses
+what ``find_class`` cannot see (extension codes, deep nesting, memo and hash abuse).
+"""
+
+from __future__ import annotations
+
+import _compat_pickle
+import collections
+import io
+import pickle
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, BinaryIO
+
+from ..descriptors import TensorRef
+from ..dtypes import (
+    BY_STORAGE_CLASS,
+    BY_TORCH_NAME,
+    BYTE,
+    UNSUPPORTED_STORAGE_CLASSES,
+    UNSUPPORTED_TORCH_DTYPES,
+    DType,
+)
+from ..errors import CorruptFileError, TiesafeError, UnsafeCheckpointError, quoted
+from ..geometry import MAX_DIMS, numel
+from .pickle_guard import charge_floodable, scan
+
+# data.pkl holds structure only; a real one is kilobytes to a few MB. Anything
+# far beyond is a decompression bomb or not a checkpoint.
+MAX_PICKLE_BYTES = 256 * 1024 * 1024
+# No real tensor has more elements than this; it also keeps byte arithmetic sane.
+MAX_ELEMENTS = 1 << 56
+
+
+# --------------------------------------------------------------------------- markers
+# The objects our unpickler hands out instead of torch's. None of them runs code.
+
+
+class _Inert:
+    """Refuses ``BUILD`` (``__setstate__``), the one hook a pickle has on our objects."""
+
+    def __setstate__(self, state: object) -> None:
+        raise UnsafeCheckpointError(f"refused: the pickle tries to set the state of {self._what()}")
+
+    def _what(self) -> str:
+        return "a tensor descriptor"
+
+
+@dataclass(frozen=True, eq=False)
+class _Builder(_Inert):
+    """One of our functions, as the pickle sees it: callable, and nothing else.
+
+    A bare Python function would let ``BUILD`` set its ``__defaults__`` or
+    ``__dict__`` for every later file read in the process.
+    """
+
+    name: str
+    func: Callable[..., object]
+
+    def __call__(self, *args: object) -> object:
+        return self.func(*args)
+
+    def _what(self) -> str:
+        return self.name
+
+
+@dataclass(frozen=True, eq=False)
+class StorageType(_Inert):
+    name: str
+    dtype: DType | None  # None: unsupported (see ``unsupported``)
+    unsupported: str | None = None
+
+
+@dataclass(frozen=True, eq=False)
+class _DTypeMarker(_Inert):
+    dtype: DType | None
+    name: str
+
+
+@dataclass(frozen=True, eq=False)
+class StorageNode(_Inert):
+    key: str
+    dtype: DType
+    element_offset: int  # legacy storage views start inside their root storage
+    unsupported: str | None
+
+
+@dataclass(frozen=True, eq=False)
+class TensorNode(_Inert):
+    ref: TensorRef | None
+    unsupported: str | None = None
+
+
+@dataclass(frozen=True, eq=False)
+class _TypeMarker(_Inert):
+    name: str
+
+
+def _ints(value: object, what: str) -> tuple[int, ...]:
+    if (
+        not isinstance(value, (tuple, list))
+        or len(value) > MAX_DIMS
+        or not all(type(v) is int for v in value)  # bool is not a size
+    ):
+        raise CorruptFileError(f"tensor {what} is not a tuple of at most {MAX_DIMS} integers: {quoted(value)}")
+    return tuple(value)
+
+
+def _tensor(storage: object, offset: object, size: object, stride: object, dtype: DType | None = None) -> TensorNode:
+    if not isinstance(storage, StorageNode):
+        raise CorruptFileError("a tensor's storage is not a storage record")
+    if storage.unsupported:
+        return TensorNode(None, storage.unsupported)
+    if dtype is None:
+        dtype = storage.dtype
+    shape, strides = _ints(size, "shape"), _ints(stride, "stride")
+    if type(offset) is not int or offset < 0:
+        raise CorruptFileError(f"tensor storage offset is invalid: {quoted(offset)}")
+    if len(shape) != len(strides):
+        raise CorruptFileError(f"tensor shape {quoted(shape)} and stride {quoted(strides)} differ in length")
+    if any(n < 0 for n in shape) or any(s < 0 for s in strides):
+        raise CorruptFileError(f"tensor shape {quoted(shape)} or stride {quoted(strides)} is negative")
+    # Each number first: a product of a thousand 1000-digit numbers is slow to compute.
+    if max((*shape, *strides, offset)) > MAX_ELEMENTS or numel(shape) > MAX_ELEMENTS:
+        raise CorruptFileError(
+            f"tensor shape {quoted(shape)} / stride {quoted(strides)} / offset {quoted(offset)} is implausibly large"
+        )
+    # Untyped storages count bytes; the tensor's offset counts its own elements.
+    base = storage.element_offset * storage.dtype.itemsize
+    if base % dtype.itemsize:
+        raise CorruptFileError("a storage view is not aligned to its tensor's dtype")
+    ref = TensorRef(storage.key, dtype, base // dtype.itemsize + offset, shape, strides)
+    return TensorNode(ref)
+
+
+def _rebuild_tensor(storage: object, offset: object, size: object, stride: object) -> TensorNode:
+    return _tensor(storage, offset, size, stride)
+
+
+def _rebuild_tensor_v2(storage: object, offset: object, size: object, stride: object, *_ignored: object) -> TensorNode:
+    # requires_grad, backward_hooks and metadata do not change the bytes.
+    return _tensor(storage, offset, size, stride)
+
+
+def _rebuild_tensor_v3(
+    storage: object,
+    offset: object,
+    size: object,
+    stride: object,
+    requires_grad: object,
+    hooks: object,
+    dtype: object,
+    *_ignored: object,
+) -> TensorNode:
+    if not isinstance(dtype, _DTypeMarker):
+        raise CorruptFileError("a tensor's dtype is not a torch dtype")
+    if dtype.dtype is None:
+        return TensorNode(None, dtype.name)
+    return _tensor(storage, offset, size, stride, dtype.dtype)
+
+
+def _rebuild_parameter(data: object, *_ignored: object) -> object:
+    return data
+
+
+def _rebuild_from_type_v2(func: object, new_type: object, args: object, state: object) -> object:
+    # A tensor with Python attributes: the attributes are dropped, the data kept.
+    if not isinstance(func, _Builder) or func.func not in (
+        _rebuild_tensor,
+        _rebuild_tensor_v2,
+        _rebuild_tensor_v3,
+        _rebuild_parameter,
+    ):
+        raise UnsafeCheckpointError("the pickle rebuilds a tensor through an unexpected function")
+    if not isinstance(new_type, _TypeMarker) or not isinstance(args, tuple):
+        raise UnsafeCheckpointError("the pickle rebuilds a tensor of an unexpected type")
+    return func(*args)
+
+
+def _unsupported_tensor(kind: str) -> Callable[..., TensorNode]:
+    def build(*_args: object) -> TensorNode:
+        return TensorNode(None, kind)
+
+    return build
+
+
+def _hashed(kind: type[Any]) -> Callable[..., object]:
+    """``set``/``frozenset``/``OrderedDict`` whose arguments are charged to the hash-flooding budget."""
+
+    def build(*args: object) -> object:
+        if len(args) > 1:
+            raise UnsafeCheckpointError(f"the pickle calls {kind.__name__} with unexpected arguments")
+        if args:
+            items = args[0]
+            if not isinstance(items, (list, tuple, set, frozenset, dict)):
+                raise UnsafeCheckpointError(f"the pickle builds a {kind.__name__} from a {type(items).__name__}")
+            if kind is collections.OrderedDict and not isinstance(items, dict):
+                # Python 2 pickled OrderedDicts as a list of [key, value] pairs.
+                items = [pair[0] if isinstance(pair, (list, tuple)) and pair else pair for pair in items]
+            charge_floodable(items, safe=(_Inert,))
+        return kind(*args)
+
+    return build
+
+
+def _plain(kind: type[Any], *, allowed: tuple[type, ...], most: int) -> Callable[..., object]:
+    """A builtin a training checkpoint's plain values need (``bytes()``, ``complex(1, 2)``, ``range(3)``).
+
+    Only with arguments of ``allowed`` types: ``bytes(2**40)`` would allocate a terabyte.
+    """
+
+    def build(*args: object) -> object:
+        if len(args) > most or not all(isinstance(a, allowed) and not isinstance(a, bool) for a in args):
+            raise UnsafeCheckpointError(f"the pickle calls {kind.__name__} with unexpected arguments")
+        if kind in (bytes, bytearray) and len(args) == 2 and args[1] not in ("latin1", "latin-1"):
+            raise UnsafeCheckpointError(f"the pickle calls {kind.__name__} with an unexpected encoding")
+        return kind(*args)
+
+    return build
+
+
+def _codecs_encode(text: object, encoding: object = "utf-8") -> bytes:
+    # Protocol-2 pickles spell bytes as _codecs.encode(str, "latin1").
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1", "utf-8", "utf8"):
+        raise UnsafeCheckpointError("the pickle calls _codecs.encode with unexpected arguments")
+    return text.encode(str(encoding))
+
+
+def _torch_size(*args: object) -> tuple[int, ...]:
+    return _ints(args[0] if args else (), "size")
+
+
+def _layout_name(name: object) -> str:
+    # Sparse tensors name their layout by string; only the name is kept.
+    if not isinstance(name, str):
+        raise UnsafeCheckpointError("the pickle asks for a layout by a non-string name")
+    return name
+
+
+def _torch_device(*args: object) -> str:
+    if not all(isinstance(a, (str, int)) for a in args):
+        raise UnsafeCheckpointError("the pickle builds a torch.device from unexpected arguments")
+    return ":".join(str(a) for a in args)
+
+
+def _allowed_globals() -> dict[tuple[str, str], object]:
+    functions: dict[tuple[str, str], Callable[..., object]] = {
+        ("collections", "OrderedDict"): _hashed(collections.OrderedDict),
+        ("builtins", "set"): _hashed(set),
+        ("builtins", "frozenset"): _hashed(frozenset),
+        # Plain values as protocols 0-4 spell them: b"" is bytes(), bytearray(b"x"), 1+2j, range(3).
+        ("builtins", "bytes"): _plain(bytes, allowed=(bytes, bytearray, str), most=2),
+        ("builtins", "bytearray"): _plain(bytearray, allowed=(bytes, bytearray, str), most=2),
+        ("builtins", "complex"): _plain(complex, allowed=(int, float), most=2),
+        ("builtins", "range"): _plain(range, allowed=(int,), most=3),
+        ("builtins", "slice"): _plain(slice, allowed=(int, type(None)), most=3),
+        ("_codecs", "encode"): _codecs_encode,
+        ("torch", "Size"): _torch_size,
+        ("torch", "device"): _torch_device,
+        ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
+        ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
+        ("torch._utils", "_rebuild_tensor_v3"): _rebuild_tensor_v3,
+        ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+        ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
+        ("torch._tensor", "_rebuild_from_type_v2"): _rebuild_from_type_v2,
+        ("torch.serialization", "_get_layout"): _layout_name,
+        ("torch._utils", "_rebuild_sparse_tensor"): _unsupported_tensor("sparse"),
+        ("torch._utils", "_rebuild_sparse_csr_tensor"): _unsupported_tensor("sparse"),
+        ("torch._utils", "_rebuild_qtensor"): _unsupported_tensor("quantized"),
+        ("torch._utils", "_rebuild_nested_tensor"): _unsupported_tensor("nested"),
+        ("torch._utils", "_rebuild_meta_tensor_no_storage"): _unsupported_tensor("meta (no data)"),
+        ("torch._utils", "_rebuild_wrapper_subclass"): _unsupported_tensor("tensor subclass"),
+        ("torch._utils", "_rebuild_device_tensor_from_numpy"): _unsupported_tensor("numpy-backed"),
+        ("torch._utils", "_rebuild_device_tensor_from_cpu_tensor"): _unsupported_tensor("device"),
+    }
+    allowed: dict[tuple[str, str], object] = {
+        key: _Builder(f"{key[0]}.{key[1]}", func) for key, func in functions.items()
+    }
+    allowed[("torch", "Tensor")] = _TypeMarker("torch.Tensor")
+    allowed[("torch.nn.parameter", "Parameter")] = _TypeMarker("torch.nn.Parameter")
+    allowed[("torch.storage", "UntypedStorage")] = StorageType("UntypedStorage", BYTE)
+    for name, dtype in BY_STORAGE_CLASS.items():
+        allowed[("torch", name)] = StorageType(name, dtype)
+    for name, kind in UNSUPPORTED_STORAGE_CLASSES.items():
+        allowed[("torch", name)] = StorageType(name, None, kind)
+    for name, dtype in BY_TORCH_NAME.items():
+        allowed[("torch", name)] = _DTypeMarker(dtype, name)
+    for name in UNSUPPORTED_TORCH_DTYPES:
+        allowed[("torch", name)] = _DTypeMarker(None, name)
+    # Layouts and quantization schemes only travel as arguments of unsupported tensors.
+    for marker in (
+        "strided",
+        "sparse_coo",
+        "sparse_csr",
+        "sparse_csc",
+        "sparse_bsr",
+        "sparse_bsc",
+        "per_tensor_affine",
+        "per_channel_affine",
+        "per_tensor_symmetric",
+        "per_channel_symmetric",
+        "per_channel_affine_float_qparams",
+    ):
+        allowed[("torch", marker)] = _TypeMarker(f"torch.{marker}")
+    return allowed
+
+
+_ALLOWED = _allowed_globals()
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """``pickle.Unpickler`` whose every global resolves to an inert builder of ours.
+
+    ``find_class`` is the only door from a pickle to a callable (``GLOBAL``,
+    ``STACK_GLOBAL``, ``INST``, ``OBJ``, ``EXT*`` all go through it), so closing it
+    is what the Python docs prescribe for restricting unpickling.
+    """
+
+    def __init__(self, file: BinaryIO, on_storage: Callable[[tuple[object, ...]], StorageNode] | None) -> None:
+        super().__init__(file)
+        self._on_storage = on_storage
+
+    def find_class(self, module: str, name: str) -> Any:
+        # Protocol < 3 pickles use Python 2 names (__builtin__.set, commands.call):
+        # translate them as pickle itself does, for lookup and for the message.
+        if (module, name) in _compat_pickle.NAME_MAPPING:
+            module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+        elif module in _compat_pickle.IMPORT_MAPPING:
+            module = _compat_pickle.IMPORT_MAPPING[module]
+        try:
+            return _ALLOWED[(module, name)]
+        except (KeyError, TypeError):
+            raise UnsafeCheckpointError(
+                f"refused: the pickle asks for {quoted(f'{module}.{name}', 120)}, which a weights file does not "
+                "need (tiesafe never runs code from a checkpoint)"
+            ) from None
+
+    def persistent_load(self, pid: Any) -> Any:
+        if self._on_storage is None or not isinstance(pid, tuple) or not pid:
+            raise CorruptFileError(f"unexpected persistent id {quoted(pid)}")
+        tag = pid[0].decode("ascii", "replace") if isinstance(pid[0], bytes) else pid[0]
+        if tag != "storage":
+            raise UnsafeCheckpointError(f"refused: persistent id of kind {quoted(tag, 40)} (only storages are allowed)")
+        return self._on_storage(pid[1:])
+
+
+def unpickle(stream: BinaryIO, on_storage: Callable[[tuple[object, ...]], StorageNode] | None = None) -> Any:
+    """Scan the next pickle of ``stream`` (see :mod:`.pickle_guard`), then load it from memory."""
+    data = scan(stream, max_bytes=MAX_PICKLE_BYTES)
+    try:
+        return _RestrictedUnpickler(io.BytesIO(data), on_storage).load()
+    except TiesafeError:
+        raise
+    except RecursionError:
+        raise CorruptFileError("the pickle nests too deeply") from None
+    except MemoryError:
+        raise CorruptFileError("the pickle needs more memory than a weights file can") from None
+    except Exception as exc:  # any malformed pickle: one line, no traceback
+        raise CorruptFileError(f"the pickle is malformed ({type(exc).__name__}: {exc})"[:300]) from None
+
+
+def storage_fields(data: tuple[object, ...]) -> tuple[StorageType, str, str, int]:
+    if len(data) < 4:
+        raise CorruptFileError("a storage record has too few fields")
+    storage_type, key, location, numel = data[:4]
+    if isinstance(key, bytes):
+        key = key.decode("ascii", "replace")
+    if isinstance(location, bytes):
+        location = location.decode("ascii", "replace")
+    if not isinstance(storage_type, StorageType):
+        raise CorruptFileError("a storage record does not name a storage type")
+    if not isinstance(key, str) or not isinstance(location, str):
+        raise CorruptFileError("a storage record has a non-string key or location")
+    if type(numel) is not int or numel < 0 or numel > MAX_ELEMENTS:
+        raise CorruptFileError(f"storage {quoted(key)} has an invalid size {quoted(numel, 40)}")
+    return storage_type, key, location, numel
