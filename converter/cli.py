@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import sys
 import time
@@ -34,6 +35,17 @@ if TYPE_CHECKING:
 
 EXIT_INTERNAL = 1
 EXIT_USER = 2
+EXIT_PIPE = 141  # what a shell reports for a command that SIGPIPE ended (128 + 13)
+LONG_LISTING = 40  # inspect groups names by pattern beyond this many (--all lists each)
+SHOWN_TIES = 10  # tie lines a report prints before "and N more"
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null: the flush at exit must not fail again on the closed pipe."""
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
 
 
 class _Group(click.Group):
@@ -49,6 +61,9 @@ class _Group(click.Group):
             ctx.exit(EXIT_USER)
         except (click.exceptions.Exit, click.ClickException, click.Abort):
             raise
+        except BrokenPipeError:  # the reader went away (`tiesafe ... | head`): end quietly, as on SIGPIPE
+            _silence_stdout()
+            ctx.exit(EXIT_PIPE)
         except KeyboardInterrupt:
             click.echo("tiesafe: interrupted; no partial output was left", err=True)
             ctx.exit(130)
@@ -95,7 +110,15 @@ class _Lines:
 
 
 def _names(names: Any) -> str:
-    return ", ".join(_shown(n) for n in names)
+    """A list of names for a report line: the first few, then "and N more" (``--json`` has them all)."""
+    from .listing import cut
+
+    shown, more = cut(list(names))
+    return ", ".join(_shown(n) for n in shown) + (f" and {more} more" if more else "")
+
+
+def _more_lines(total: int, shown: int, what: str) -> str | None:
+    return f"  ... and {total - shown} more {what} (--json lists them all)" if total > shown else None
 
 
 def _console(**options: Any) -> Console:
@@ -112,8 +135,10 @@ def _render_conversion(report: ConversionReport, console: Console | _Lines) -> N
         f"{len(report.aliases)} aliases, {len(report.views)} views"
         + (f", {len(report.materialized)} views written as tensors" if report.materialized else "")
     )
-    for alias, stored in report.aliases.items():
+    for alias, stored in list(report.aliases.items())[:SHOWN_TIES]:
         console.print(f"  tied: {_shown(alias)} = {_shown(stored)}")
+    if more := _more_lines(len(report.aliases), SHOWN_TIES, "ties"):
+        console.print(more)
     if report.views:
         console.print(
             "  restored only by tiesafe (plain loaders skip them; --materialize-views writes them): "
@@ -131,11 +156,15 @@ def _render_folder(report: FolderReport, console: Console | _Lines) -> None:
         by_origin[f"{tie.kind} ({tie.origin})"] = by_origin.get(f"{tie.kind} ({tie.origin})", 0) + 1
     found = ", ".join(f"{n} {what}" for what, n in by_origin.items()) or "none"
     console.print(f"  {report.tensors} tensors, {report.stored} stored; ties: {found}")
-    for tie in report.ties:
-        if tie.origin != "storage" or tie.kind == "alias":
-            console.print(f"  {tie.kind}: {_shown(tie.name)} = {_shown(tie.target)} ({tie.origin})")
-    for group in report.identical:
+    listed = [tie for tie in report.ties if tie.origin != "storage" or tie.kind == "alias"]
+    for tie in listed[:SHOWN_TIES]:
+        console.print(f"  {tie.kind}: {_shown(tie.name)} = {_shown(tie.target)} ({tie.origin})")
+    if more := _more_lines(len(listed), SHOWN_TIES, "ties"):
+        console.print(more)
+    for group in report.identical[:SHOWN_TIES]:
         console.print(f"  identical bytes, not tied (--dedup-identical stores them once): {_names(group)}")
+    if more := _more_lines(len(report.identical), SHOWN_TIES, "groups of identical tensors"):
+        console.print(more)
     for warning in report.warnings:
         console.print(f"  [yellow]warning[/]: {_shown(warning)}")
     if report.copied:
@@ -194,23 +223,51 @@ def _render_upload(report: UploadReport, console: Console) -> None:
         console.print(f"[bold red]not ready to upload[/]: {failed} failed; nothing was written or pushed")
 
 
-def _render_inspect(report: InspectReport, console: Console) -> None:
-    from rich.table import Table
+def _render_inspect(report: InspectReport, *, show_all: bool) -> None:
+    """The tensors as a table on a terminal, as plain columns elsewhere; grouped by name pattern when long."""
+    from .listing import Row, group_rows
 
-    table = Table(title=f"{_shown(report.path)} ({report.format})")
-    for column in ("name", "dtype", "shape", "bytes", "stored as"):
-        table.add_column(column)
-    for t in report.tensors:
-        table.add_row(_shown(t.name), t.dtype, str(t.shape), human_bytes(t.nbytes), _shown(t.stored_as))
-    console.print(table)
-    for group in report.groups:
-        console.print(f"  {group.kind}: {_names(group.names)}")
+    grouped = not show_all and len(report.tensors) > LONG_LISTING
+    if grouped:
+        rows = group_rows((t.name, t.dtype, t.shape, t.nbytes, t.stored_as) for t in report.tensors)
+    else:
+        rows = [Row(t.name, t.dtype, t.shape, t.nbytes, t.stored_as) for t in report.tensors]
+    header = ["name", "dtype", "shape", "bytes", "stored as", *(["names"] if grouped else [])]
+    cells = [
+        [_shown(r.name), r.dtype, str(r.shape), human_bytes(r.nbytes), _shown(r.stored_as)]
+        + ([f"× {r.count:,}"] if grouped else [])
+        for r in rows
+    ]
+    title = f"{_shown(report.path)} ({report.format})"
+    lines = _Lines()
+    if sys.stdout.isatty():
+        from rich.table import Table
+
+        table = Table(title=title)
+        for column in header:
+            table.add_column(column, justify="right" if column == "names" else "left")
+        for row in cells:
+            table.add_row(*row)
+        _console(highlight=False, soft_wrap=True).print(table)
+    else:  # plain columns for pipes and files: no box drawing, no markup
+        widths = [max(len(c) for c in column) for column in zip(header, *cells, strict=True)]
+        text = [title] + [
+            "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in [header, *cells]
+        ]
+        click.echo("\n".join(text).replace("\\[", "["))
+    for group in report.groups[:SHOWN_TIES]:
+        lines.print(f"  {group.kind}: {_names(group.names)}")
+    if more := _more_lines(len(report.groups), SHOWN_TIES, "groups of names that share bytes"):
+        lines.print(more)
     if report.skipped:
-        console.print(f"  skipped non-tensor entries: {_names(report.skipped)}")
-    console.print(
+        lines.print(f"  skipped non-tensor entries: {_names(report.skipped)}")
+    summary = (
         f"  {len(report.tensors)} names, {human_bytes(report.bytes_stored)} stored for "
         f"{human_bytes(report.bytes_all_names)}: {human_bytes(report.bytes_saved)} saved by ties"
     )
+    if grouped:
+        summary += f"; names that differ only in their numbers are grouped ({len(rows)} rows; --all lists each)"
+    lines.print(summary)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -307,16 +364,28 @@ def convert_command(
 @main.command("inspect")
 @click.argument("path", type=click.Path(dir_okay=False, path_type=str))
 @click.option("--key", help="Entry holding the weights in a training checkpoint.")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def inspect_command(path: str, key: str | None, as_json: bool) -> None:
-    """List the tensors of PATH (.bin/.pt or .safetensors), their ties and bytes."""
+@click.option(
+    "--all",
+    "show_all",
+    is_flag=True,
+    help=f"One row per name (beyond {LONG_LISTING} names they are grouped by pattern).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON (every name).")
+def inspect_command(path: str, key: str | None, show_all: bool, as_json: bool) -> None:
+    """List the tensors of PATH (.bin/.pt or .safetensors), their ties and bytes.
+
+    \b
+    A long listing groups names that differ only in their numbers:
+    model.layers.{0..60}.mlp.experts.{0..255}.gate_proj.weight  BF16  [32, 32]  ...  × 15,616
+    On a terminal it is a table; piped or redirected, plain columns.
+    """
     from .convert import inspect
 
     report = inspect(path, key=key)
     if as_json:
         _print_json(report.to_dict())
     else:
-        _render_inspect(report, _console(highlight=False, soft_wrap=True))
+        _render_inspect(report, show_all=show_all)
 
 
 @main.command("verify")

@@ -11,7 +11,7 @@ without such tensors convert without paying for it.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -22,6 +22,14 @@ from .descriptors import TensorRef
 # the real dtype (float8, bool, ... all travel as raw integers).
 _RAW_DTYPE_NAMES = {1: "uint8", 2: "int16", 4: "int32", 8: "int64"}
 _BLOCK = 2 * 1024 * 1024  # per read when comparing; see WindowComparer
+# Ranges up to this size move in batches: many storages read with one preadv, written or
+# compared at once. A mixture-of-experts file holds tens of thousands of 2-64 KiB tensors,
+# and one system call (plus Python around it) per tensor cost more than their bytes
+# (scripts/bench.py, MoE inputs; the threshold is measured there, see README).
+SMALL_RANGE = 1 << 20
+BATCH_BYTES = _BLOCK  # at most this much tensor data per batch (one buffer)
+SMALL_GAP = 64 * 1024  # bytes between two ranges of a batch (zip headers, storage tails) read and dropped
+_MAX_PIECES = 500  # ranges per batch: with the gaps between them, below Linux's IOV_MAX (1024)
 
 
 @dataclass(frozen=True)
@@ -81,6 +89,52 @@ def gather(fd: int, storage_offset: int, ref: TensorRef) -> memoryview:
     return memoryview(cast(bytes, raw_bytes))
 
 
+@dataclass(frozen=True)
+class Piece:
+    """``nbytes`` at ``offset`` of one file (what ``read_pieces`` reads back to back)."""
+
+    offset: int
+    nbytes: int
+
+
+def batchable(window: FileWindow) -> Piece | None:
+    """The window's byte range when it is small enough to move in a batch, else None."""
+    span = window.contiguous_range
+    if span is None or span[1] > SMALL_RANGE:
+        return None
+    return Piece(*span)
+
+
+def extends(last: Piece, count: int, total: int, piece: Piece) -> bool:
+    """Whether ``piece`` can join a batch of ``count`` pieces and ``total`` bytes ending with ``last``."""
+    gap = piece.offset - (last.offset + last.nbytes)
+    return 0 <= gap <= SMALL_GAP and count < _MAX_PIECES and total + piece.nbytes <= BATCH_BYTES
+
+
+def read_pieces(fd: int, pieces: list[Piece], buffer: bytearray, scratch: bytearray) -> int:
+    """Read ``pieces`` (increasing, close together) back to back into ``buffer``; return their size.
+
+    One ``preadv`` reads the whole span: the pieces land in ``buffer``, the bytes between
+    them in ``scratch`` (at least ``SMALL_GAP`` bytes long), which is overwritten. Raises
+    EOFError when the file ends first.
+    """
+    view, junk = memoryview(buffer), memoryview(scratch)
+    vectors: list[memoryview] = []
+    filled, position = 0, pieces[0].offset
+    for piece in pieces:
+        if piece.offset > position:
+            vectors.append(junk[: piece.offset - position])
+        vectors.append(view[filled : filled + piece.nbytes])
+        filled += piece.nbytes
+        position = piece.offset + piece.nbytes
+    if os.preadv(fd, vectors, pieces[0].offset) < position - pieces[0].offset:
+        filled = 0  # a short read (a signal, or the end of the file): piece by piece, retrying
+        for piece in pieces:
+            read_into(fd, view[filled : filled + piece.nbytes], piece.offset)
+            filled += piece.nbytes
+    return filled
+
+
 class WindowComparer:
     """Compares windows byte for byte, skipping ranges already proven equal.
 
@@ -103,6 +157,7 @@ class WindowComparer:
         self._proven: dict[tuple[int, int, int], list[tuple[int, int]]] = {}
         self._out = bytearray(_BLOCK)
         self._src = bytearray(_BLOCK)
+        self._gaps = bytearray(SMALL_GAP)
         self.bytes_compared = 0
 
     def close(self) -> None:
@@ -150,3 +205,51 @@ class WindowComparer:
         self.bytes_compared += 2 * n
         proven.append((o, n))
         return True
+
+    def first_difference(self, pairs: Iterable[tuple[str, FileWindow, FileWindow]]) -> str | None:
+        """The first name whose output window (first) differs from its source window, else None.
+
+        Runs of small windows that lie close together in both files are read with one
+        ``preadv`` per file and compared at once (one ``memcmp``); only when a run
+        differs are its names compared one by one, to name the first that differs.
+
+        Example:
+            >>> with contextlib.closing(WindowComparer()) as comparer:  # doctest: +SKIP
+            ...     comparer.first_difference([("w", output_window, source_window)])
+        """
+        run: list[tuple[str, FileWindow, FileWindow, Piece, Piece]] = []
+        total = 0
+        for name, out, src in pairs:
+            pieces = batchable(out), batchable(src)
+            small = pieces[0] is not None and pieces[1] is not None and pieces[0].nbytes == pieces[1].nbytes
+            if run and not (
+                small
+                and out.path == run[-1][1].path
+                and src.path == run[-1][2].path
+                and extends(run[-1][3], len(run), total, cast(Piece, pieces[0]))
+                and extends(run[-1][4], len(run), total, cast(Piece, pieces[1]))
+            ):
+                different = self._first_in_run(run)
+                if different is not None:
+                    return different
+                run, total = [], 0
+            if small:
+                run.append((name, out, src, cast(Piece, pieces[0]), cast(Piece, pieces[1])))
+                total += cast(Piece, pieces[0]).nbytes
+            elif not self.equal(out, src):
+                return name
+        return self._first_in_run(run) if run else None
+
+    def _first_in_run(self, run: list[tuple[str, FileWindow, FileWindow, Piece, Piece]]) -> str | None:
+        out_path, last = run[0][1].path, run[-1][3]
+        if self._wait is not None:
+            self._wait(out_path, last.offset + last.nbytes)
+        try:
+            nbytes = read_pieces(self._fd(out_path), [r[3] for r in run], self._out, self._gaps)
+            read_pieces(self._fd(run[0][2].path), [r[4] for r in run], self._src, self._gaps)
+            if self._out.startswith(memoryview(self._src)[:nbytes]):  # memcmp
+                self.bytes_compared += 2 * nbytes
+                return None
+        except EOFError:
+            pass  # a file shorter than its header says: found below, name by name
+        return next((name for name, out, src, _, _ in run if not self.equal(out, src)), None)

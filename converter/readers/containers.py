@@ -8,6 +8,7 @@ structure (built by :mod:`.unpickler`) and where each storage's bytes lie in the
 from __future__ import annotations
 
 import io
+import os
 import struct
 import zipfile
 from pathlib import Path
@@ -20,26 +21,49 @@ from .unpickler import MAX_ELEMENTS, MAX_PICKLE_BYTES, StorageNode, storage_fiel
 
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 LEGACY_PROTOCOL = 1001
+_LOCAL = struct.Struct("<8xH16xHH")  # a local file header: compression method, name and extra lengths
+_HEADERS_BLOCK = 64 * 1024  # local headers closer than this are read together
 
 
 # --------------------------------------------------------------------------- zip format
 
 
-def _local_data_offset(raw: BinaryIO, info: zipfile.ZipInfo, file_size: int) -> int:
-    # The central directory does not give where data starts: the local header's
-    # extra field (torch pads it to align storages) may differ, so read it.
-    raw.seek(info.header_offset)
-    header = raw.read(30)
-    if len(header) != 30 or header[:4] != b"PK\x03\x04":
-        raise CorruptFileError(f"zip member {quoted(info.filename)} has no valid local header")
-    (method,) = struct.unpack("<H", header[8:10])
-    if method != zipfile.ZIP_STORED:  # the central directory said stored: the two disagree
-        raise CorruptFileError(f"zip member {quoted(info.filename)} is compressed; torch writes storages uncompressed")
-    name_len, extra_len = struct.unpack("<HH", header[26:30])
-    start = info.header_offset + 30 + name_len + extra_len
-    if start + info.file_size > file_size:
-        raise CorruptFileError(f"zip member {quoted(info.filename)} claims more bytes than the file holds")
-    return int(start)
+def _local_data_offsets(raw: BinaryIO, infos: list[zipfile.ZipInfo], file_size: int) -> dict[str, int]:
+    """Where each member's data starts, from its local header.
+
+    The central directory does not give where data starts: the local header's extra
+    field (torch pads it to align storages) may differ, so each is read. Headers that
+    lie close together (a file of thousands of small storages) are read by one
+    ``pread`` for many, in file order, rather than one seek and read each.
+    """
+    fd = raw.fileno()
+    ordered = sorted(infos, key=lambda info: info.header_offset)
+    starts: dict[str, int] = {}
+    block, block_start = b"", 0
+    for i, info in enumerate(ordered):
+        at = info.header_offset - block_start
+        if at < 0 or at + 30 > len(block):
+            last = i  # read through the last header within _HEADERS_BLOCK of this one
+            while (
+                last + 1 < len(ordered) and ordered[last + 1].header_offset + 30 - info.header_offset <= _HEADERS_BLOCK
+            ):
+                last += 1
+            block_start = info.header_offset
+            block = os.pread(fd, ordered[last].header_offset + 30 - block_start, block_start)
+            at = 0
+        header = block[at : at + 30]
+        if len(header) != 30 or header[:4] != b"PK\x03\x04":
+            raise CorruptFileError(f"zip member {quoted(info.filename)} has no valid local header")
+        method, name_len, extra_len = _LOCAL.unpack_from(header)
+        if method != zipfile.ZIP_STORED:  # the central directory said stored: the two disagree
+            raise CorruptFileError(
+                f"zip member {quoted(info.filename)} is compressed; torch writes storages uncompressed"
+            )
+        start = info.header_offset + 30 + name_len + extra_len
+        if start + info.file_size > file_size:
+            raise CorruptFileError(f"zip member {quoted(info.filename)} claims more bytes than the file holds")
+        starts[info.filename] = start
+    return starts
 
 
 def _read_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> bytes:
@@ -83,7 +107,7 @@ def read_zip(path: Path, raw: BinaryIO, file_size: int) -> tuple[Any, dict[str, 
         raise CorruptFileError(f"data.pkl claims {pickle_info.file_size} bytes: too large for a weights file")
     pickle_bytes = _read_member(archive, pickle_info)
 
-    records: dict[str, StorageRecord] = {}
+    members: dict[str, tuple[zipfile.ZipInfo, int]] = {}  # storage key -> its record, bytes it holds
     nodes: dict[str, StorageNode] = {}
 
     def on_storage(data: tuple[object, ...]) -> StorageNode:
@@ -101,12 +125,19 @@ def read_zip(path: Path, raw: BinaryIO, file_size: int) -> tuple[Any, dict[str, 
                 f"storage {quoted(key)} should hold {numel * dtype.itemsize} bytes "
                 f"but its record has {member.file_size}"
             )
-        offset = _local_data_offset(raw, member, file_size)
-        records[key] = StorageRecord(key, path, offset, numel * dtype.itemsize, location)
+        members[key] = (member, numel * dtype.itemsize)
+        locations[key] = location
         nodes[key] = StorageNode(key, dtype, 0, storage_type.unsupported)
         return nodes[key]
 
-    return unpickle(io.BytesIO(pickle_bytes), on_storage), records
+    locations: dict[str, str] = {}
+    result = unpickle(io.BytesIO(pickle_bytes), on_storage)
+    starts = _local_data_offsets(raw, [member for member, _ in members.values()], file_size)
+    records = {
+        key: StorageRecord(key, path, starts[member.filename], nbytes, locations[key])
+        for key, (member, nbytes) in members.items()
+    }
+    return result, records
 
 
 # --------------------------------------------------------------------------- legacy format
