@@ -11,7 +11,6 @@ beside every other file of the folder.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
 import time
@@ -154,14 +153,16 @@ def read_folder_checkpoint(files: list[Path], weight_map: dict[str, str] | None)
         ckpt = read_checkpoint(path)
         formats.add(ckpt.format)
         stamps.update(ckpt.stamps)
+        # Built directly, not with dataclasses.replace: tens of thousands of tensors in an MoE shard.
         for key, record in ckpt.storages.items():
-            storages[f"{path.name}/{key}"] = dataclasses.replace(record, key=f"{path.name}/{key}")
+            own = f"{path.name}/{key}"
+            storages[own] = StorageRecord(own, record.path, record.offset, record.nbytes, record.location)
         for name, ref in ckpt.tensors.items():
             if weight_map is not None and weight_map.get(name, path.name) != path.name:
                 continue  # the index places this name in another file
             if name in tensors:
                 raise TiesafeError(f"tensor {name!r} is in more than one weight file", path=path)
-            tensors[name] = dataclasses.replace(ref, storage=f"{path.name}/{ref.storage}")
+            tensors[name] = TensorRef(f"{path.name}/{ref.storage}", ref.dtype, ref.offset, ref.shape, ref.stride)
         skipped += [f"{path.name}:{s}" for s in ckpt.skipped]
     if weight_map is not None:
         missing = [n for n in weight_map if n not in tensors]

@@ -23,6 +23,7 @@ from .windows import BATCH_BYTES, SMALL_GAP, FileWindow, Piece, WindowComparer, 
 
 _BLOCK = 16 * 1024 * 1024
 _SAMPLE = 1024  # bytes read from each end of a candidate: trained weights differ there
+_SAMPLE_GAP = 4 * 1024  # ends further apart are read apart: reading the bytes between costs more
 _COMPARE_AT_MOST = 8  # tensors alike in dtype, shape and samples compared pairwise; more are hashed
 
 
@@ -87,8 +88,8 @@ def _sample_digests(windows: list[FileWindow], fds: dict[Path, int]) -> list[byt
         own = _ends(span)
         if pieces and (
             window.path != windows[owners[0][0]].path
-            or not extends(pieces[-1], len(pieces), total, own[0])
-            or (len(own) == 2 and not extends(own[0], len(pieces) + 1, total + own[0].nbytes, own[1]))
+            or not extends(pieces[-1], len(pieces), total, own[0], _SAMPLE_GAP)
+            or (len(own) == 2 and not extends(own[0], len(pieces) + 1, total + own[0].nbytes, own[1], _SAMPLE_GAP))
         ):
             flush()
             total = 0

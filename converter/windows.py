@@ -22,12 +22,17 @@ from .descriptors import TensorRef
 # the real dtype (float8, bool, ... all travel as raw integers).
 _RAW_DTYPE_NAMES = {1: "uint8", 2: "int16", 4: "int32", 8: "int64"}
 _BLOCK = 2 * 1024 * 1024  # per read when comparing; see WindowComparer
-# Ranges up to this size move in batches: many storages read with one preadv, written or
-# compared at once. A mixture-of-experts file holds tens of thousands of 2-64 KiB tensors,
-# and one system call (plus Python around it) per tensor cost more than their bytes
-# (scripts/bench.py, MoE inputs; the threshold is measured there, see README).
-SMALL_RANGE = 1 << 20
+# Small ranges move in batches: many storages read with one preadv, then written or
+# compared at once. A mixture-of-experts file holds tens of thousands of 2-64 KiB
+# tensors, and one system call (plus Python around it) per tensor costs more than
+# their bytes. Copies: below SMALL_RANGE a copy through a buffer is cheaper than one
+# copy_file_range each; from it on the kernel's copy wins (scripts/bench.py and a bare
+# loop over a 0.8 GB file here: 4 KiB ranges 1.5 s, 16 KiB 1.0 s, 64 KiB 0.7 s, through a
+# 2 MiB buffer 0.6-1.2 s). Comparisons always read through a buffer: any range that
+# fits one joins a batch (SMALL_COMPARE).
+SMALL_RANGE = 32 * 1024
 BATCH_BYTES = _BLOCK  # at most this much tensor data per batch (one buffer)
+SMALL_COMPARE = BATCH_BYTES
 SMALL_GAP = 64 * 1024  # bytes between two ranges of a batch (zip headers, storage tails) read and dropped
 _MAX_PIECES = 500  # ranges per batch: with the gaps between them, below Linux's IOV_MAX (1024)
 
@@ -97,18 +102,18 @@ class Piece:
     nbytes: int
 
 
-def batchable(window: FileWindow) -> Piece | None:
-    """The window's byte range when it is small enough to move in a batch, else None."""
+def batchable(window: FileWindow, limit: int | None = None) -> Piece | None:
+    """The window's byte range when it is shorter than ``limit`` (SMALL_RANGE), else None."""
     span = window.contiguous_range
-    if span is None or span[1] > SMALL_RANGE:
+    if span is None or span[1] >= (SMALL_RANGE if limit is None else limit):
         return None
     return Piece(*span)
 
 
-def extends(last: Piece, count: int, total: int, piece: Piece) -> bool:
+def extends(last: Piece, count: int, total: int, piece: Piece, gap_limit: int = SMALL_GAP) -> bool:
     """Whether ``piece`` can join a batch of ``count`` pieces and ``total`` bytes ending with ``last``."""
     gap = piece.offset - (last.offset + last.nbytes)
-    return 0 <= gap <= SMALL_GAP and count < _MAX_PIECES and total + piece.nbytes <= BATCH_BYTES
+    return 0 <= gap <= gap_limit and count < _MAX_PIECES and total + piece.nbytes <= BATCH_BYTES
 
 
 def read_pieces(fd: int, pieces: list[Piece], buffer: bytearray, scratch: bytearray) -> int:
@@ -220,7 +225,7 @@ class WindowComparer:
         run: list[tuple[str, FileWindow, FileWindow, Piece, Piece]] = []
         total = 0
         for name, out, src in pairs:
-            pieces = batchable(out), batchable(src)
+            pieces = batchable(out, SMALL_COMPARE), batchable(src, SMALL_COMPARE)
             small = pieces[0] is not None and pieces[1] is not None and pieces[0].nbytes == pieces[1].nbytes
             if run and not (
                 small

@@ -22,8 +22,9 @@ from converter.stfile import read_safetensors
 
 @pytest.fixture
 def small_batches(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(windows, "SMALL_RANGE", 4096)  # ranges up to 4 KiB are batched
+    monkeypatch.setattr(windows, "SMALL_RANGE", 4096)  # ranges below 4 KiB are copied in batches
     monkeypatch.setattr(windows, "BATCH_BYTES", 16 * 1024)  # at most 16 KiB per batch
+    monkeypatch.setattr(windows, "SMALL_COMPARE", 16 * 1024)
 
 
 def _experts(path: Path, *, legacy: bool = False) -> dict[str, torch.Tensor]:
