@@ -89,6 +89,7 @@ _SAFE = frozenset(
 
 _MARK = -1  # a MARK on the simulated stack; an item is ``depth * 2 + floodable`` (never negative)
 _NEED = -1  # a step needs bytes past the end of what was read so far
+_UNSET = -2  # a memo slot nothing was stored in
 _AHEAD = 9  # the longest fixed-size opcode with its argument (FRAME): inline steps read no further
 _READ = 1 << 20  # a pickle read from a file (legacy format) is read in growing blocks from this size
 _BY_CODE = {ord(op.code): op for op in pickletools.opcodes}
@@ -127,7 +128,8 @@ class _Walk:
         self.max_bytes = max_bytes
         self.stack: list[int] = []
         self.marks: list[int] = []  # where the MARKs are in ``stack``, innermost last
-        self.memo: dict[int, int] = {}
+        self.memo: list[int] = []  # slot -> label; _UNSET where nothing was stored (a list: 8 bytes a slot)
+        self.stored = 0  # slots stored: the C unpickler's memo grows with the largest slot, bounded by this
         self.floodable_keys = 0
         self.opcodes = 0
         self.done = False
@@ -141,6 +143,7 @@ class _Walk:
         stack, marks, memo, push = self.stack, self.marks, self.memo, self.stack.append
         size = len(data)
         safe = size if eof else size - _AHEAD
+        stored = self.stored
         budget = MAX_OPCODES - self.opcodes
         count = 0
         try:
@@ -158,11 +161,15 @@ class _Walk:
                         index = data[pos + 1]
                         pos += 2
                     else:
-                        index = len(memo)
+                        index = stored
                         pos += 1
-                    if index > len(memo) + _MEMO_SLACK or not stack or stack[-1] == _MARK:
-                        self._memoize(index)  # raises the right error
-                    memo[index] = stack[-1]
+                    if index == len(memo) and index <= stored + _MEMO_SLACK and stack and stack[-1] >= 0:
+                        memo.append(stack[-1])  # the next slot, as picklers number them
+                        stored += 1
+                    else:
+                        self.stored = stored
+                        self._memoize(index)
+                        stored = self.stored
                 elif op == 0x4B:  # BININT1
                     push(0)
                     pos += 2
@@ -173,8 +180,8 @@ class _Walk:
                     else:
                         index = _uint4(data, pos + 1)[0]
                         pos += 5
-                    label = memo.get(index)
-                    if label is None:
+                    label = memo[index] if index < len(memo) else _UNSET
+                    if label == _UNSET:
                         raise _malformed(f"memo slot {index} was never stored")
                     push(label)
                 elif op == 0x28:  # MARK
@@ -264,7 +271,9 @@ class _Walk:
                         )
                     pos += 9
                 else:
+                    self.stored = stored
                     after = self._step(data, pos, eof)
+                    stored = self.stored
                     if after == _NEED:
                         count -= 1
                         break
@@ -275,6 +284,7 @@ class _Walk:
             raise _malformed("stack underflow") from None
         finally:
             self.opcodes += count
+            self.stored = stored
         return pos
 
     def _pop_to_mark(self) -> list[int]:
@@ -296,10 +306,16 @@ class _Walk:
             raise _too_many_keys()
 
     def _memoize(self, index: object) -> None:
-        if not isinstance(index, int) or index > len(self.memo) + _MEMO_SLACK:
+        if not isinstance(index, int) or index > self.stored + _MEMO_SLACK:
             raise CorruptFileError(f"the pickle stores memo slot {index} far out of order: a memory bomb")
+        if index < 0:
+            raise _malformed(f"negative memo slot {index}")
         if not self.stack or self.stack[-1] == _MARK:
             raise _malformed("nothing to store in the memo")
+        if index >= len(self.memo):
+            self.memo.extend([_UNSET] * (index + 1 - len(self.memo)))
+        if self.memo[index] == _UNSET:
+            self.stored += 1
         self.memo[index] = self.stack[-1]
 
     def _step(self, data: bytes, pos: int, eof: bool) -> int:
@@ -338,10 +354,10 @@ class _Walk:
         if name == "FRAME" and isinstance(arg, int) and arg > self.max_bytes:
             raise CorruptFileError(f"the pickle announces a frame of {arg} bytes: too large for a weights file")
         if name in ("PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"):
-            self._memoize(len(self.memo) if name == "MEMOIZE" else arg)
+            self._memoize(self.stored if name == "MEMOIZE" else arg)
             return
         if name in ("GET", "BINGET", "LONG_BINGET"):
-            if not isinstance(arg, int) or arg not in self.memo:
+            if not isinstance(arg, int) or not 0 <= arg < len(self.memo) or self.memo[arg] == _UNSET:
                 raise _malformed(f"memo slot {arg} was never stored")
             self.stack.append(self.memo[arg])
             return
