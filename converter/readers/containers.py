@@ -12,7 +12,7 @@ import os
 import struct
 import zipfile
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, NamedTuple
 
 from ..descriptors import StorageRecord
 from ..dtypes import BYTE, DType
@@ -28,7 +28,17 @@ _HEADERS_BLOCK = 64 * 1024  # local headers closer than this are read together
 # --------------------------------------------------------------------------- zip format
 
 
-def _local_data_offsets(raw: BinaryIO, infos: list[zipfile.ZipInfo], file_size: int) -> dict[str, int]:
+class _Member(NamedTuple):
+    """What the reader needs of a zip member's central-directory record."""
+
+    filename: str
+    header_offset: int
+    compress_type: int
+    compress_size: int
+    file_size: int
+
+
+def _local_data_offsets(raw: BinaryIO, infos: list[_Member], file_size: int) -> dict[str, int]:
     """Where each member's data starts, from its local header.
 
     The central directory does not give where data starts: the local header's extra
@@ -106,15 +116,27 @@ def read_zip(path: Path, raw: BinaryIO, file_size: int) -> tuple[Any, dict[str, 
     if pickle_info.file_size > MAX_PICKLE_BYTES:
         raise CorruptFileError(f"data.pkl claims {pickle_info.file_size} bytes: too large for a weights file")
     pickle_bytes = _read_member(archive, pickle_info)
+    # What the storages need of their records, in tuples: zipfile's ZipInfo objects (and the
+    # archive) are dropped before the pickle is unpickled, which for a file of 100,000
+    # storages holds as much memory as they do.
+    data_prefix = f"{prefix}/data/"
+    table = {
+        info.filename[len(data_prefix) :]: _Member(
+            info.filename, info.header_offset, info.compress_type, info.compress_size, info.file_size
+        )
+        for info in infos
+        if info.filename.startswith(data_prefix)
+    }
+    del archive, infos, by_name, names, pickle_info, byteorder
 
-    members: dict[str, tuple[zipfile.ZipInfo, int]] = {}  # storage key -> its record, bytes it holds
+    members: dict[str, tuple[_Member, int]] = {}  # storage key -> its record, bytes it holds
     nodes: dict[str, StorageNode] = {}
 
     def on_storage(data: tuple[object, ...]) -> StorageNode:
         storage_type, key, location, numel = storage_fields(data)
         if key in nodes:
             return nodes[key]
-        member = by_name.get(f"{prefix}/data/{key}")
+        member = table.get(key)
         if member is None:
             raise CorruptFileError(f"storage {quoted(key)} has no record in the archive")
         if member.compress_type != zipfile.ZIP_STORED or member.compress_size != member.file_size:
