@@ -20,7 +20,7 @@ from pathlib import Path
 from .declared import declared_ties
 from .descriptors import Checkpoint, StorageRecord, TensorRef
 from .errors import TiesafeError, VerificationError
-from .identical import identical_groups
+from .identical import equal_bytes, identical_groups, search_is_costly
 from .layout import SetPlan, plan_shards, set_file_names, stored_items
 from .readers.torchfile import read_checkpoint
 from .reports import SavedBytesReport
@@ -172,11 +172,20 @@ def read_folder_checkpoint(files: list[Path], weight_map: dict[str, str] | None)
 
 
 def _apply_declared(
-    folder: Path, ckpt: Checkpoint, sharing: SharingPlan, identical: list[list[str]], allow_untied: bool
+    folder: Path,
+    ckpt: Checkpoint,
+    sharing: SharingPlan,
+    identical: list[list[str]] | None,
+    allow_untied: bool,
 ) -> tuple[list[Tie], list[str], set[str]]:
-    """Store once the tensors the model declares tied, after checking their bytes agree."""
+    """Store once the tensors the model declares tied, after checking their bytes agree.
+
+    ``identical`` is None when the search for identical bytes was skipped: each declared
+    pair is then compared on its own.
+    """
     stored = {s.name for s in sharing.stored}
-    equal_to = {name: group[0] for group in identical for name in group}
+    equal_to = {name: group[0] for group in identical or [] for name in group}
+    by_name = {item.name: item for item in stored_items(ckpt, sharing)} if identical is None else {}
     ties, warnings, moved = [], [], set()
     for group in declared_ties(folder):
         present = [n for n in group if n in stored]
@@ -186,7 +195,11 @@ def _apply_declared(
         for name in present:
             if name == keeper:
                 continue
-            if equal_to.get(name, name) != equal_to.get(keeper, keeper):
+            if (
+                not equal_bytes(by_name[name], by_name[keeper])
+                if identical is None
+                else equal_to.get(name, name) != equal_to.get(keeper, keeper)
+            ):
                 problem = f"the model ties {name!r} to {keeper!r} but their bytes differ"
                 if not allow_untied:
                     raise TiesafeError(f"{problem}; pass --allow-untied to keep both", path=folder)
@@ -305,8 +318,15 @@ def plan_folder(
     sharing = plan_sharing(ckpt.tensors, materialize_views=materialize_views)
     ties = [Tie(n, t, "alias", "storage") for n, t in sharing.ties.aliases.items()]
     ties += [Tie(n, v.base, "view", "storage") for n, v in sharing.ties.views.items()]
-    identical = identical_groups(stored_items(ckpt, sharing))
-    declared, warnings, moved = _apply_declared(src, ckpt, sharing, identical, allow_untied)
+    items = stored_items(ckpt, sharing)
+    costly = 0 if dedup_identical else search_is_costly(items)
+    identical = [] if costly else identical_groups(items)
+    declared, warnings, moved = _apply_declared(src, ckpt, sharing, None if costly else identical, allow_untied)
+    if costly:  # said, not silent: the report names what was not looked for
+        warnings.append(
+            f"identical bytes not searched: {costly} small tensors share a dtype and shape "
+            "(--dedup-identical searches them and stores equal ones once)"
+        )
     ties += declared
     identical = [g for g in identical if not set(g) & moved]
     if dedup_identical:

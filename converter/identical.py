@@ -125,6 +125,43 @@ def _equal_classes(pairs: list[_Pair], comparer: WindowComparer) -> list[list[_P
     return [members for members in classes if len(members) > 1]
 
 
+# Past this many small candidates (mixture-of-experts experts: thousands of one shape) the
+# search is skipped unless asked for (--dedup-identical): reading and hashing both ends of
+# each costs tens of microseconds a tensor, as much as the copy of a 64 KiB expert.
+SEARCH_AT_MOST = 1_000
+_SMALL_CANDIDATE = 1 << 20
+
+
+def search_is_costly(items: list[StoredItem]) -> int:
+    """How many candidates ``identical_groups`` would read, when they are many and small; else 0.
+
+    Example:
+        >>> search_is_costly(stored_items(ckpt, sharing))  # doctest: +SKIP
+        12288
+    """
+    shapes: dict[tuple[object, ...], list[int]] = defaultdict(list)
+    for item in items:
+        if item.nbytes and isinstance(item.source, FileWindow):
+            shapes[(item.dtype, item.shape)].append(item.nbytes)
+    sizes = [n for group in shapes.values() if len(group) > 1 for n in group]
+    if len(sizes) > SEARCH_AT_MOST and sum(sizes) < _SMALL_CANDIDATE * len(sizes):
+        return len(sizes)
+    return 0
+
+
+def equal_bytes(a: StoredItem, b: StoredItem) -> bool:
+    """Whether two stored items hold the same bytes (a tie the model declares, checked)."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    if not (isinstance(a.source, FileWindow) and isinstance(b.source, FileWindow)):
+        return False
+    comparer = WindowComparer()
+    try:
+        return comparer.equal(a.source, b.source)
+    finally:
+        comparer.close()
+
+
 def identical_groups(items: list[StoredItem]) -> list[list[str]]:
     """Groups of stored names with equal dtype, shape and bytes, in source order.
 
