@@ -209,12 +209,16 @@ class WriteProgress:
         self._written: dict[Path, int] = {}
         self._stopped = False
         self._changed = threading.Condition()
+        self._awaited: dict[Path, list[int]] = {}  # the ends readers wait for, per file
 
     def advance(self, path: Path, end: int) -> None:
         """Bytes ``[0, end)`` of ``path`` are written."""
         with self._changed:
             self._written[path] = end
-            self._changed.notify_all()
+            # Wake readers only when what one waits for has landed: thousands of small
+            # tensors would otherwise wake the verifier for each, to wait again.
+            if any(end >= awaited for awaited in self._awaited.get(path, ())):
+                self._changed.notify_all()
 
     def stop(self) -> None:
         """No more bytes will come: waiting readers raise :class:`WriteStopped`."""
@@ -225,10 +229,15 @@ class WriteProgress:
     def wait(self, path: Path, end: int) -> None:
         """Block until bytes ``[0, end)`` of ``path`` are written."""
         with self._changed:
-            while self._written.get(path, 0) < end:
-                if self._stopped:
-                    raise WriteStopped(path)
-                self._changed.wait()
+            awaited = self._awaited.setdefault(path, [])
+            awaited.append(end)
+            try:
+                while self._written.get(path, 0) < end:
+                    if self._stopped:
+                        raise WriteStopped(path)
+                    self._changed.wait()
+            finally:
+                awaited.remove(end)
 
 
 class _Checker:
