@@ -1,4 +1,5 @@
-"""The conversion path never imports torch (nor rich, which only draws tables)."""
+"""The conversion path never imports torch (nor rich, which only draws tables), nor reads the
+installed metadata (``converter.__version__`` is read when asked)."""
 
 from __future__ import annotations
 
@@ -25,6 +26,8 @@ def test_convert_and_inspect_of_a_checkpoint_do_not_import_torch(tmp_path: Path)
     converted = _imported_modules("convert", str(source), str(tmp_path / "model.safetensors"))
     assert "converter.convert" in converted  # the probe sees our own imports
     assert "torch" not in converted and "rich" not in converted
+    assert "importlib.metadata" not in converted
     assert "torch" not in _imported_modules("inspect", str(source))
     assert "torch" not in _imported_modules("verify", str(source), str(tmp_path / "model.safetensors"))
     assert "torch" not in _imported_modules("--help")
+    assert "torch" not in _imported_modules("--version")
