@@ -5,9 +5,10 @@ Usage: VENV/bin/python scripts/smoke_installed.py WORKDIR [--mypy PATH]
 Checks that ``converter`` comes from that environment (not this source tree), that
 its version is the installed metadata's and ``tiesafe --version`` says the same, that
 every module of the source tree is installed and imports, and that the README's
-commands work: the demo (a small tied GPT-2: convert, load back tied), then
-``tiesafe inspect``, ``verify``, a model folder and a batch through the installed
-``tiesafe`` command. With ``--mypy``, a strict mypy run against this environment
+commands work: the Python API on a tied module, the demo (a small tied GPT-2:
+convert, load back tied), then ``tiesafe inspect``, ``verify``, a model folder, a batch
+and ``prepare-upload`` through the installed ``tiesafe`` command, and a missing extra
+(dask) refused in one line. With ``--mypy``, a strict mypy run against this environment
 must see converter's annotations (py.typed).
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import os
 import pkgutil
 import subprocess
 import sys
@@ -29,15 +31,15 @@ class SmokeError(Exception):
     """A check failed; the message says which."""
 
 
-def run(*args: str | Path, cwd: Path) -> str:
-    """Run a command from the environment; its stdout, or SmokeError with its output."""
+def run(*args: str | Path, cwd: Path, exit_code: int = 0) -> str:
+    """Run a command from the environment; its stdout and stderr, or SmokeError when it exits otherwise."""
     start = time.perf_counter()
     result = subprocess.run([str(a) for a in args], cwd=cwd, capture_output=True, text=True)
-    shown = " ".join(str(a) for a in args).replace(str(cwd) + "/", "")
-    if result.returncode != 0:
-        raise SmokeError(f"{shown} exited {result.returncode}:\n{result.stdout}{result.stderr}")
-    print(f"  ok {time.perf_counter() - start:5.1f} s  {shown}")
-    return result.stdout
+    shown = " ".join(str(a) for a in args).replace(str(cwd) + "/", "").replace(str(BIN) + "/", "")
+    if result.returncode != exit_code:
+        raise SmokeError(f"{shown} exited {result.returncode}, not {exit_code}:\n{result.stdout}{result.stderr}")
+    print(f"  ok {time.perf_counter() - start:5.1f} s  {shown}" + (f"  (exit {exit_code})" if exit_code else ""))
+    return result.stdout + result.stderr
 
 
 def source_modules() -> set[str]:
@@ -92,8 +94,46 @@ def check_commands(work: Path, version: str) -> None:
     output.unlink()  # the folder and the batch convert from the pickle alone
     run(tiesafe, "convert", model, work / "folder-out", cwd=work)
     run(tiesafe, "batch", work / "runs", "--out", work / "runs-st", "--workers", "1", cwd=work)
-    for converted in (work / "folder-out", work / "runs-st" / "gpt2"):
+    run(tiesafe, "prepare-upload", model, "--out", work / "upload", cwd=work)
+    for converted in (work / "folder-out", work / "runs-st" / "gpt2", work / "upload"):
         run(tiesafe, "verify", source, converted / "model.safetensors", cwd=work)
+    # An extra that is not installed is one line naming it, exit 2 (dask is not a dependency).
+    dask = ("--scheduler", "local:1")
+    said = run(tiesafe, "batch", work / "runs", "--out", work / "dask-st", *dask, cwd=work, exit_code=2)
+    if "pip install 'tiesafe[dask]'" not in said or "Traceback" in said:
+        raise SmokeError(f"tiesafe batch --scheduler without dask does not name the extra:\n{said}")
+
+
+def check_api(work: Path) -> None:
+    """The README's Python API on a tiny tied module: export, read, convert, inspect, verify, load."""
+    import torch
+
+    import converter
+
+    folder = work / "api"
+    folder.mkdir()
+    model = torch.nn.Sequential(torch.nn.Embedding(16, 8), torch.nn.Linear(8, 16, bias=False))
+    model[1].weight = model[0].weight
+    exported = converter.save_model(model, folder / "exported.safetensors")
+    torch.save(model.state_dict(), folder / "pytorch_model.bin")
+    read = converter.read_checkpoint(folder / "pytorch_model.bin")
+    converted = converter.convert_file(folder / "pytorch_model.bin")
+    inspected = converter.inspect(converted.output)
+    verified = converter.verify_file(folder / "pytorch_model.bin", converted.output)
+    for path in (exported.output, converted.output):
+        state = converter.load_file(path)
+        if state["1.weight"] is not state["0.weight"] or not torch.equal(state["0.weight"], model[0].weight):
+            raise SmokeError(f"converter.load_file({path}) does not give the tied weight back")
+    expected = {"1.weight": "0.weight"}
+    if (exported.aliases, converted.aliases, set(read.tensors), verified.names, inspected.bytes_saved) != (
+        expected,
+        expected,
+        {"0.weight", "1.weight"},
+        2,
+        16 * 8 * 4,
+    ):
+        raise SmokeError(f"the Python API disagrees on a tied pair: {exported}, {converted}, {inspected}, {verified}")
+    print("  ok  save_model, read_checkpoint, convert_file, inspect, verify_file, load_file on a tied module")
 
 
 def check_typing(mypy: str, work: Path) -> None:
@@ -125,8 +165,10 @@ def main() -> int:
         raise SystemExit(__doc__.splitlines()[2])
     work = Path(args[0]).resolve()
     work.mkdir(parents=True, exist_ok=True)
+    os.environ["HF_HUB_OFFLINE"] = "1"  # nothing here may reach the network
     try:
         version = check_package()
+        check_api(work)
         check_commands(work, version)
         if mypy:
             check_typing(mypy, work)
