@@ -35,10 +35,9 @@ built=$SECONDS
 # torch first and pinned, as scripts/setup.sh does; --no-compile because only what the
 # smoke test imports needs bytecode; -qq shows errors only.
 python -m venv --without-pip "$WORK/venv"
-echo "torch==2.13.0" > "$WORK/constraints.txt"
 pip_install=(pip --python "$WORK/venv/bin/python" install -qq --disable-pip-version-check --no-compile)
-"${pip_install[@]}" "torch==2.13.0"
-"${pip_install[@]}" -c "$WORK/constraints.txt" "${wheel[0]}"
+"${pip_install[@]}" -c "$ROOT/scripts/constraints.txt" torch
+"${pip_install[@]}" -c "$ROOT/scripts/constraints.txt" "${wheel[0]}"
 installed=$SECONDS
 
 # From an empty folder with no PYTHONPATH: nothing of the source tree can be imported.
