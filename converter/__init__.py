@@ -27,6 +27,8 @@ if TYPE_CHECKING:
     from .readers.torchfile import read_checkpoint
     from .retie import LoadReport, load_model
 
+    __version__: str
+
 # Public name -> the module defining it. The package imports a module only when one
 # of its names is first used, so `tiesafe convert` never pays for the batch, Hub,
 # Dask or loading machinery (multiprocessing, importlib.metadata, ...): start-up is
@@ -57,6 +59,9 @@ _EXPORTS = {
 
 
 def __getattr__(name: str) -> Any:
+    if name == "__version__":
+        globals()[name] = version = _installed_version()
+        return version
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
@@ -66,7 +71,21 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted([*globals(), *_EXPORTS])
+    return sorted({*globals(), *_EXPORTS, "__version__"})
+
+
+def _installed_version() -> str:
+    """The installed metadata's version: pyproject.toml is the one place a version is written.
+
+    Read on first use, not at import: importlib.metadata costs start-up time that
+    ``tiesafe convert`` would pay for nothing.
+    """
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("tiesafe")
+    except PackageNotFoundError:  # a source tree on sys.path, never installed
+        return "0+unknown"
 
 
 __all__ = [
@@ -92,4 +111,3 @@ __all__ = [
     "save_model",
     "verify_file",
 ]
-__version__ = "0.1.0"

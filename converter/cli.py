@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from . import __version__
 from .errors import TiesafeError
 from .reports import human_bytes
 from .reports import shown as _shown
@@ -144,9 +143,18 @@ def _render_conversion(report: ConversionReport, console: Console | _Lines) -> N
             "  restored only by tiesafe (plain loaders skip them; --materialize-views writes them): "
             + _names(report.views)
         )
-    if report.skipped:
-        console.print(f"  skipped non-tensor entries: {_names(report.skipped)}")
+    _render_reading(report.wrapper, report.renames, report.skipped, console)
     console.print(_saved_line(report))
+
+
+def _render_reading(wrapper: str | None, renames: list[str], skipped: list[str], console: Console | _Lines) -> None:
+    """Where the weights came from, how their names changed, and what was left out."""
+    if wrapper:
+        console.print(f"  weights: the state dict under {_shown(wrapper)}")
+    for line in renames:
+        console.print(f"  names: {_shown(line)}")
+    if skipped:
+        console.print(f"  not converted: {_names(skipped)}")
 
 
 def _render_folder(report: FolderReport, console: Console | _Lines) -> None:
@@ -171,6 +179,7 @@ def _render_folder(report: FolderReport, console: Console | _Lines) -> None:
         console.print(f"  copied: {_names(report.copied)}")
     if report.deleted:
         console.print(f"  deleted source files: {_names(report.deleted)}")
+    _render_reading(None, report.renames, report.skipped, console)
     console.print(_saved_line(report))
 
 
@@ -227,6 +236,13 @@ def _render_inspect(report: InspectReport, *, show_all: bool) -> None:
     """The tensors as a table on a terminal, as plain columns elsewhere; grouped by name pattern when long."""
     from .listing import Row, group_rows
 
+    lines = _Lines()
+    if "refused" in report.globals:  # nothing of the file was read past its globals
+        lines.print(f"[bold]{_shown(report.path)}[/] ({report.format})")
+        for kind, names in report.globals.items():
+            lines.print(f"  globals, {kind}: {_names(names)}")
+        lines.print("  [red]convert refuses this file[/]: it names globals that run code (none of them ran)")
+        return
     grouped = not show_all and len(report.tensors) > LONG_LISTING
     if grouped:
         rows = group_rows((t.name, t.dtype, t.shape, t.nbytes, t.stored_as) for t in report.tensors)
@@ -239,7 +255,6 @@ def _render_inspect(report: InspectReport, *, show_all: bool) -> None:
         for r in rows
     ]
     title = f"{_shown(report.path)} ({report.format})"
-    lines = _Lines()
     if sys.stdout.isatty():
         from rich.table import Table
 
@@ -259,8 +274,9 @@ def _render_inspect(report: InspectReport, *, show_all: bool) -> None:
         lines.print(f"  {group.kind}: {_names(group.names)}")
     if more := _more_lines(len(report.groups), SHOWN_TIES, "groups of names that share bytes"):
         lines.print(more)
-    if report.skipped:
-        lines.print(f"  skipped non-tensor entries: {_names(report.skipped)}")
+    _render_reading(report.wrapper, report.renames, report.skipped, lines)
+    for kind, names in report.globals.items():
+        lines.print(f"  globals, {kind}: {_names(names)}")
     summary = (
         f"  {len(report.tensors)} names, {human_bytes(report.bytes_stored)} stored for "
         f"{human_bytes(report.bytes_all_names)}: {human_bytes(report.bytes_saved)} saved by ties"
@@ -270,9 +286,26 @@ def _render_inspect(report: InspectReport, *, show_all: bool) -> None:
     lines.print(summary)
 
 
+def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    """``--version``: converter.__version__, read from the installed metadata only when asked."""
+    if not value or ctx.resilient_parsing:
+        return
+    from . import __version__
+
+    click.echo(f"tiesafe, version {__version__}")
+    ctx.exit()
+
+
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
-@click.version_option(__version__, prog_name="tiesafe")
+@click.option(
+    "--version",
+    is_flag=True,
+    expose_value=False,
+    is_eager=True,
+    callback=_print_version,
+    help="Show the version and exit.",
+)
 def main(debug: bool) -> None:
     """Convert PyTorch checkpoints to safetensors, keeping tied weights tied.
 
@@ -280,9 +313,35 @@ def main(debug: bool) -> None:
     """
 
 
+_Decorator = Callable[[Callable[..., None]], Callable[..., None]]
+
+
+def _reading_options() -> list[_Decorator]:
+    """How a checkpoint's names are read: shared by convert, batch, inspect and verify."""
+    return [
+        click.option(
+            "--strip-prefix",
+            multiple=True,
+            metavar="PREFIX",
+            help="Remove PREFIX from the tensor names that carry it (repeatable), e.g. Lightning's 'model.'.",
+        ),
+        click.option(
+            "--keep-names",
+            is_flag=True,
+            help="Keep a '_orig_mod.' (torch.compile) or 'module.' (DDP) prefix that every name carries.",
+        ),
+    ]
+
+
+def _with_reading_options(command: Callable[..., None]) -> Callable[..., None]:
+    for option in reversed(_reading_options()):
+        command = option(command)
+    return command
+
+
 def _conversion_options(command: Callable[..., None]) -> Callable[..., None]:
     """The options ``convert`` and ``batch`` share (folder options apply to model folders)."""
-    options = [
+    options: list[_Decorator] = [
         click.option("--no-verify", is_flag=True, help="Skip the bit-for-bit check of the output."),
         click.option(
             "--materialize-views",
@@ -297,6 +356,13 @@ def _conversion_options(command: Callable[..., None]) -> Callable[..., None]:
         ),
         click.option("--dedup-identical", is_flag=True, help="Folders: store bit-identical tensors once, as copies."),
         click.option("--allow-untied", is_flag=True, help="Folders: keep both when tensors the config ties differ."),
+        *_reading_options(),
+        click.option(
+            "--strict",
+            is_flag=True,
+            help="Refuse a pickle that names any global beyond tensor machinery (default: such objects are "
+            "read as inert placeholders and skipped; globals that run code are always refused).",
+        ),
     ]
     for option in reversed(options):
         command = option(command)
@@ -320,6 +386,9 @@ def convert_command(
     max_shard_size: str,
     dedup_identical: bool,
     allow_untied: bool,
+    strip_prefix: tuple[str, ...],
+    keep_names: bool,
+    strict: bool,
     delete_source: bool,
     overwrite: bool,
     as_json: bool,
@@ -344,6 +413,9 @@ def convert_command(
             allow_untied=allow_untied,
             delete_source=delete_source,
             overwrite=overwrite,
+            strict=strict,
+            strip_prefix=strip_prefix,
+            keep_names=keep_names,
         )
         if as_json:
             _print_json(folder_report.to_dict())
@@ -353,7 +425,15 @@ def convert_command(
     from .convert import convert_file
 
     report = convert_file(
-        src, dst, verify=not no_verify, materialize_views=materialize_views, key=key, overwrite=overwrite
+        src,
+        dst,
+        verify=not no_verify,
+        materialize_views=materialize_views,
+        key=key,
+        overwrite=overwrite,
+        strict=strict,
+        strip_prefix=strip_prefix,
+        keep_names=keep_names,
     )
     if as_json:
         _print_json(report.to_dict())
@@ -364,6 +444,7 @@ def convert_command(
 @main.command("inspect")
 @click.argument("path", type=click.Path(dir_okay=False, path_type=str))
 @click.option("--key", help="Entry holding the weights in a training checkpoint.")
+@_with_reading_options
 @click.option(
     "--all",
     "show_all",
@@ -371,8 +452,13 @@ def convert_command(
     help=f"One row per name (beyond {LONG_LISTING} names they are grouped by pattern).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON (every name).")
-def inspect_command(path: str, key: str | None, show_all: bool, as_json: bool) -> None:
+def inspect_command(
+    path: str, key: str | None, strip_prefix: tuple[str, ...], keep_names: bool, show_all: bool, as_json: bool
+) -> None:
     """List the tensors of PATH (.bin/.pt or .safetensors), their ties and bytes.
+
+    For a pickle, also what is not converted and the globals it names: tensor
+    machinery, inert objects, and refused globals (then convert refuses the file).
 
     \b
     A long listing groups names that differ only in their numbers:
@@ -381,7 +467,7 @@ def inspect_command(path: str, key: str | None, show_all: bool, as_json: bool) -
     """
     from .convert import inspect
 
-    report = inspect(path, key=key)
+    report = inspect(path, key=key, strip_prefix=strip_prefix, keep_names=keep_names)
     if as_json:
         _print_json(report.to_dict())
     else:
@@ -392,12 +478,15 @@ def inspect_command(path: str, key: str | None, show_all: bool, as_json: bool) -
 @click.argument("src", type=click.Path(dir_okay=False, path_type=str))
 @click.argument("dst", type=click.Path(dir_okay=False, path_type=str))
 @click.option("--key", help="Entry holding the weights in a training checkpoint.")
+@_with_reading_options
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def verify_command(src: str, dst: str, key: str | None, as_json: bool) -> None:
+def verify_command(
+    src: str, dst: str, key: str | None, strip_prefix: tuple[str, ...], keep_names: bool, as_json: bool
+) -> None:
     """Check that safetensors DST gives every tensor of SRC bit for bit, ties included."""
     from .convert import verify_file
 
-    report = verify_file(src, dst, key=key)
+    report = verify_file(src, dst, key=key, strip_prefix=strip_prefix, keep_names=keep_names)
     if as_json:
         _print_json({"ok": True, **report.__dict__})
     else:
@@ -442,6 +531,9 @@ def batch_command(
     max_shard_size: str,
     dedup_identical: bool,
     allow_untied: bool,
+    strip_prefix: tuple[str, ...],
+    keep_names: bool,
+    strict: bool,
     quiet: bool,
     as_json: bool,
 ) -> None:
@@ -463,6 +555,9 @@ def batch_command(
         "materialize_views": materialize_views,
         "dedup_identical": dedup_identical,
         "allow_untied": allow_untied,
+        "strict": strict,
+        "strip_prefix": list(strip_prefix),
+        "keep_names": keep_names,
     }
     started = time.perf_counter()
     console = _console(highlight=False, soft_wrap=True, stderr=as_json, quiet=quiet)

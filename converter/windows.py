@@ -10,17 +10,18 @@ without such tensors convert without paying for it.
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 from .descriptors import TensorRef
 
 # Element sizes to an integer dtype of the same width: moving bytes never needs
 # the real dtype (float8, bool, ... all travel as raw integers).
-_RAW_DTYPE_NAMES = {1: "uint8", 2: "int16", 4: "int32", 8: "int64"}
+_RAW_DTYPE_NAMES = {1: "uint8", 2: "uint16", 4: "uint32", 8: "uint64"}
 _BLOCK = 2 * 1024 * 1024  # per read when comparing; see WindowComparer
 # Small ranges move in batches: many storages read with one preadv, then written or
 # compared at once. A mixture-of-experts file holds tens of thousands of 2-64 KiB
@@ -79,19 +80,76 @@ def read_into(fd: int, buffer: memoryview, offset: int) -> None:
         filled += got
 
 
+# Above this many rows (after merging dimensions) numpy's import (~0.1 s) pays for itself.
+_PYTHON_GATHER_ROWS = 4096
+
+
 def gather(fd: int, storage_offset: int, ref: TensorRef) -> memoryview:
     """The row-major bytes of the tensor ``ref`` whose storage starts at ``storage_offset``."""
-    import torch  # lazily: only strided tensors need it
-
     start, stop = ref.span
     if ref.numel == 0:
         return memoryview(b"")
-    raw = bytearray(read_exact(fd, storage_offset + start, stop - start))
+    raw = read_exact(fd, storage_offset + start, stop - start)
     itemsize = ref.dtype.itemsize
-    flat = torch.frombuffer(raw, dtype=getattr(torch, _RAW_DTYPE_NAMES[itemsize]))
-    dense = flat.as_strided(ref.shape, ref.stride, ref.offset - start // itemsize).contiguous()
-    raw_bytes: Any = dense.view(torch.uint8).reshape(-1).numpy()
-    return memoryview(cast(bytes, raw_bytes))
+    shape, stride = merged_dims(ref.shape, ref.stride)
+    offset = ref.offset - start // itemsize
+    if numel_of(shape[:-1]) <= _PYTHON_GATHER_ROWS:
+        return memoryview(_gather_rows(raw, itemsize, offset, shape, stride))
+    import numpy as np  # lazily: only tensors with many strided rows need it
+
+    flat = np.frombuffer(raw, dtype=_RAW_DTYPE_NAMES[itemsize])[offset:]
+    strides = tuple(step * itemsize for step in stride)
+    window = np.lib.stride_tricks.as_strided(flat, shape=shape, strides=strides, writeable=False)
+    dense: Any = np.ascontiguousarray(window).reshape(-1).view(np.uint8)
+    return memoryview(dense)
+
+
+def merged_dims(shape: tuple[int, ...], stride: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The same window with size-1 dimensions dropped and row-major-adjacent ones merged.
+
+    Example:
+        >>> merged_dims((4, 1, 3, 2), (6, 99, 2, 1))  # a contiguous (4, 3, 2) block
+        ((24,), (1,))
+        >>> merged_dims((3, 4), (1, 3))  # a transpose stays two rows of strided elements
+        ((3, 4), (1, 3))
+    """
+    dims = [(n, s) for n, s in zip(shape, stride, strict=True) if n != 1] or [(1, 1)]
+    merged = [dims[-1]]
+    for n, s in reversed(dims[:-1]):
+        inner_n, inner_s = merged[0]
+        if s == inner_n * inner_s:
+            merged[0] = (n * inner_n, inner_s)
+        else:
+            merged.insert(0, (n, s))
+    return tuple(n for n, _ in merged), tuple(s for _, s in merged)
+
+
+def numel_of(shape: tuple[int, ...]) -> int:
+    count = 1
+    for n in shape:
+        count *= n
+    return count
+
+
+def _gather_rows(raw: bytes, itemsize: int, offset: int, shape: tuple[int, ...], stride: tuple[int, ...]) -> bytearray:
+    """Row by row: a contiguous row is one slice, a strided one a slice per byte of an element."""
+    row_len, row_step = shape[-1], stride[-1]
+    row_bytes = row_len * itemsize
+    out = bytearray(numel_of(shape) * itemsize)
+    pos = 0
+    for index in itertools.product(*(range(n) for n in shape[:-1])):
+        base = (offset + sum(i * s for i, s in zip(index, stride, strict=False))) * itemsize
+        if row_step == 1:
+            out[pos : pos + row_bytes] = raw[base : base + row_bytes]
+        elif row_step == 0:  # an expanded (broadcast) row: one element repeated
+            out[pos : pos + row_bytes] = raw[base : base + itemsize] * row_len
+        else:
+            jump = row_step * itemsize
+            end = base + (row_len - 1) * jump + 1
+            for byte in range(itemsize):
+                out[pos + byte : pos + row_bytes : itemsize] = raw[base + byte : end + byte : jump]
+        pos += row_bytes
+    return out
 
 
 @dataclass(frozen=True)
@@ -225,22 +283,24 @@ class WindowComparer:
         run: list[tuple[str, FileWindow, FileWindow, Piece, Piece]] = []
         total = 0
         for name, out, src in pairs:
-            pieces = batchable(out, SMALL_COMPARE), batchable(src, SMALL_COMPARE)
-            small = pieces[0] is not None and pieces[1] is not None and pieces[0].nbytes == pieces[1].nbytes
+            out_piece, src_piece = batchable(out, SMALL_COMPARE), batchable(src, SMALL_COMPARE)
+            if out_piece is None or src_piece is None or out_piece.nbytes != src_piece.nbytes:
+                out_piece = src_piece = None  # compared on its own
             if run and not (
-                small
+                out_piece is not None
+                and src_piece is not None
                 and out.path == run[-1][1].path
                 and src.path == run[-1][2].path
-                and extends(run[-1][3], len(run), total, cast(Piece, pieces[0]))
-                and extends(run[-1][4], len(run), total, cast(Piece, pieces[1]))
+                and extends(run[-1][3], len(run), total, out_piece)
+                and extends(run[-1][4], len(run), total, src_piece)
             ):
                 different = self._first_in_run(run)
                 if different is not None:
                     return different
                 run, total = [], 0
-            if small:
-                run.append((name, out, src, cast(Piece, pieces[0]), cast(Piece, pieces[1])))
-                total += cast(Piece, pieces[0]).nbytes
+            if out_piece is not None and src_piece is not None:
+                run.append((name, out, src, out_piece, src_piece))
+                total += out_piece.nbytes
             elif not self.equal(out, src):
                 return name
         return self._first_in_run(run) if run else None

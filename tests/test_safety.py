@@ -45,7 +45,9 @@ def test_reduce_payloads_are_refused_and_never_run(tmp_path: Path, kind: str, le
     torch.save(state, tmp_path / "evil.bin", _use_new_zipfile_serialization=not legacy)
     refused = {"os.system": "posix.system", "eval": "builtins.eval", "exec": "builtins.exec"}
     expected = refused.get(kind, "subprocess.call")
-    with pytest.raises(UnsafeCheckpointError, match=rf"refused: the pickle asks for '{expected}'"):
+    with pytest.raises(
+        UnsafeCheckpointError, match=rf"refused: the pickle calls '{expected}' .* this file tries to run code"
+    ):
         converter.convert_file(tmp_path / "evil.bin")
     assert not sentinel.exists()
     assert not (tmp_path / "evil.safetensors").exists()
@@ -82,6 +84,22 @@ def test_foreign_and_empty_files_are_named(tmp_path: Path, content: bytes, messa
     path.write_bytes(content)
     with pytest.raises(CorruptFileError, match=message):
         converter.convert_file(path)
+
+
+@pytest.mark.parametrize("compression", ["", "gz"])
+def test_a_nemo_archive_says_what_to_convert(tmp_path: Path, compression: str) -> None:
+    """NeMo's .nemo is a tar (written with tarfile, as NeMo does) holding model_weights.ckpt."""
+    import tarfile
+
+    (tmp_path / "model_config.yaml").write_text("target: nemo.collections.asr.models.EncDecCTCModel\n")
+    torch.save({"w": torch.ones(2)}, tmp_path / "model_weights.ckpt")
+    nemo = tmp_path / "model.nemo"
+    with tarfile.open(nemo, f"w:{compression}") as archive:
+        for name in ("model_config.yaml", "model_weights.ckpt"):
+            archive.add(tmp_path / name, arcname=f"./{name}")
+    with pytest.raises(CorruptFileError, match="model_weights.ckpt" if not compression else "gzip-compressed"):
+        converter.convert_file(nemo, tmp_path / "out.safetensors")
+    assert converter.convert_file(tmp_path / "model_weights.ckpt").tensors == 1
 
 
 def test_truncated_zip_is_refused(tmp_path: Path) -> None:

@@ -19,7 +19,7 @@ from typing import Any, BinaryIO, NamedTuple
 from ..descriptors import StorageRecord
 from ..dtypes import BYTE, DType
 from ..errors import CorruptFileError, UnsupportedError, quoted
-from .unpickler import MAX_ELEMENTS, MAX_PICKLE_BYTES, StorageNode, storage_fields, unpickle
+from .unpickler import MAX_ELEMENTS, MAX_PICKLE_BYTES, StorageNode, UnpickleContext, storage_fields, unpickle
 
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 LEGACY_PROTOCOL = 1001
@@ -96,7 +96,9 @@ def _read_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> bytes:
         raise CorruptFileError(f"cannot read {quoted(info.filename)} ({str(exc)[:120]})") from None
 
 
-def read_zip(path: Path, raw: BinaryIO, file_size: int) -> tuple[Any, dict[str, StorageRecord]]:
+def read_zip(
+    path: Path, raw: BinaryIO, file_size: int, context: UnpickleContext
+) -> tuple[Any, dict[str, StorageRecord]]:
     try:
         archive = zipfile.ZipFile(raw)
         infos = archive.infolist()
@@ -166,7 +168,7 @@ def read_zip(path: Path, raw: BinaryIO, file_size: int) -> tuple[Any, dict[str, 
         return nodes[key]
 
     locations: dict[str, str] = {}
-    result = unpickle(io.BytesIO(pickle_bytes), on_storage)
+    result = unpickle(io.BytesIO(pickle_bytes), context, on_storage)
     starts = _local_data_offsets(raw, [member for member, _ in members.values()], file_size)
     records = {
         key: StorageRecord(key, path, starts[member.filename], nbytes, locations[key])
@@ -178,12 +180,14 @@ def read_zip(path: Path, raw: BinaryIO, file_size: int) -> tuple[Any, dict[str, 
 # --------------------------------------------------------------------------- legacy format
 
 
-def read_legacy(path: Path, raw: BinaryIO, file_size: int) -> tuple[Any, dict[str, StorageRecord]]:
-    if unpickle(raw) != LEGACY_MAGIC:
+def read_legacy(
+    path: Path, raw: BinaryIO, file_size: int, context: UnpickleContext
+) -> tuple[Any, dict[str, StorageRecord]]:
+    if unpickle(raw, context) != LEGACY_MAGIC:
         raise CorruptFileError("not a torch checkpoint (no zip archive and no legacy magic number)")
-    if unpickle(raw) != LEGACY_PROTOCOL:
+    if unpickle(raw, context) != LEGACY_PROTOCOL:
         raise CorruptFileError("unknown legacy torch protocol version")
-    sys_info = unpickle(raw)
+    sys_info = unpickle(raw, context)
     if isinstance(sys_info, dict) and sys_info.get("little_endian") is False:
         raise UnsupportedError("big-endian checkpoints are not supported; re-save on a little-endian machine")
 
@@ -207,8 +211,8 @@ def read_legacy(path: Path, raw: BinaryIO, file_size: int) -> tuple[Any, dict[st
             nodes[(key, view_key)] = StorageNode(key, dtype, element_offset, storage_type.unsupported)
         return nodes[(key, view_key)]
 
-    result = unpickle(raw, on_storage)
-    keys = unpickle(raw)
+    result = unpickle(raw, context, on_storage)
+    keys = unpickle(raw, context)
     if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
         raise CorruptFileError("the legacy storage key list is malformed")
     records: dict[str, StorageRecord] = {}
@@ -257,7 +261,15 @@ def sniff_foreign(head: bytes) -> str | None:
         if n < (1 << 27):
             return "this is a safetensors file already (use 'tiesafe inspect' on it)"
     if len(head) > 262 and head[257:262] == b"ustar":
-        return "this is a tar archive (torch < 0.4 checkpoint format), which tiesafe does not read"
+        return (
+            "this is a tar archive (a NeMo .nemo file, or torch < 0.4's checkpoint format), which tiesafe does "
+            "not read: extract the checkpoint inside (a .nemo holds model_weights.ckpt) and convert that"
+        )
+    if head.startswith(b"\x1f\x8b"):
+        return (
+            "this is a gzip-compressed file (an older .nemo is a .tar.gz): decompress it and convert the "
+            "checkpoint inside"
+        )
     if head[:1] != b"\x80" and not head.startswith(b"PK"):
         if all(32 <= b < 127 or b in (9, 10, 13) for b in head[:512]):
             return "this is a text file, not a torch checkpoint"
