@@ -37,6 +37,7 @@ EXIT_USER = 2
 EXIT_PIPE = 141  # what a shell reports for a command that SIGPIPE ended (128 + 13)
 LONG_LISTING = 40  # inspect groups names by pattern beyond this many (--all lists each)
 SHOWN_TIES = 10  # tie lines a report prints before "and N more"
+SHOWN_ENTRIES = 20  # a training checkpoint's entries left out, listed before "and N more"
 
 
 def _silence_stdout() -> None:
@@ -108,11 +109,11 @@ class _Lines:
         click.echo(self._MARKUP.sub(styled, protected).replace("\x00", "["))
 
 
-def _names(names: Any) -> str:
+def _names(names: Any, shown_at_most: int | None = None) -> str:
     """A list of names for a report line: the first few, then "and N more" (``--json`` has them all)."""
-    from .listing import cut
+    from .listing import SHOWN, cut
 
-    shown, more = cut(list(names))
+    shown, more = cut(list(names), shown_at_most or SHOWN)
     return ", ".join(_shown(n) for n in shown) + (f" and {more} more" if more else "")
 
 
@@ -153,8 +154,8 @@ def _render_reading(wrapper: str | None, renames: list[str], skipped: list[str],
         console.print(f"  weights: the state dict under {_shown(wrapper)}")
     for line in renames:
         console.print(f"  names: {_shown(line)}")
-    if skipped:
-        console.print(f"  not converted: {_names(skipped)}")
+    if skipped:  # a training checkpoint's other entries, each described: a longer list is useful
+        console.print(f"  not converted: {_names(skipped, SHOWN_ENTRIES)}")
 
 
 def _render_folder(report: FolderReport, console: Console | _Lines) -> None:
