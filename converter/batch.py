@@ -26,7 +26,10 @@ from typing import Any
 
 from .convert import convert_file, default_output
 from .errors import TiesafeError
-from .folder import ADAPTER_CONFIG, NOT_WEIGHTS, PICKLE_INDEX, WEIGHT_SUFFIXES, convert_folder, plan_folder
+from . import conventions
+from .components import detect_library, is_multi_component
+from .conventions import ADAPTER_CONFIG, CONFIG, NOT_WEIGHTS, OPEN_CLIP_CONFIG, WEIGHT_SUFFIXES
+from .folder import convert_folder, plan_folder
 from .sharing import plan_sharing
 from .torchfile import read_checkpoint
 from .writer import TEMP_SUFFIX
@@ -54,6 +57,7 @@ class BatchItem:
     output: Path  # a folder for folder items, a .safetensors file for file items
     key: str  # path relative to the root, the item's name in the manifest
     size: int  # bytes of pickle weights, to balance and to show progress
+    recursive: bool = False  # a multi-component model: its subfolders belong to it
 
 
 @dataclass
@@ -78,15 +82,21 @@ class ItemResult:
     peak_rss: int | None = None
 
 
-def _weight_files(folder: Path) -> tuple[bool, list[Path]]:
-    """Whether ``folder`` is a model folder, and its loose pickles otherwise."""
+def _weight_files(folder: Path) -> tuple[bool, list[Path], bool]:
+    """Whether ``folder`` is a model folder, its loose pickles otherwise, and whether it is a
+    multi-component model (a diffusers pipeline, a sentence-transformers model: one item, its
+    subfolders included)."""
+    if is_multi_component(detect_library(folder)):
+        return True, [], True
     names = {p.name: p for p in folder.iterdir() if p.is_file()}
     pickles = sorted(p for n, p in names.items() if p.suffix in WEIGHT_SUFFIXES and not NOT_WEIGHTS.match(n))
-    if PICKLE_INDEX in names or any(n.startswith("pytorch_model") and n.endswith(".bin") for n in names):
-        return True, []
-    if ("config.json" in names or ADAPTER_CONFIG in names) and len(pickles) == 1:
-        return True, []  # a model with its config, or a PEFT adapter with its own
-    return False, pickles
+    parsed = [conventions.parse_weight_name(p.name) for p in pickles]
+    if any(conventions.parse_index_name(n) for n in names) or any(w is not None and w.known for w in parsed):
+        return True, [], False  # names a library loads (conventions table)
+    markers = (CONFIG, ADAPTER_CONFIG, OPEN_CLIP_CONFIG)
+    if any(m in names for m in markers) and len(pickles) == 1:
+        return True, [], False  # a model with its config, or a PEFT adapter with its own
+    return False, pickles, False
 
 
 def discover(root: str | Path, out: str | Path | None = None, *, in_place: bool = False) -> list[BatchItem]:
@@ -110,10 +120,13 @@ def discover(root: str | Path, out: str | Path | None = None, *, in_place: bool 
         here = Path(folder)
         dirs[:] = sorted(d for d in dirs if not d.startswith(".") and (here / d).resolve() != skip)
         relative = here.relative_to(root)
-        is_model, loose = _weight_files(here)
+        is_model, loose, whole = _weight_files(here)
+        if whole:
+            dirs[:] = []  # its subfolders are its components
         if is_model:
-            size = sum(p.stat().st_size for p in here.iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
-            items.append(BatchItem("folder", here, target / relative, relative.as_posix(), size))
+            files = here.rglob("*") if whole else here.iterdir()
+            size = sum(p.stat().st_size for p in files if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
+            items.append(BatchItem("folder", here, target / relative, relative.as_posix(), size, whole))
         stems = Counter(default_output(p).name for p in loose)
         for path in loose:
             name = default_output(path).name
@@ -125,8 +138,13 @@ def discover(root: str | Path, out: str | Path | None = None, *, in_place: bool 
 
 def _signature(item: BatchItem) -> dict[str, list[int]]:
     """Size and mtime of every source file of the item: what "unchanged" means."""
-    files = [p for p in item.source.iterdir() if p.is_file()] if item.kind == "folder" else [item.source]
-    return {p.name: [st.st_size, st.st_mtime_ns] for p in sorted(files) if (st := p.stat())}
+    if item.kind == "file":
+        files = [item.source]
+    else:
+        listed = item.source.rglob("*") if item.recursive else item.source.iterdir()
+        files = [p for p in listed if p.is_file() and not p.relative_to(item.source).as_posix().startswith(".")]
+    base = item.source if item.kind == "folder" else item.source.parent
+    return {p.relative_to(base).as_posix(): [st.st_size, st.st_mtime_ns] for p in sorted(files) if (st := p.stat())}
 
 
 def process_peak_rss() -> int | None:
@@ -193,12 +211,12 @@ def run_item(item: BatchItem, options: dict[str, Any], dry_run: bool = False) ->
             _clean_stale_temporaries(item)
             if item.kind == "folder":
                 report = convert_folder(item.source, item.output, overwrite=True, **options).to_dict()
-                written = [item.output / name for name in report["files"]]
+                written = {name: item.output / name for name in report["files"]}  # relative to the item's output
             else:
                 file_options = {k: v for k, v in options.items() if k in ("verify", "materialize_views")}
                 report = convert_file(item.source, item.output, overwrite=True, **file_options).to_dict()
-                written = [item.output]
-            result.outputs = {p.name: {"size": p.stat().st_size, "sha256": _hash_file(p)} for p in written}
+                written = {item.output.name: item.output}
+            result.outputs = {n: {"size": p.stat().st_size, "sha256": _hash_file(p)} for n, p in written.items()}
         result.report = report
         result.bytes_written = report["bytes_written"]
         result.bytes_saved = report["bytes_saved"]

@@ -1,0 +1,127 @@
+"""What a model folder is: which library wrote it, and which folders make one model.
+
+A diffusers pipeline (``model_index.json``) and a sentence-transformers model
+(``modules.json``) are one model spread over component folders, each converted by its
+own rules; every other folder is one component, itself. The names are the
+conventions table's (:mod:`converter.conventions`); this module reads only small JSON
+files, never weights, and validates them (they are untrusted input).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .conventions import ADAPTER_CONFIG, CONFIG, MODEL_INDEX, MODULES, OPEN_CLIP_CONFIG
+from .errors import TiesafeError
+
+
+@dataclass(frozen=True)
+class Component:
+    """One folder of a model: ``path`` relative to the model folder ("" for the folder itself)."""
+
+    path: str
+    library: str
+
+
+def read_json_object(path: Path) -> dict[str, Any] | None:
+    """A JSON object from ``path``; None when it is missing, unreadable or not an object."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def detect_library(folder: Path) -> str:
+    """The library whose layout ``folder`` has (a key of :data:`converter.conventions.LIBRARIES`).
+
+    Example:
+        >>> detect_library(Path("sd-pipeline"))  # doctest: +SKIP
+        'diffusers-pipeline'
+    """
+    if (folder / MODEL_INDEX).is_file():
+        return "diffusers-pipeline"
+    if (folder / MODULES).is_file():
+        return "sentence-transformers"
+    if (folder / ADAPTER_CONFIG).is_file():
+        return "peft"
+    if (folder / OPEN_CLIP_CONFIG).is_file():
+        return "open_clip"
+    config = read_json_object(folder / CONFIG) or {}
+    if "_class_name" in config or "_diffusers_version" in config:
+        return "diffusers"
+    if "architectures" in config or "model_type" in config:
+        return "transformers"
+    if isinstance(config.get("architecture"), str):
+        return "timm"  # timm's config.json names its model in `architecture`
+    if (folder / "diffusion_pytorch_model.bin").is_file():
+        return "diffusers"
+    if (folder / "open_clip_pytorch_model.bin").is_file():
+        return "open_clip"
+    return "transformers" if config else "other"
+
+
+def _subfolder(folder: Path, manifest: str, name: str) -> str:
+    """A component folder name from a manifest, checked to be a folder inside the model."""
+    if not name or Path(name).is_absolute() or ".." in Path(name).parts or name.startswith("."):
+        raise TiesafeError(f"names a component outside the model folder: {name!r}", path=folder / manifest)
+    if not (folder / name).is_dir():
+        raise TiesafeError(f"names component {name!r}, whose folder is missing", path=folder / manifest)
+    return Path(name).as_posix()
+
+
+def _diffusers_components(folder: Path) -> list[Component]:
+    index = read_json_object(folder / MODEL_INDEX)
+    if index is None:
+        raise TiesafeError("unreadable (not a JSON object)", path=folder / MODEL_INDEX)
+    found = []
+    for name, value in index.items():
+        if name.startswith("_") or not isinstance(value, list):
+            continue  # _class_name, _diffusers_version, options such as requires_safety_checker
+        if len(value) != 2 or value[0] is None or value[1] is None:
+            continue  # [null, null]: an optional component the pipeline was saved without
+        found.append(Component(_subfolder(folder, MODEL_INDEX, name), ""))
+    return [Component(c.path, detect_library(folder / c.path)) for c in found]
+
+
+def _sentence_transformers_components(folder: Path) -> list[Component]:
+    try:
+        modules = json.loads((folder / MODULES).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        modules = None
+    if not isinstance(modules, list) or not all(isinstance(m, dict) and isinstance(m.get("path"), str) for m in modules):
+        raise TiesafeError("unreadable (a list of modules with a path each)", path=folder / MODULES)
+    found = []
+    for module in modules:
+        path = "" if module["path"] in ("", ".") else _subfolder(folder, MODULES, module["path"])
+        # A module folder holding a transformers model is loaded by transformers (which reads
+        # shards); any other module by sentence-transformers' Module.load (one file).
+        library = "transformers" if detect_library(folder / path) == "transformers" else "sentence-transformers"
+        found.append(Component(path, library))
+    return found
+
+
+def model_components(folder: Path) -> tuple[str, list[Component]]:
+    """The library of ``folder`` and the component folders that make its one model.
+
+    Raises a one-line error when ``model_index.json`` or ``modules.json`` names a folder that is
+    missing or outside the model.
+
+    Example:
+        >>> model_components(Path("st-model"))  # doctest: +SKIP
+        ('sentence-transformers', [Component(path='', library='transformers'), ...])
+    """
+    library = detect_library(folder)
+    if library == "diffusers-pipeline":
+        return library, _diffusers_components(folder)
+    if library == "sentence-transformers":
+        return library, _sentence_transformers_components(folder)
+    return library, [Component("", library)]
+
+
+def is_multi_component(library: str) -> bool:
+    """A library whose model spans several folders (converted and uploaded as a whole)."""
+    return library in ("diffusers-pipeline", "sentence-transformers")
