@@ -24,11 +24,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .convert import convert_file, default_output
-from .errors import TiesafeError
 from . import conventions
 from .components import detect_library, is_multi_component
 from .conventions import ADAPTER_CONFIG, CONFIG, NOT_WEIGHTS, OPEN_CLIP_CONFIG, WEIGHT_SUFFIXES
+from .convert import convert_file, default_output
+from .errors import TiesafeError
 from .folder import convert_folder, plan_folder
 from .sharing import plan_sharing
 from .torchfile import read_checkpoint

@@ -92,7 +92,9 @@ def _sentence_transformers_components(folder: Path) -> list[Component]:
         modules = json.loads((folder / MODULES).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         modules = None
-    if not isinstance(modules, list) or not all(isinstance(m, dict) and isinstance(m.get("path"), str) for m in modules):
+    if not isinstance(modules, list) or not all(
+        isinstance(m, dict) and isinstance(m.get("path"), str) for m in modules
+    ):
         raise TiesafeError("unreadable (a list of modules with a path each)", path=folder / MODULES)
     found = []
     for module in modules:

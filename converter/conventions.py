@@ -198,6 +198,18 @@ def is_shard_name(name: str) -> bool:
     return re.fullmatch(r"[^.]+(\.[^.]+)?-\d{5}-of-\d{5}\.safetensors", name) is not None
 
 
+def index_of_shard(name: str) -> str | None:
+    """The index a safetensors shard belongs with: ``model.fp16-00001-of-00002.safetensors`` ->
+    ``model.safetensors.index.fp16.json``; None for a name that is no shard.
+
+    Example:
+        >>> index_of_shard("diffusion_pytorch_model-00001-of-00002.safetensors")
+        'diffusion_pytorch_model.safetensors.index.json'
+    """
+    match = re.fullmatch(r"([^.]+?)(?:\.([^.]+))?-\d{5}-of-\d{5}\.safetensors", name)
+    return index_name(match[1], match[2]) if match else None
+
+
 def safetensors_indexes(names: list[str]) -> list[str]:
     """The safetensors index files among ``names`` (any stem, any variant)."""
     return sorted(n for n in names if re.fullmatch(r"[^.]+\.safetensors\.index(\.[^.]+)?\.json", n))

@@ -140,6 +140,7 @@ class Declared:
 
     groups: list[list[str]]
     note: str | None = None
+    architecture: str | None = None  # the transformers class, named by the config or chosen
 
 
 def resolve_declared(folder: str | Path, names: list[str]) -> Declared:
@@ -159,7 +160,7 @@ def resolve_declared(folder: str | Path, names: list[str]) -> Declared:
     folder = Path(folder)
     architecture, config = _architecture(folder)
     if architecture is not None:
-        return Declared(declared_ties(folder))
+        return Declared(declared_ties(folder), architecture=architecture)
     model_type = config.get("model_type")
     if isinstance(config.get("architecture"), str) and not isinstance(model_type, str):
         return Declared([], f"timm model {config['architecture']}: ties are those its file shares")
@@ -173,10 +174,11 @@ def resolve_declared(folder: str | Path, names: list[str]) -> Declared:
         key += ":" + hashlib.sha256("\n".join(sorted(names)).encode()).hexdigest()
     cached = _read_cache().get(key) if key else None
     if isinstance(cached, dict) and _valid_groups(cached.get("groups")) and isinstance(cached.get("note"), str):
-        return Declared(cached["groups"], cached["note"])
+        chosen = cached.get("architecture")
+        return Declared(cached["groups"], cached["note"], chosen if isinstance(chosen, str) else None)
     found = _choose_class(folder, model_type, candidates, names)
     if key:
-        _write_cache(key, {"groups": found.groups, "note": found.note})
+        _write_cache(key, {"groups": found.groups, "note": found.note, "architecture": found.architecture})
     return found
 
 
@@ -201,9 +203,10 @@ def auto_classes(model_type: str) -> list[str]:
         return []
     found: list[str] = []
     for node in module.body:
-        if not (isinstance(node, ast.Assign) and any(
-            isinstance(t, ast.Name) and t.id.endswith("_MAPPING_NAMES") for t in node.targets
-        )):
+        if not (
+            isinstance(node, ast.Assign)
+            and any(isinstance(t, ast.Name) and t.id.endswith("_MAPPING_NAMES") for t in node.targets)
+        ):
             continue
         for pair in ast.walk(node.value):
             if not (isinstance(pair, ast.Tuple) and len(pair.elts) == 2):
@@ -239,7 +242,9 @@ def _choose_class(folder: Path, model_type: str, candidates: list[str], names: l
             if wanted <= keys:
                 fits.append((len(keys - wanted), name, _identity_groups(model)))
     except Exception as exc:  # an odd config must not stop the conversion: no declared ties then
-        return Declared([], f"config.json names no architecture and model_type {model_type!r} could not be built ({exc})")
+        return Declared(
+            [], f"config.json names no architecture and model_type {model_type!r} could not be built ({exc})"
+        )
     finally:
         transformers.logging.set_verbosity(verbosity)
     if not fits:
@@ -248,11 +253,14 @@ def _choose_class(folder: Path, model_type: str, candidates: list[str], names: l
     best = [fit for fit in fits if fit[0] == fits[0][0]]
     if len({json.dumps(fit[2]) for fit in best}) > 1:
         classes = ", ".join(fit[1] for fit in best)
-        return Declared([], f"config.json names no architecture; {classes} fit the checkpoint and tie differently: no declared ties")
+        return Declared(
+            [], f"config.json names no architecture; {classes} fit the checkpoint and tie differently: no declared ties"
+        )
     return Declared(
         best[0][2],
         f"config.json names no architecture: {best[0][1]} chosen for model_type {model_type!r} "
         f"(its parameter names match the checkpoint's; {len(fits)} of {len(candidates)} classes fit)",
+        best[0][1],
     )
 
 

@@ -14,6 +14,7 @@ appears at once, after every set verified.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import re
@@ -264,7 +265,11 @@ def read_folder_checkpoint(files: list[Path], weight_map: dict[str, str] | None)
 
 
 def _apply_declared(
-    folder: Path, groups: list[list[str]], ckpt: Checkpoint, sharing: SharingPlan, identical: list[list[str]],
+    folder: Path,
+    groups: list[list[str]],
+    ckpt: Checkpoint,
+    sharing: SharingPlan,
+    identical: list[list[str]],
     allow_untied: bool,
 ) -> tuple[list[Tie], list[str], set[str]]:
     """Store once the tensors the model declares tied, after checking their bytes agree."""
@@ -404,7 +409,9 @@ class _Options:
     allow_untied: bool
 
 
-def _plan_set(source: Path, component: Component, weights: WeightSet, options: _Options) -> tuple[SetOutput, str | None]:
+def _plan_set(
+    source: Path, component: Component, weights: WeightSet, options: _Options
+) -> tuple[SetOutput, str | None]:
     ckpt = read_folder_checkpoint(weights.files, weights.weight_map)
     sharing = plan_sharing(ckpt.tensors, materialize_views=options.materialize_views)
     ties = [Tie(n, t, "alias", "storage") for n, t in sharing.ties.aliases.items()]
@@ -433,7 +440,9 @@ def _plan_set(source: Path, component: Component, weights: WeightSet, options: _
         limit = max(limit, total)
     pattern = conventions.shard_pattern(stem, weights.variant)
     output = plan_shards(items, sharing.ties, max_shard_size=limit, stem=stem, filename_pattern=pattern)
-    plan = SetOutput(component.path, weights, ckpt, sharing, ties, identical, warnings, moved, output, stem, weights.variant)
+    plan = SetOutput(
+        component.path, weights, ckpt, sharing, ties, identical, warnings, moved, output, stem, weights.variant
+    )
     note = f"{plan.label}: {declared.note}" if declared.note else None
     return plan, note
 
@@ -442,9 +451,16 @@ def _carried_files(source: Path, sets: list[SetOutput], components: list[Compone
     """Files copied as they are: the folder's (and, for a multi-component model, every subfolder's)
     files that are neither a replaced pickle nor an output name of a set in the same folder."""
     replaced = {p for s in sets for p in s.weights.replaced}
-    own = {c.path: [conventions.set_file_names(s.stem, s.variant) for s in sets if s.component == c.path] for c in components}
+    own = {
+        c.path: [conventions.set_file_names(s.stem, s.variant) for s in sets if s.component == c.path]
+        for c in components
+    }
     if multi:
-        files = [p for p in sorted(source.rglob("*")) if p.is_file() and not any(part.startswith(".") for part in p.relative_to(source).parts)]
+        files = [
+            p
+            for p in sorted(source.rglob("*"))
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(source).parts)
+        ]
     else:
         files = [p for p in sorted(source.iterdir()) if p.is_file()]
     carried = []
@@ -597,10 +613,8 @@ def write_plan(plan: FolderPlan, out: Path, *, verify: bool) -> list[str]:
                     staged.write_bytes(s.output.index_json(), out / s.component / s.index_name)
     except BaseException:
         for folder in created:
-            try:
+            with contextlib.suppress(OSError):  # not empty: something else wrote there meanwhile
                 folder.rmdir()
-            except OSError:
-                pass  # not empty: something else wrote there meanwhile
         raise
     for s in plan.sets:
         remove_stale_set(out / s.component, s.stem, set(s.written_names), s.variant)
