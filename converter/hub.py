@@ -34,6 +34,7 @@ from typing import Any
 from . import conventions
 from .components import is_multi_component, model_components
 from .conventions import WEIGHT_SUFFIXES
+from .declared import resolve_declared
 from .errors import TiesafeError, UnsafeCheckpointError
 from .folder import FolderReport, convert_folder, find_weight_sets, parse_size
 from .hub_checks import (
@@ -234,6 +235,13 @@ def _differing(facts: FolderFacts, pairs: dict[str, str]) -> list[tuple[str, str
     return found
 
 
+def _variant(weights_file: str) -> str | None:
+    """``fp16`` for ``model.fp16.safetensors`` or its shards: what from_pretrained needs as ``variant``."""
+    stem = weights_file.removesuffix(".safetensors").split("-", 1)[0] if "-of-" in weights_file else weights_file
+    parts = stem.removesuffix(".safetensors").split(".")
+    return parts[1] if len(parts) == 2 else None
+
+
 def probe_from_pretrained(folder: str | Path, facts: FolderFacts) -> LoadProbe:
     """Load ``folder`` with the class its config names, on the ``meta`` device.
 
@@ -251,9 +259,12 @@ def probe_from_pretrained(folder: str | Path, facts: FolderFacts) -> LoadProbe:
         return LoadProbe(skipped="no config.json")
     architectures = facts.config.get("architectures")
     name = architectures[0] if isinstance(architectures, list) and architectures else None
+    if not isinstance(name, str) and isinstance(facts.config.get("model_type"), str):
+        name = resolve_declared(folder, list(facts.windows)).architecture  # chosen by the weights' names
     if not isinstance(name, str):
         return LoadProbe(skipped="config.json names no architecture")
     probe = LoadProbe(architecture=name)
+    variant = _variant(facts.weights[0]) if facts.weights else None
     import transformers
 
     model_class = getattr(transformers, name, None)
@@ -267,7 +278,12 @@ def probe_from_pretrained(folder: str | Path, facts: FolderFacts) -> LoadProbe:
     try:
         with _quiet_transformers():
             loaded: Any = model_class.from_pretrained(
-                Path(folder), device_map="meta", output_loading_info=True, local_files_only=True, use_safetensors=True
+                Path(folder),
+                device_map="meta",
+                output_loading_info=True,
+                local_files_only=True,
+                use_safetensors=True,
+                variant=variant,
             )
     except Exception as exc:  # transformers on user files can fail in any way: one line for the report
         probe.error = f"{type(exc).__name__}: {_first_line(exc)}"

@@ -139,8 +139,9 @@ def _load_peft(peft: Any, folder: Path, probe: LoadProbe) -> None:
         return
     import transformers
 
-    auto = getattr(transformers, _PEFT_BASES.get(str(config.get("task_type")), "AutoModel"))
-    model = auto.from_pretrained(base_folder, device_map="meta", local_files_only=True)
+    model = _base_class(transformers, config, base_folder).from_pretrained(
+        base_folder, device_map="meta", local_files_only=True
+    )
     peft_model = peft.PeftModel.from_pretrained(model, folder, low_cpu_mem_usage=True)
     probe.architecture = f"PEFT {config.get('peft_type', '')} on {type(model).__name__}"
     adapter = {n for n, _ in peft_model.named_parameters() if "lora_" in n or "adapter" in n}
@@ -148,6 +149,18 @@ def _load_peft(peft: Any, folder: Path, probe: LoadProbe) -> None:
     as_saved = {_adapter_key(n) for n in adapter}
     probe.unexpected = sorted(stored - as_saved)
     probe.missing = sorted(as_saved - stored) if stored else []
+
+
+def _base_class(transformers: Any, adapter_config: dict[str, Any], base_folder: Path) -> Any:
+    """The class PEFT's base is loaded with: the task type's auto class, else the base config's
+    architecture (an adapter saved without task_type was trained on that class), else AutoModel."""
+    task = _PEFT_BASES.get(str(adapter_config.get("task_type")))
+    if task is not None:
+        return getattr(transformers, task)
+    architectures = (read_json_object(base_folder / CONFIG) or {}).get("architectures")
+    named = architectures[0] if isinstance(architectures, list) and architectures else None
+    found = getattr(transformers, named, None) if isinstance(named, str) else None
+    return found if hasattr(found, "from_pretrained") else transformers.AutoModel
 
 
 def _adapter_key(name: str) -> str:
