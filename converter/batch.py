@@ -190,8 +190,9 @@ def _clean_stale_temporaries(item: BatchItem) -> None:
     """
     folder, prefix = (item.output, ".") if item.kind == "folder" else (item.output.parent, f".{item.output.name}.")
     if folder.is_dir():
-        for path in folder.iterdir():
-            if path.name.startswith(prefix) and path.name.endswith(TEMP_SUFFIX):
+        # A multi-component model writes into its component folders too.
+        for path in folder.rglob(f"{prefix}*") if item.recursive else folder.iterdir():
+            if path.name.startswith(prefix) and path.name.endswith(TEMP_SUFFIX) and path.is_file():
                 path.unlink(missing_ok=True)
 
 

@@ -131,7 +131,12 @@ def check_conversion(report: FolderReport | None, notes: list[str], facts: Folde
     if report is None:
         summary = "no pickle weights: the safetensors files are uploaded as they are"
         return Check("conversion", "warn" if notes else "pass", summary, notes)
-    ties_found = ", ".join(f"{t.name} = {t.target} ({t.kind}, {t.origin})" for t in report.ties) or "none"
+    ties_found = (
+        ", ".join(
+            f"{t.name} = {t.target} ({t.kind}, {t.origin}{', ' + t.where if t.where else ''})" for t in report.ties
+        )
+        or "none"
+    )
     summary = (
         f"converted into {len(report.files)} file(s), {report.tensors} names verified bit for bit; "
         f"{human_bytes(report.bytes_saved)} saved by ties"
@@ -141,6 +146,7 @@ def check_conversion(report: FolderReport | None, notes: list[str], facts: Folde
         f"identical bytes, not tied (--dedup-identical stores them once): {_listed(g)}" for g in report.identical
     ]
     details += [f"skipped non-tensor entries: {_listed(report.skipped)}"] if report.skipped else []
+    details += report.notes  # how declared ties were found (a class chosen for a config without architectures)
     warnings = [*report.warnings, *notes]
     return Check("conversion", "warn" if warnings else "pass", summary, details + warnings)
 

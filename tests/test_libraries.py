@@ -194,13 +194,16 @@ def test_sentence_transformers_with_a_dense_module(tmp_path: Path) -> None:
     model = st.SentenceTransformer(modules=modules, device="cpu")
     src = tmp_path / "st"
     model.save(str(src), safe_serialization=False)
-    # Dense wrote a pickle; the root module is transformers', which (version 5) writes safetensors only.
+    # Dense wrote a pickle; the root module is transformers', which (version 5) writes safetensors only:
+    # torch.save writes it under the name transformers 4 wrote, pytorch_model.bin.
     assert (src / "2_Dense" / "pytorch_model.bin").is_file() and (src / "modules.json").is_file()
+    torch.save(safetensors.torch.load_file(src / "model.safetensors"), src / "pytorch_model.bin")
+    (src / "model.safetensors").unlink()
     expected = model.encode(["a b", "b"], convert_to_tensor=True)
 
     result = _cli("convert", str(src), str(tmp_path / "out"))
     assert result.returncode == 0, result.stderr
-    assert "2_Dense/model.safetensors" in _tree(tmp_path / "out") and "1_Pooling/config.json" in _tree(tmp_path / "out")
+    assert {"model.safetensors", "2_Dense/model.safetensors", "1_Pooling/config.json"} <= set(_tree(tmp_path / "out"))
     loaded = st.SentenceTransformer(str(tmp_path / "out"), device="cpu", local_files_only=True)
     assert same_bits(loaded.encode(["a b", "b"], convert_to_tensor=True), expected)
 
@@ -214,7 +217,7 @@ def test_sentence_transformers_with_a_dense_module(tmp_path: Path) -> None:
     report = converter.prepare_upload(src, tmp_path / "upload")
     assert report.ok, report.checks
     assert {c.name: c.status for c in report.checks}["from_pretrained"] == "pass"
-    assert report.plan is not None and report.plan.delete == ["2_Dense/pytorch_model.bin"]
+    assert report.plan is not None and report.plan.delete == ["2_Dense/pytorch_model.bin", "pytorch_model.bin"]
 
 
 def test_peft_lora_on_a_tiny_llama(tmp_path: Path) -> None:
@@ -366,3 +369,44 @@ def test_two_pickles_that_would_share_an_output_name_are_refused(tmp_path: Path)
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(TiesafeError, match="would both become"):
         converter.convert_folder(tmp_path, tmp_path / "out")
+
+
+def test_a_pipeline_component_ties_what_its_own_config_declares(pipeline, tmp_path: Path) -> None:
+    """A transformers text encoder inside a pipeline, its shards saved apart (the tie broken): the tie
+    its own config.json declares is found and stored once, and transformers loads it tied."""
+    from test_folder import _save_sharded
+    from transformers import AutoModelForCausalLM
+
+    src, _ = pipeline
+    shutil.copytree(src, tmp_path / "pipe")
+    torch.manual_seed(0)
+    encoder = llama_tied().eval()
+    _save_sharded(encoder, tmp_path / "pipe" / "text_encoder")
+    index = json.loads((tmp_path / "pipe" / "model_index.json").read_text())
+    index["text_encoder"] = ["transformers", "LlamaForCausalLM"]
+    (tmp_path / "pipe" / "model_index.json").write_text(json.dumps(index))
+
+    report = converter.convert_folder(tmp_path / "pipe", tmp_path / "out")
+    assert [(t.name, t.origin, t.where) for t in report.ties if t.origin == "config"] == [
+        ("lm_head.weight", "config", "text_encoder/model")
+    ]
+    assert (
+        "text_encoder/model.safetensors" in report.files and "unet/diffusion_pytorch_model.safetensors" in report.files
+    )
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "text_encoder").eval()
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    assert all(same_bits(loaded.state_dict()[n], t) for n, t in encoder.state_dict().items())
+
+
+def test_a_config_without_architectures_still_refuses_tied_weights_that_differ(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = llama_tied().eval()
+    state = {n: t.clone() for n, t in model.state_dict().items()}
+    state["lm_head.weight"] += 1  # the config ties it to the embedding, but the bytes differ
+    (tmp_path / "src").mkdir()
+    torch.save(state, tmp_path / "src" / "pytorch_model.bin")
+    model.config.save_pretrained(tmp_path / "src")  # model_type and tie_word_embeddings, no architectures
+    report = converter.prepare_upload(tmp_path / "src", tmp_path / "upload")
+    assert not report.ok and not (tmp_path / "upload").exists()
+    failed = next(c for c in report.checks if c.status == "fail")
+    assert "the model ties 'lm_head.weight' to 'model.embed_tokens.weight' but their bytes differ" in failed.summary
