@@ -56,7 +56,10 @@ class Library:
 
     name: str
     marker: str  # what identifies the folder (README)
-    shards: bool  # the loader reads a sharded set through an index
+    # The folder's pytorch_model / diffusion_pytorch_model sets are loaded by a loader that reads
+    # shards through an index (transformers, diffusers; the transformers copy beside an open_clip
+    # model). Other stems (adapter_model, open_clip_model, X) are always one file.
+    shards: bool
     loader: str  # the loader the tests load the output with (README)
 
 
@@ -69,8 +72,8 @@ LIBRARIES: dict[str, Library] = {
         Library("sentence-transformers", MODULES, False, "SentenceTransformer(folder)"),
         Library("peft", ADAPTER_CONFIG, False, "PeftModel.from_pretrained"),
         Library("timm", f"{CONFIG} with architecture", False, "timm.create_model(pretrained_cfg_overlay=...)"),
-        Library("open_clip", f"{OPEN_CLIP_CONFIG} or open_clip_pytorch_model.bin", False, "open_clip hf-hub loader"),
-        Library("other", "any single pickle", False, "safetensors.torch.load_file"),
+        Library("open_clip", f"{OPEN_CLIP_CONFIG} or open_clip_pytorch_model.bin", True, "open_clip hf-hub loader"),
+        Library("other", "any single pickle", True, "safetensors.torch.load_file"),
     )
 }
 

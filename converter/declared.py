@@ -18,8 +18,10 @@ import hashlib
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .static_ties import static_ties, transformers_root
 
@@ -125,10 +127,7 @@ def _build_and_read_ties(folder: Path, architecture: str) -> list[list[str]]:
         return []
     finally:
         transformers.logging.set_verbosity(verbosity)
-    groups: dict[int, list[str]] = {}
-    for name, tensor in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
-        groups.setdefault(id(tensor), []).append(name)
-    return [names for names in groups.values() if len(names) > 1]
+    return _identity_groups(model)
 
 
 # --------------------------------------------------------------------------- config.json without architectures
@@ -239,7 +238,9 @@ def _choose_class(folder: Path, model_type: str, candidates: list[str], names: l
             except Exception:  # a head this config cannot build: not a candidate
                 continue
             keys = set(model.state_dict())
-            if wanted <= keys:
+            # Names the class drops on load (old per-layer rotary buffers, ...) do not count against it.
+            ignored = getattr(model_class, "_keys_to_ignore_on_load_unexpected", None) or []
+            if {n for n in wanted if not any(re.search(p, n) for p in ignored)} <= keys:
                 fits.append((len(keys - wanted), name, _identity_groups(model)))
     except Exception as exc:  # an odd config must not stop the conversion: no declared ties then
         return Declared(
@@ -264,9 +265,10 @@ def _choose_class(folder: Path, model_type: str, candidates: list[str], names: l
     )
 
 
-def _identity_groups(model: object) -> list[list[str]]:
+def _identity_groups(model: Any) -> list[list[str]]:
+    """Names of one parameter or buffer object: what the built model ties."""
     groups: dict[int, list[str]] = {}
-    named = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]  # type: ignore[attr-defined]
+    named = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
     for name, tensor in named:
         groups.setdefault(id(tensor), []).append(name)
     return [names for names in groups.values() if len(names) > 1]

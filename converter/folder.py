@@ -19,6 +19,7 @@ import dataclasses
 import json
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -409,9 +410,8 @@ class _Options:
     allow_untied: bool
 
 
-def _plan_set(
-    source: Path, component: Component, weights: WeightSet, options: _Options
-) -> tuple[SetOutput, str | None]:
+def _plan_set(component: Component, weights: WeightSet, options: _Options) -> tuple[SetOutput, str | None]:
+    """Read one weight set and decide its output; the note says how declared ties were found."""
     ckpt = read_folder_checkpoint(weights.files, weights.weight_map)
     sharing = plan_sharing(ckpt.tensors, materialize_views=options.materialize_views)
     ties = [Tie(n, t, "alias", "storage") for n, t in sharing.ties.aliases.items()]
@@ -498,7 +498,7 @@ def plan_folder(
     notes: list[str] = []
     for component in components:
         for weights in find_weight_sets(src / component.path):
-            planned, note = _plan_set(src, component, weights, options)
+            planned, note = _plan_set(component, weights, options)
             sets.append(planned)
             notes += [note] if note else []
     if not sets:
@@ -621,7 +621,9 @@ def write_plan(plan: FolderPlan, out: Path, *, verify: bool) -> list[str]:
     return plan.written_names
 
 
-def _checker(s: SetOutput, out: Path):  # type: ignore[no-untyped-def]
+def _checker(s: SetOutput, out: Path) -> Callable[[list[Path], WriteProgress], None]:
+    """The verification of one set's staged files, run by the writer as it writes them."""
+
     def check(temporary: list[Path], progress: WriteProgress) -> None:
         staged_files = [read_safetensors(t) for t in temporary]
         try:

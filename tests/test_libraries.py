@@ -410,3 +410,45 @@ def test_a_config_without_architectures_still_refuses_tied_weights_that_differ(t
     assert not report.ok and not (tmp_path / "upload").exists()
     failed = next(c for c in report.checks if c.status == "fail")
     assert "the model ties 'lm_head.weight' to 'model.embed_tokens.weight' but their bytes differ" in failed.summary
+
+
+def test_the_load_check_names_the_missing_library_or_base(
+    pipeline, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from test_folder import _peft_adapter
+
+    from converter import library_checks
+
+    src, _ = pipeline
+    real = library_checks.importlib.util.find_spec
+    monkeypatch.setattr(
+        library_checks.importlib.util, "find_spec", lambda name, *a: None if name == "diffusers" else real(name, *a)
+    )
+    report = converter.prepare_upload(src, tmp_path / "upload")
+    load_check = next(c for c in report.checks if c.name == "from_pretrained")
+    assert report.ok and load_check.status == "warn"
+    assert "diffusers is not installed: pip install 'tiesafe[diffusers]'" in load_check.summary
+    monkeypatch.undo()
+
+    _peft_adapter(tmp_path / "lora")  # its base, tiny-llama, is neither a folder nor in the cache
+    report = converter.prepare_upload(tmp_path / "lora", tmp_path / "lora-upload")
+    load_check = next(c for c in report.checks if c.name == "from_pretrained")
+    assert report.ok and load_check.status == "warn" and "'tiny-llama'" in load_check.summary
+
+
+def test_a_transformers_copy_beside_an_open_clip_model_is_sharded_as_transformers_loads_it(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = llama_tied().eval()
+    (tmp_path / "src").mkdir()
+    torch.save(model.state_dict(), tmp_path / "src" / "pytorch_model.bin")
+    torch.save({"visual.proj": torch.randn(4, 4)}, tmp_path / "src" / "open_clip_pytorch_model.bin")
+    (tmp_path / "src" / "open_clip_config.json").write_text("{}")
+    model.config.architectures = ["LlamaForCausalLM"]
+    model.config.save_pretrained(tmp_path / "src")
+    report = converter.convert_folder(tmp_path / "src", tmp_path / "out", max_shard_size="4KB")
+    assert "open_clip_model.safetensors" in report.files and "model.safetensors.index.json" in report.files
+    assert [(t.name, t.origin) for t in report.ties] == [("lm_head.weight", "storage")]
+    from transformers import AutoModelForCausalLM
+
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert all(same_bits(loaded.state_dict()[n], t) for n, t in model.state_dict().items())
