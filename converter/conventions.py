@@ -123,6 +123,11 @@ def parse_index_name(name: str) -> tuple[str, str | None] | None:
     return (match["stem"], match["variant"]) if match else None
 
 
+def is_legacy_index_name(name: str) -> bool:
+    """An index named as diffusers before 0.27 named a variant's (``STEM.bin.VARIANT.index.json``)."""
+    return _INDEX_NAME.match(name) is None and _LEGACY_INDEX_NAME.match(name) is not None
+
+
 def safetensors_stem(pickle_stem: str) -> str:
     """The stem the library of ``pickle_stem`` loads: ``pytorch_model`` -> ``model``; others unchanged.
 

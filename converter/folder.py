@@ -168,7 +168,8 @@ def _index_files(folder: Path, index_path: Path) -> tuple[list[Path], dict[str, 
 
 def _indexed_sets(folder: Path, names: list[str]) -> list[WeightSet]:
     sets: dict[tuple[str, str | None], WeightSet] = {}
-    for name in names:  # sorted: the current index name sorts before the legacy diffusers one
+    # The current name first: diffusers reads it before the legacy one when both are there.
+    for name in sorted(names, key=conventions.is_legacy_index_name):
         parsed = conventions.parse_index_name(name)
         if parsed is None or parsed in sets:
             continue

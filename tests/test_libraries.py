@@ -165,6 +165,22 @@ def test_diffusers_sharded_model_and_variant(sharded_unet, tmp_path: Path) -> No
     assert upload.plan is not None and "diffusion_pytorch_model.bin.index.fp16.json" in upload.plan.delete
 
 
+def test_a_legacy_variant_index_of_diffusers_is_read(sharded_unet, tmp_path: Path) -> None:
+    """diffusers before 0.27 named a variant's index STEM.bin.VARIANT.index.json; current diffusers still reads it."""
+    src, _ = sharded_unet
+    legacy = tmp_path / "legacy"
+    shutil.copytree(src, legacy)
+    (legacy / "diffusion_pytorch_model.bin.index.fp16.json").rename(
+        legacy / "diffusion_pytorch_model.bin.fp16.index.json"
+    )
+    report = converter.convert_folder(legacy, delete_source=True, max_shard_size="40KB")
+    assert "diffusion_pytorch_model.safetensors.index.fp16.json" in report.files
+    assert "diffusion_pytorch_model.bin.fp16.index.json" in report.deleted
+    assert not [n for n in _tree(legacy) if n.endswith(".bin") or ".bin." in n]  # converted in place, pickles gone
+    half = diffusers.UNet2DModel.from_pretrained(legacy, variant="fp16", torch_dtype=torch.float16)
+    assert all(same_bits(half.state_dict()[n], t) for n, t in _unet().half().state_dict().items())
+
+
 def test_an_index_naming_a_missing_shard_is_one_line_and_no_output(sharded_unet, tmp_path: Path) -> None:
     src, _ = sharded_unet
     broken = tmp_path / "broken"
