@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .components import read_json_object
-from .conventions import ADAPTER_CONFIG, CONFIG
+from .conventions import ADAPTER_CONFIG, CONFIG, MODEL_INDEX
 from .hub_checks import LoadProbe
 
 # The package each library's check imports, and the extra that installs it.
@@ -89,8 +89,7 @@ def probe_library_load(folder: str | Path, library: str) -> LoadProbe:
     try:
         with _quiet():
             if library == "diffusers-pipeline":
-                pipeline = module.DiffusionPipeline.from_pretrained(folder, use_safetensors=True, local_files_only=True)
-                probe.architecture = f"diffusers {type(pipeline).__name__}"
+                _load_pipeline(module, folder, probe)
             elif library == "diffusers":
                 _load_diffusers_model(module, folder, probe)
             elif library == "sentence-transformers":
@@ -105,11 +104,20 @@ def probe_library_load(folder: str | Path, library: str) -> LoadProbe:
     return probe
 
 
+def _load_pipeline(diffusers: Any, folder: Path, probe: LoadProbe) -> None:
+    name = (read_json_object(folder / MODEL_INDEX) or {}).get("_class_name")
+    if not (isinstance(name, str) and hasattr(getattr(diffusers, name, None), "from_pretrained")):
+        probe.skipped = f"diffusers has no pipeline class {name!r} (custom code: tiesafe never runs it)"
+        return
+    pipeline = diffusers.DiffusionPipeline.from_pretrained(folder, use_safetensors=True, local_files_only=True)
+    probe.architecture = f"diffusers {type(pipeline).__name__}"
+
+
 def _load_diffusers_model(diffusers: Any, folder: Path, probe: LoadProbe) -> None:
     name = (read_json_object(folder / CONFIG) or {}).get("_class_name")
     model_class: Any = getattr(diffusers, name, None) if isinstance(name, str) else None
     if not hasattr(model_class, "from_pretrained"):
-        probe.skipped = f"diffusers has no model class {name!r}"
+        probe.skipped = f"diffusers has no model class {name!r} (custom code: tiesafe never runs it)"
         return
     probe.architecture = f"diffusers {name}"
     _, info = model_class.from_pretrained(folder, use_safetensors=True, local_files_only=True, output_loading_info=True)
@@ -136,6 +144,9 @@ def _load_peft(peft: Any, folder: Path, probe: LoadProbe) -> None:
     base_folder = _base_folder(base) if isinstance(base, str) and base else None
     if base_folder is None:
         probe.skipped = f"PEFT's base model {base!r} is neither a folder nor in the local cache: adapter not loaded"
+        return
+    if importlib.util.find_spec("accelerate") is None:
+        probe.skipped = "loading PEFT's base on the meta device needs accelerate: pip install 'tiesafe[hub]'"
         return
     import transformers
 

@@ -17,7 +17,11 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "setup: installing torch (CPU build) and tiesafe into $VENV" >&2
   # torch first, pinned: a bare 'torch' requirement would pull a multi-GB CUDA build.
   "$VENV/bin/pip" install --quiet --disable-pip-version-check "torch==2.13.0"
-  "$VENV/bin/pip" install --quiet --disable-pip-version-check -e "$ROOT[dev]"
+  # The extras (diffusers, sentence-transformers, peft, ...) must not move torch: pin it.
+  constraint="$(mktemp)"
+  echo "torch==2.13.0" > "$constraint"
+  "$VENV/bin/pip" install --quiet --disable-pip-version-check -c "$constraint" -e "$ROOT[dev]"
+  rm -f "$constraint"
   echo "$want" > "$stamp"
 fi
 export PATH="$VENV/bin:$PATH"

@@ -446,6 +446,14 @@ def test_the_load_check_names_the_missing_library_or_base(
     assert "diffusers is not installed: pip install 'tiesafe[diffusers]'" in load_check.summary
     monkeypatch.undo()
 
+    custom = tmp_path / "custom"
+    shutil.copytree(src, custom)
+    index = json.loads((custom / "model_index.json").read_text())
+    (custom / "model_index.json").write_text(json.dumps({**index, "_class_name": "MyPipeline"}))
+    report = converter.prepare_upload(custom, tmp_path / "custom-upload")
+    load_check = next(c for c in report.checks if c.name == "from_pretrained")
+    assert report.ok and load_check.status == "warn" and "custom code: tiesafe never runs it" in load_check.summary
+
     _peft_adapter(tmp_path / "lora")  # its base, tiny-llama, is neither a folder nor in the cache
     report = converter.prepare_upload(tmp_path / "lora", tmp_path / "lora-upload")
     load_check = next(c for c in report.checks if c.name == "from_pretrained")
