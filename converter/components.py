@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import conventions
 from .conventions import ADAPTER_CONFIG, CONFIG, MODEL_INDEX, MODULES, OPEN_CLIP_CONFIG
 from .errors import TiesafeError
 
@@ -27,7 +28,12 @@ class Component:
 
 
 def read_json_object(path: Path) -> dict[str, Any] | None:
-    """A JSON object from ``path``; None when it is missing, unreadable or not an object."""
+    """A JSON object from ``path``; None when it is missing, unreadable or not an object.
+
+    Example:
+        >>> read_json_object(Path("no-such-folder/config.json")) is None
+        True
+    """
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -57,11 +63,16 @@ def detect_library(folder: Path) -> str:
         return "transformers"
     if isinstance(config.get("architecture"), str):
         return "timm"  # timm's config.json names its model in `architecture`
-    if (folder / "diffusion_pytorch_model.bin").is_file():
-        return "diffusers"
-    if (folder / "open_clip_pytorch_model.bin").is_file():
-        return "open_clip"
+    # No config to go by: the weight file names say whose they are (diffusers, open_clip, ...).
+    written = {conventions.library_of_stem(w.stem) for w in _weight_names(folder)} - {None, "transformers"}
+    if len(written) == 1:
+        return str(written.pop())
     return "transformers" if config else "other"
+
+
+def _weight_names(folder: Path) -> list[conventions.WeightName]:
+    names = (conventions.parse_weight_name(p.name) for p in folder.iterdir() if p.is_file())
+    return [n for n in names if n is not None]
 
 
 def _subfolder(folder: Path, manifest: str, name: str) -> str:
@@ -125,5 +136,10 @@ def model_components(folder: Path) -> tuple[str, list[Component]]:
 
 
 def is_multi_component(library: str) -> bool:
-    """A library whose model spans several folders (converted and uploaded as a whole)."""
+    """A library whose model spans several folders (converted and uploaded as a whole).
+
+    Example:
+        >>> is_multi_component("diffusers-pipeline"), is_multi_component("peft")
+        (True, False)
+    """
     return library in ("diffusers-pipeline", "sentence-transformers")

@@ -38,11 +38,12 @@ class Convention:
 
     pickle_stem: str
     safetensors_stem: str
-    library: str
+    library: str  # a key of LIBRARIES: the library that writes this stem (timm and
+    # sentence-transformers modules write pytorch_model too, and load model.safetensors)
 
 
 CONVENTIONS: tuple[Convention, ...] = (
-    Convention("pytorch_model", "model", "transformers (and timm, sentence-transformers modules)"),
+    Convention("pytorch_model", "model", "transformers"),
     Convention("diffusion_pytorch_model", "diffusion_pytorch_model", "diffusers"),
     Convention("adapter_model", "adapter_model", "peft"),
     Convention("open_clip_pytorch_model", "open_clip_model", "open_clip"),
@@ -126,6 +127,17 @@ def parse_index_name(name: str) -> tuple[str, str | None] | None:
 def is_legacy_index_name(name: str) -> bool:
     """An index named as diffusers before 0.27 named a variant's (``STEM.bin.VARIANT.index.json``)."""
     return _INDEX_NAME.match(name) is None and _LEGACY_INDEX_NAME.match(name) is not None
+
+
+def library_of_stem(pickle_stem: str) -> str | None:
+    """The library that writes ``pickle_stem`` (None for a stem of no convention).
+
+    Example:
+        >>> library_of_stem("diffusion_pytorch_model"), library_of_stem("ema")
+        ('diffusers', None)
+    """
+    convention = _BY_PICKLE_STEM.get(pickle_stem)
+    return convention.library if convention else None
 
 
 def safetensors_stem(pickle_stem: str) -> str:

@@ -40,8 +40,6 @@ from .writer import StagedWrites, WriteProgress
 __all__ = [
     "ADAPTER_CONFIG",
     "NOT_WEIGHTS",
-    "PICKLE_INDEX",
-    "SAFETENSORS_INDEX",
     "WEIGHT_SUFFIXES",
     "FolderPlan",
     "FolderReport",
@@ -54,8 +52,6 @@ __all__ = [
     "plan_folder",
 ]
 
-PICKLE_INDEX = "pytorch_model.bin.index.json"
-SAFETENSORS_INDEX = conventions.index_name("model")
 # Stems whose loaders read a sharded set through an index (transformers, diffusers);
 # PEFT, open_clip, timm and a loose X.pt are loaded as one file.
 _SHARDED_STEMS = {"pytorch_model", "diffusion_pytorch_model"}
@@ -598,6 +594,10 @@ def write_plan(plan: FolderPlan, out: Path, *, verify: bool) -> list[str]:
 
     Returns the files written, relative to ``out``. On failure nothing is left: no file,
     and no folder this call created.
+
+    Example:
+        >>> write_plan(plan_folder("sd-pipeline"), Path("sd-st"), verify=True)  # doctest: +SKIP
+        ['unet/diffusion_pytorch_model.safetensors', 'vae/diffusion_pytorch_model.safetensors']
     """
     copies = plan.others if out != plan.source else []
     folders = [out, *(out / s.component for s in plan.sets), *((out / c).parent for c in copies)]

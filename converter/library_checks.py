@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from . import conventions
 from .components import read_json_object
 from .conventions import ADAPTER_CONFIG, CONFIG, MODEL_INDEX
 from .hub_checks import LoadProbe
@@ -156,7 +157,9 @@ def _load_peft(peft: Any, folder: Path, probe: LoadProbe) -> None:
     peft_model = peft.PeftModel.from_pretrained(model, folder, low_cpu_mem_usage=True)
     probe.architecture = f"PEFT {config.get('peft_type', '')} on {type(model).__name__}"
     adapter = {n for n, _ in peft_model.named_parameters() if "lora_" in n or "adapter" in n}
-    stored = set(_safetensors_names(folder / "adapter_model.safetensors"))
+    stored = set(
+        _safetensors_names(folder / conventions.safetensors_name(conventions.safetensors_stem("adapter_model")))
+    )
     as_saved = {_adapter_key(n) for n in adapter}
     probe.unexpected = sorted(stored - as_saved)
     probe.missing = sorted(as_saved - stored) if stored else []
