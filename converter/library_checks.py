@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from . import conventions
-from .components import read_json_object
+from .components import model_components, read_json_object
 from .conventions import ADAPTER_CONFIG, CONFIG, MODEL_INDEX
 from .hub_checks import LoadProbe
 
@@ -94,8 +94,9 @@ def probe_library_load(folder: str | Path, library: str) -> LoadProbe:
             elif library == "diffusers":
                 _load_diffusers_model(module, folder, probe)
             elif library == "sentence-transformers":
-                module.SentenceTransformer(str(folder), device="cpu", local_files_only=True)
                 probe.architecture = "SentenceTransformer"
+                if _component_keys(folder, probe, None):  # other modules load strictly; transformers only warns
+                    module.SentenceTransformer(str(folder), device="cpu", local_files_only=True)
             elif library == "peft":
                 _load_peft(module, folder, probe)
             else:
@@ -110,8 +111,38 @@ def _load_pipeline(diffusers: Any, folder: Path, probe: LoadProbe) -> None:
     if not (isinstance(name, str) and hasattr(getattr(diffusers, name, None), "from_pretrained")):
         probe.skipped = f"diffusers has no pipeline class {name!r} (custom code: tiesafe never runs it)"
         return
+    if not _component_keys(folder, probe, diffusers):  # the pipeline's loader only warns about keys
+        return
     pipeline = diffusers.DiffusionPipeline.from_pretrained(folder, use_safetensors=True, local_files_only=True)
     probe.architecture = f"diffusers {type(pipeline).__name__}"
+
+
+def _component_keys(folder: Path, probe: LoadProbe, diffusers: Any) -> bool:
+    """Missing, unexpected and mismatched keys of every diffusers or transformers component, by path.
+
+    Their loaders only warn about keys, so a whole model would load with a weight left
+    uninitialised; each component is loaded on its own first (meta device for transformers).
+    False (and ``probe.error`` set) when a component does not load at all.
+    """
+    from .hub import probe_from_pretrained, read_facts  # the transformers probe lives with prepare-upload
+
+    for component in model_components(folder)[1]:
+        where = folder / component.path
+        if component.library == "diffusers" and diffusers is not None:
+            sub = LoadProbe(library="diffusers")
+            _load_diffusers_model(diffusers, where, sub)
+        elif component.library == "transformers":
+            sub = probe_from_pretrained(where, read_facts(where))
+        else:
+            continue
+        prefix = f"{component.path}/" if component.path else ""
+        if sub.error is not None:
+            probe.error = f"{prefix or './'}: {sub.error}"
+            return False
+        probe.missing += [prefix + n for n in sub.missing]
+        probe.unexpected += [prefix + n for n in sub.unexpected]
+        probe.mismatched += [prefix + n for n in sub.mismatched]
+    return True
 
 
 def _load_diffusers_model(diffusers: Any, folder: Path, probe: LoadProbe) -> None:

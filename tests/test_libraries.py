@@ -102,6 +102,20 @@ def test_diffusers_pipeline_converts_whole_with_convert_batch_and_prepare_upload
     _check_pipeline(tmp_path / "upload", expected)
 
 
+def test_a_pipeline_whose_component_lacks_a_weight_fails_the_load_check(pipeline, tmp_path: Path) -> None:
+    """DiffusionPipeline.from_pretrained only warns when a weight is missing: each component's keys are checked."""
+    src, _ = pipeline
+    converter.convert_folder(src, tmp_path / "st")
+    weights = tmp_path / "st" / "unet" / "diffusion_pytorch_model.safetensors"
+    state = safetensors.torch.load_file(weights)
+    state["extra"] = state.pop("conv_in.bias")
+    safetensors.torch.save_file(state, weights, metadata={"format": "pt"})
+    report = converter.prepare_upload(tmp_path / "st", tmp_path / "upload")
+    load_check = next(c for c in report.checks if c.name == "from_pretrained")
+    assert not report.ok and load_check.status == "fail" and not (tmp_path / "upload").exists()
+    assert load_check.details == ["missing: unet/conv_in.bias", "unexpected: unet/extra"]
+
+
 def test_a_pipeline_appears_whole_or_not_at_all(pipeline, tmp_path: Path) -> None:
     src, _ = pipeline
     broken = tmp_path / "broken"
