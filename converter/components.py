@@ -135,6 +135,28 @@ def model_components(folder: Path) -> tuple[str, list[Component]]:
     return library, [Component("", library)]
 
 
+def model_files(folder: Path, components: list[Component]) -> list[str]:
+    """The files that make the model, relative to ``folder``: its own, and every file inside each
+    component folder (hidden ones left out). A subfolder no manifest names is not part of it.
+
+    Example:
+        >>> model_files(Path("sd-pipeline"), model_components(Path("sd-pipeline"))[1])  # doctest: +SKIP
+        ['model_index.json', 'scheduler/scheduler_config.json', 'unet/config.json', ...]
+    """
+    found = {p.name for p in folder.iterdir() if p.is_file()}
+    for component in components:
+        if component.path:
+            inside = (p.relative_to(folder) for p in (folder / component.path).rglob("*") if p.is_file())
+            found.update(p.as_posix() for p in inside if not any(part.startswith(".") for part in p.parts))
+    return sorted(found)
+
+
+def stray_folders(folder: Path, components: list[Component]) -> list[str]:
+    """Subfolders of ``folder`` that are not component folders (training runs, caches...)."""
+    owned = {Path(c.path).parts[0] for c in components if c.path}
+    return sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name not in owned)
+
+
 def is_multi_component(library: str) -> bool:
     """A library whose model spans several folders (converted and uploaded as a whole).
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import conventions
-from .components import Component, is_multi_component, model_components
+from .components import Component, is_multi_component, model_components, model_files, stray_folders
 from .conventions import ADAPTER_CONFIG, NOT_WEIGHTS, WEIGHT_SUFFIXES, WeightName
 from .declared import resolve_declared
 from .errors import TiesafeError, VerificationError
@@ -358,6 +358,7 @@ class FolderPlan:
     others: list[str]  # files carried over as they are, relative to the source
     multi: bool  # several component folders make one model (all carried over)
     notes: list[str] = field(default_factory=list)
+    components: list[Component] = field(default_factory=list)
 
     @property
     def replaced(self) -> list[Path]:
@@ -370,10 +371,11 @@ class FolderPlan:
         return [_relative(s.component, name) for s in self.sets for name in s.written_names]
 
     def _left_behind(self, output: Path) -> list[str]:
-        """Subfolders of a one-folder model are not model files: say so when the output goes elsewhere."""
-        if output == self.source or self.multi:
+        """Subfolders that are not part of the model: say so when the output goes elsewhere."""
+        if output == self.source:
             return []
-        subfolders = sorted(p.name for p in self.source.iterdir() if p.is_dir() and p.resolve() != output.resolve())
+        strays = stray_folders(self.source, self.components)
+        subfolders = [n for n in strays if (self.source / n).resolve() != output.resolve()]
         return [f"subfolders not carried over: {', '.join(subfolders)}"] if subfolders else []
 
     def report(self, output: Path, files: list[str], *, verified: bool, seconds: float) -> FolderReport:
@@ -444,25 +446,17 @@ def _plan_set(component: Component, weights: WeightSet, options: _Options) -> tu
     return plan, note
 
 
-def _carried_files(source: Path, sets: list[SetOutput], components: list[Component], multi: bool) -> list[str]:
-    """Files copied as they are: the folder's (and, for a multi-component model, every subfolder's)
-    files that are neither a replaced pickle nor an output name of a set in the same folder."""
+def _carried_files(source: Path, sets: list[SetOutput], components: list[Component]) -> list[str]:
+    """Files copied as they are: the model's files (its own, and its component folders') that are
+    neither a replaced pickle nor an output name of a set in the same folder."""
     replaced = {p for s in sets for p in s.weights.replaced}
     own = {
         c.path: [conventions.set_file_names(s.stem, s.variant) for s in sets if s.component == c.path]
         for c in components
     }
-    if multi:
-        files = [
-            p
-            for p in sorted(source.rglob("*"))
-            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(source).parts)
-        ]
-    else:
-        files = [p for p in sorted(source.iterdir()) if p.is_file()]
     carried = []
-    for path in files:
-        relative = path.relative_to(source)
+    for name in model_files(source, components):
+        path, relative = source / name, Path(name)
         folder = relative.parent.as_posix() if relative.parent != Path(".") else ""
         if path in replaced or any(pattern.fullmatch(path.name) for pattern in own.get(folder, [])):
             continue
@@ -501,7 +495,7 @@ def plan_folder(
     if not sets:
         where = "this folder or its components" if multi else "this folder"
         raise TiesafeError(f"no pickle weights (.bin/.pt/.pth/.ckpt) in {where}", path=src)
-    return FolderPlan(src, library, sets, _carried_files(src, sets, components, multi), multi, notes)
+    return FolderPlan(src, library, sets, _carried_files(src, sets, components), multi, notes, components)
 
 
 # --------------------------------------------------------------------------- writing

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from . import conventions
-from .components import is_multi_component, model_components
+from .components import is_multi_component, model_components, model_files, stray_folders
 from .conventions import WEIGHT_SUFFIXES
 from .declared import resolve_declared
 from .errors import TiesafeError, UnsafeCheckpointError
@@ -132,11 +132,10 @@ def _looks_like_pickle(path: Path) -> bool:
 
 
 def _files(folder: Path, recursive: bool) -> list[str]:
-    """The folder's files as relative paths: every subfolder's too for a multi-component model."""
+    """The folder's files as relative paths: its component folders' too for a multi-component model."""
     if not recursive:
         return sorted(p.name for p in folder.iterdir() if p.is_file())
-    found = (p.relative_to(folder) for p in folder.rglob("*") if p.is_file())
-    return sorted(p.as_posix() for p in found if not any(part.startswith(".") for part in p.parts))
+    return model_files(folder, model_components(folder)[1])
 
 
 def _pickles(folder: Path, recursive: bool = False) -> list[str]:
@@ -430,8 +429,8 @@ def _build(
         for n in (report.files if report else [])
         if (source / n).is_file()
     ]
-    folders = sorted(p.name + "/" for p in source.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if folders and not recursive:
+    folders = [name + "/" for name in stray_folders(source, model_components(source)[1])]
+    if folders:
         notes.append(f"subfolders are not carried over: {', '.join(folders)}")
     return report, left_out, notes, library
 

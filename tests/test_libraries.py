@@ -102,6 +102,21 @@ def test_diffusers_pipeline_converts_whole_with_convert_batch_and_prepare_upload
     _check_pipeline(tmp_path / "upload", expected)
 
 
+def test_a_subfolder_no_manifest_names_is_not_part_of_the_model(pipeline, tmp_path: Path) -> None:
+    src, expected = pipeline
+    shutil.copytree(src, tmp_path / "pipe")
+    (tmp_path / "pipe" / "checkpoint-10").mkdir()  # a training run left beside the components
+    torch.save({"w": torch.ones(2)}, tmp_path / "pipe" / "checkpoint-10" / "pytorch_model.bin")
+    report = converter.convert_folder(tmp_path / "pipe", tmp_path / "out")
+    assert report.files == ["unet/diffusion_pytorch_model.safetensors"]
+    assert report.warnings == ["subfolders not carried over: checkpoint-10"]
+    assert not (tmp_path / "out" / "checkpoint-10").exists()
+    _check_pipeline(tmp_path / "out", expected)
+    upload = converter.prepare_upload(tmp_path / "pipe", tmp_path / "upload")
+    assert upload.ok and upload.plan is not None and upload.plan.delete == ["unet/diffusion_pytorch_model.bin"]
+    assert any("subfolders are not carried over: checkpoint-10/" in d for c in upload.checks for d in c.details)
+
+
 def test_a_pipeline_whose_component_lacks_a_weight_fails_the_load_check(pipeline, tmp_path: Path) -> None:
     """DiffusionPipeline.from_pretrained only warns when a weight is missing: each component's keys are checked."""
     src, _ = pipeline
