@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from . import conventions
-from .components import detect_library, is_multi_component
+from .components import detect_library, is_multi_component, model_components, stray_folders
 from .conventions import ADAPTER_CONFIG, CONFIG, NOT_WEIGHTS, OPEN_CLIP_CONFIG, WEIGHT_SUFFIXES
 from .convert import convert_file, default_output
 from .errors import TiesafeError
@@ -99,6 +99,14 @@ def _weight_files(folder: Path) -> tuple[bool, list[Path], bool]:
     return False, pickles, False
 
 
+def _not_components(folder: Path) -> set[str]:
+    """Subfolders of a multi-component model that no manifest names (searched as any other folder)."""
+    try:
+        return set(stray_folders(folder, model_components(folder)[1]))
+    except TiesafeError:
+        return set()  # a broken manifest: the item fails with the reason, nothing below it is guessed
+
+
 def discover(root: str | Path, out: str | Path | None = None, *, in_place: bool = False) -> list[BatchItem]:
     """Every model folder and loose checkpoint under ``root``, largest first.
 
@@ -122,7 +130,7 @@ def discover(root: str | Path, out: str | Path | None = None, *, in_place: bool 
         relative = here.relative_to(root)
         is_model, loose, whole = _weight_files(here)
         if whole:
-            dirs[:] = []  # its subfolders are its components
+            dirs[:] = [d for d in dirs if d in _not_components(here)]  # its components are part of the item
         if is_model:
             files = here.rglob("*") if whole else here.iterdir()
             size = sum(p.stat().st_size for p in files if p.is_file() and p.suffix in WEIGHT_SUFFIXES)

@@ -112,6 +112,11 @@ def test_a_subfolder_no_manifest_names_is_not_part_of_the_model(pipeline, tmp_pa
     assert report.warnings == ["subfolders not carried over: checkpoint-10"]
     assert not (tmp_path / "out" / "checkpoint-10").exists()
     _check_pipeline(tmp_path / "out", expected)
+    from converter.batch import discover
+
+    shutil.copytree(tmp_path / "pipe", tmp_path / "tree" / "pipe")
+    items = {i.key: i.kind for i in discover(tmp_path / "tree", tmp_path / "tree-out")}
+    assert items == {"pipe": "folder", "pipe/checkpoint-10": "folder"}  # the run is an item of its own
     upload = converter.prepare_upload(tmp_path / "pipe", tmp_path / "upload")
     assert upload.ok and upload.plan is not None and upload.plan.delete == ["unet/diffusion_pytorch_model.bin"]
     assert any("subfolders are not carried over: checkpoint-10/" in d for c in upload.checks for d in c.details)
