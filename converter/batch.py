@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from . import conventions
-from .components import detect_library, is_multi_component, model_components, stray_folders
+from .components import Component, detect_library, is_multi_component, model_components, model_files, stray_folders
 from .conventions import ADAPTER_CONFIG, CONFIG, NOT_WEIGHTS, OPEN_CLIP_CONFIG, WEIGHT_SUFFIXES
 from .convert import convert_file, default_output
 from .errors import TiesafeError
@@ -99,12 +99,19 @@ def _weight_files(folder: Path) -> tuple[bool, list[Path], bool]:
     return False, pickles, False
 
 
+def _components(folder: Path) -> list[Component]:
+    """The component folders of a multi-component model; none when its manifest is broken (the
+    item then fails with the reason, and nothing below it is guessed)."""
+    try:
+        return model_components(folder)[1]
+    except TiesafeError:
+        return []
+
+
 def _not_components(folder: Path) -> set[str]:
     """Subfolders of a multi-component model that no manifest names (searched as any other folder)."""
-    try:
-        return set(stray_folders(folder, model_components(folder)[1]))
-    except TiesafeError:
-        return set()  # a broken manifest: the item fails with the reason, nothing below it is guessed
+    components = _components(folder)
+    return set(stray_folders(folder, components)) if components else set()
 
 
 def discover(root: str | Path, out: str | Path | None = None, *, in_place: bool = False) -> list[BatchItem]:
@@ -132,7 +139,7 @@ def discover(root: str | Path, out: str | Path | None = None, *, in_place: bool 
         if whole:
             dirs[:] = [d for d in dirs if d in _not_components(here)]  # its components are part of the item
         if is_model:
-            files = here.rglob("*") if whole else here.iterdir()
+            files = [here / n for n in model_files(here, _components(here))] if whole else here.iterdir()
             size = sum(p.stat().st_size for p in files if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
             items.append(BatchItem("folder", here, target / relative, relative.as_posix(), size, whole))
         stems = Counter(default_output(p).name for p in loose)
@@ -148,9 +155,10 @@ def _signature(item: BatchItem) -> dict[str, list[int]]:
     """Size and mtime of every source file of the item: what "unchanged" means."""
     if item.kind == "file":
         files = [item.source]
+    elif item.recursive:  # the model's own files and its components' (not a training run beside them)
+        files = [item.source / name for name in model_files(item.source, _components(item.source))]
     else:
-        listed = item.source.rglob("*") if item.recursive else item.source.iterdir()
-        files = [p for p in listed if p.is_file() and not p.relative_to(item.source).as_posix().startswith(".")]
+        files = [p for p in item.source.iterdir() if p.is_file() and not p.name.startswith(".")]
     base = item.source if item.kind == "folder" else item.source.parent
     return {p.relative_to(base).as_posix(): [st.st_size, st.st_mtime_ns] for p in sorted(files) if (st := p.stat())}
 
