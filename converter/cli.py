@@ -165,9 +165,14 @@ def _render_folder(report: FolderReport, console: Console | _Lines) -> None:
         by_origin[f"{tie.kind} ({tie.origin})"] = by_origin.get(f"{tie.kind} ({tie.origin})", 0) + 1
     found = ", ".join(f"{n} {what}" for what, n in by_origin.items()) or "none"
     console.print(f"  {report.tensors} tensors, {report.stored} stored; ties: {found}")
+    if report.library not in ("", "transformers", "other"):
+        console.print(f"  layout: {report.library}")
+    for note in report.notes:
+        console.print(f"  note: {_shown(note)}")
     listed = [tie for tie in report.ties if tie.origin != "storage" or tie.kind == "alias"]
     for tie in listed[:SHOWN_TIES]:
-        console.print(f"  {tie.kind}: {_shown(tie.name)} = {_shown(tie.target)} ({tie.origin})")
+        where = f" in {_shown(tie.where)}" if tie.where else ""
+        console.print(f"  {tie.kind}: {_shown(tie.name)} = {_shown(tie.target)} ({tie.origin}){where}")
     if more := _more_lines(len(listed), SHOWN_TIES, "ties"):
         console.print(more)
     for group in report.identical[:SHOWN_TIES]:
@@ -398,8 +403,9 @@ def convert_command(
 
     \b
     A file: DST defaults to SRC's folder, pytorch_model.bin -> model.safetensors, x.pt -> x.safetensors.
-    A folder: model.safetensors or model-0000N-of-0000M.safetensors + index, written in DST
-    (default: SRC itself), with every other file of SRC copied.
+    A folder: the names its library loads (model[.VARIANT].safetensors, diffusion_pytorch_model...,
+    adapter_model..., shards + index), written in DST (default: SRC itself), with every other file
+    of SRC copied; a diffusers pipeline or sentence-transformers model is converted whole.
     """
     if Path(src).is_dir():
         from .folder import convert_folder

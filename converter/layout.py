@@ -8,13 +8,12 @@ The writer carries the plan out; verification reads the result back.
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from . import ties
+from . import conventions, ties
 from .descriptors import Checkpoint
 from .dtypes import DType
 from .geometry import numel
@@ -161,17 +160,6 @@ def plan_file(items: list[StoredItem], record: ties.TieRecord, *, metadata: dict
     return FilePlan(tensors, entries, encode_header(tensors, entries))
 
 
-def set_file_names(stem: str = "model") -> re.Pattern[str]:
-    """The names an output set for ``stem`` may use: one file, shards, the index (use ``fullmatch``).
-
-    Example:
-        >>> bool(set_file_names().fullmatch("model-00001-of-00003.safetensors"))
-        True
-    """
-    s = re.escape(stem)
-    return re.compile(rf"{s}\.safetensors|{s}\.safetensors\.index\.json|{s}-\d{{5}}-of-\d{{5}}\.safetensors")
-
-
 def plan_shards(
     items: list[StoredItem],
     record: ties.TieRecord,
@@ -179,6 +167,7 @@ def plan_shards(
     max_shard_size: int,
     metadata: dict[str, str] | None = None,
     stem: str = "model",
+    filename_pattern: str | None = None,
 ) -> SetPlan:
     """Split ``items`` into shards of at most ``max_shard_size`` bytes, in source order.
 
@@ -198,7 +187,7 @@ def plan_shards(
     split = split_state_dict_into_shards_factory(
         by_name,
         get_storage_size=lambda item: item.nbytes,
-        filename_pattern=stem + "{suffix}.safetensors",
+        filename_pattern=filename_pattern or conventions.shard_pattern(stem),
         max_shard_size=max_shard_size,
     )
     files = {
