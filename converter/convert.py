@@ -46,6 +46,7 @@ class ConversionReport(SavedBytesReport):
     verified: bool
     seconds: float = 0.0
     wrapper: str | None = None
+    prefixes_removed: list[str] = field(default_factory=list)  # e.g. "'_orig_mod.' (torch.compile)"
 
 
 def default_output(src: Path) -> Path:
