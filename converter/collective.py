@@ -205,13 +205,13 @@ class _Failure:
     kind: str
     problem: str
     path: str | None
-    rank: int
+    rank: int  # -1: found by comparing the ranks, no one rank's
     stopped: bool = False  # only saw that another rank failed
 
     def error(self, world: int) -> TiesafeError:
         found = getattr(errors, self.kind, TiesafeError)
         cls = found if isinstance(found, type) and issubclass(found, TiesafeError) else TiesafeError
-        problem = f"rank {self.rank}: {self.problem}" if world > 1 else self.problem
+        problem = f"rank {self.rank}: {self.problem}" if world > 1 and self.rank >= 0 else self.problem
         return cls(problem, path=self.path)
 
 
@@ -331,7 +331,7 @@ class _Gather:
         self.stopped = False
         self._buffer: torch.Tensor | None = None
 
-    def _step(self) -> torch.Tensor | None:
+    def _step(self) -> torch.Tensor:
         """Start tensor ``next`` on every rank: agree that all are well, reduce partial sums."""
         if self.group.any_failed(self.failed):
             self.stopped = True
@@ -348,35 +348,54 @@ class _Gather:
             self.stopped = True
 
     def serve(self) -> None:
-        """Every rank but 0: send this rank's pieces, tensor by tensor, as rank 0 asks for them."""
+        """Every rank but 0: send this rank's pieces, tensor by tensor, as rank 0 asks for them.
+
+        A piece that cannot be prepared is sent as zeros of its size (rank 0 waits
+        for exactly those bytes and discards them); the failure is raised after it,
+        and told to every rank at the next step.
+        """
         while self.next < len(self.job.layouts):
             layout = self.job.layouts[self.next]
             local = self._step()
-            if not layout.writes or local is None:
+            if not layout.writes:
                 continue
+            shape = tuple(layout.tensor.shape)
+            problem: BaseException | None = None
+            rows = None
             try:
-                for _, part in _pieces(layout, local):
-                    dist.send(part, dst=0)
-            except RuntimeError:
-                raise  # a broken connection: nothing more can be sent
-            except Exception:
-                self.failed = True  # send zeros for the rest of this tensor so rank 0 is not left waiting
-                for chunk in chunks(layout.piece, tuple(layout.tensor.shape), local.element_size(), BLOCK):
-                    dist.send(torch.zeros(chunk.nbytes, dtype=torch.uint8, device=local.device), dst=0)
-                raise
+                rows = _local_rows(local, layout.piece, shape)
+            except Exception as exc:
+                problem = exc
+            for chunk in chunks(layout.piece, shape, local.element_size(), BLOCK):
+                part = None
+                if rows is not None and problem is None:
+                    try:
+                        part = _chunk_tensor(rows, chunk)
+                    except Exception as exc:
+                        problem = exc
+                if part is None:
+                    part = torch.zeros(chunk.nbytes, dtype=torch.uint8, device=local.device)
+                dist.send(part, dst=0)
+            if problem is not None:
+                self.failed = True
+                raise problem
 
     def receive(self, index: int, fd: int, base: int) -> None:
-        """Rank 0: write tensor ``index`` at ``base``: its own piece, then each other rank's as it arrives."""
+        """Rank 0: write tensor ``index`` at ``base``: its own piece, then each other rank's as it arrives.
+
+        After a failure the other ranks' bytes are still received (and dropped), so
+        no rank is left waiting; the failure is raised once the tensor is drained.
+        """
         if index != self.next:
             raise AssertionError(f"tensor {index} written out of order (expected {self.next})")
         layout = self.job.layouts[index]
         local = self._step()
-        assert local is not None and self.pieces is not None
+        assert self.pieces is not None
         problem: BaseException | None = None
         if layout.writes:
             try:
                 _write_own(fd, base, layout, local, self.verify)
-            except (OSError, TiesafeError) as exc:
+            except Exception as exc:
                 problem = exc
         shape = tuple(layout.tensor.shape)
         for sender in range(1, self.group.world):
@@ -385,13 +404,13 @@ class _Gather:
                 continue
             for chunk in chunks(piece, shape, local.element_size(), BLOCK):
                 part = self._receive(sender, chunk.nbytes, local.device)
-                if problem is None:  # after a failure the rest is drained, not written
+                if problem is None:
                     try:
                         data = _host_bytes(part.cpu())
                         _write_chunk(fd, base, data, chunk)
                         if self.verify:
                             _check_chunk(fd, base, data, chunk, layout.name)
-                    except (OSError, TiesafeError) as exc:
+                    except Exception as exc:
                         problem = exc
         if problem is not None:
             raise problem
@@ -457,14 +476,14 @@ def _check_plans(gathered: list[Any], job: _Job | None, output: Path) -> _Failur
     digests = {g[1] for g in gathered}
     if len(digests) > 1:
         return _Failure(
-            "TiesafeError", "the ranks hold different tensors (names, dtypes or shapes differ)", str(output), 0
+            "TiesafeError", "the ranks hold different tensors (names, dtypes or shapes differ)", str(output), -1
         )
     for i, layout in enumerate(job.layouts):
         boxes = [g[2][i] for g in gathered if g[2][i] is not None]
         problem = tiling_problem(tuple(layout.tensor.shape), boxes)
         if problem is not None:
             shown = ", ".join(_placement(p) for p in layout.tensor.placements)
-            return _Failure("UnsupportedError", f"DTensor {layout.name!r} ({shown}): {problem}", str(output), 0)
+            return _Failure("UnsupportedError", f"DTensor {layout.name!r} ({shown}): {problem}", str(output), -1)
     return None
 
 
@@ -489,6 +508,7 @@ def _gathered(
         try:
             gather.serve()
         except Exception as exc:
+            gather.abort()
             mine = _failure(exc, group.rank, prepared.output)
         group.agree(mine)
         return
