@@ -39,7 +39,7 @@ from . import errors
 from .convert import ConversionReport
 from .dtypes import BY_TORCH_NAME
 from .errors import TiesafeError, UnsupportedError, VerificationError
-from .export import Prepared, Verifier, _host_bytes, _unsupported, describe, prepare, report
+from .export import Prepared, Verifier, _host_bytes, _unsupported, describe, prepare, report, same_bytes
 from .folder import remove_stale_set
 from .geometry import contiguous_strides
 from .pieces import Chunk, Piece, chunks, run_shape, tiling_problem
@@ -295,7 +295,7 @@ def _write_chunk(fd: int, base: int, data: memoryview, chunk: Chunk) -> None:
 
 def _check_chunk(fd: int, base: int, data: memoryview, chunk: Chunk, name: str) -> None:
     for where, position, n in chunk.runs:
-        if read_exact(fd, base + where, n) != data[position : position + n]:
+        if not same_bytes(read_exact(fd, base + where, n), data[position : position + n]):
             raise VerificationError(f"tensor {name!r} differs from the DTensor's piece in memory")
 
 

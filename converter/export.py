@@ -322,11 +322,22 @@ def _same_bytes(fd: int, window: FileWindow, t: torch.Tensor) -> bool:
         else:
             assert span is not None
             written = read_exact(fd, span[0] + position, len(block))
-        if written != block:
+        if not same_bytes(written, block):
             return False
         position += len(block)
         del block, written  # freed before the next pair is made
     return position == window.ref.nbytes
+
+
+def same_bytes(written: bytes | memoryview, expected: memoryview) -> bool:
+    """Byte equality by ``memcmp``.
+
+    ``bytes != memoryview`` compares item by item (about 100 MB/s here);
+    ``bytes.startswith`` of an equal-length buffer is one ``memcmp`` (GB/s).
+    """
+    if len(written) != len(expected):
+        return False
+    return (written if isinstance(written, bytes) else bytes(written)).startswith(expected)
 
 
 def _storage_ptr(t: torch.Tensor) -> int:

@@ -28,3 +28,15 @@ def test_convert_and_inspect_of_a_checkpoint_do_not_import_torch(tmp_path: Path)
     assert "torch" not in _imported_modules("inspect", str(source))
     assert "torch" not in _imported_modules("verify", str(source), str(tmp_path / "model.safetensors"))
     assert "torch" not in _imported_modules("--help")
+
+
+def test_export_of_a_local_model_does_not_import_the_distributed_machinery(tmp_path: Path) -> None:
+    """torch itself imports torch.distributed; DTensor support (converter.collective) loads only for a DTensor."""
+    code = (
+        "import sys, torch, converter\n"
+        f"converter.save_model(torch.nn.Linear(2, 2), {str(tmp_path / 'x.safetensors')!r})\n"
+        "print(sorted(m for m in sys.modules if m in ('converter.collective', 'torch.distributed.tensor')))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "[]"
