@@ -52,9 +52,12 @@ def _build(shape: dict[str, int]) -> Any:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
-        **shape, num_attention_heads=16 if shape["hidden_size"] >= 1024 else 4, num_key_value_heads=4,
-        tie_word_embeddings=True, torch_dtype="bfloat16",
-    )  # fmt: skip
+        **shape,
+        num_attention_heads=16 if shape["hidden_size"] >= 1024 else 4,
+        num_key_value_heads=4,
+        tie_word_embeddings=True,
+        torch_dtype="bfloat16",
+    )
     with torch.device("meta"):
         model = LlamaForCausalLM(config).to(torch.bfloat16)
     for layer in model.model.layers:
@@ -114,9 +117,17 @@ def _rank(rank: int, world: int, port: int, tools: list[str], folder: str, quick
         dist.barrier()
         seconds = time.perf_counter() - started
         size = sum(p.stat().st_size for p in out.iterdir()) if rank == 0 else 0
-        results.append({"tool": tool, "above": _status("VmHWM:") - baseline, "baseline": baseline,
-                        "peak": _status("VmHWM:"),
-                        "seconds": seconds, "bytes": size, "output": str(out)})  # fmt: skip
+        results.append(
+            {
+                "tool": tool,
+                "above": _status("VmHWM:") - baseline,
+                "baseline": baseline,
+                "peak": _status("VmHWM:"),
+                "seconds": seconds,
+                "bytes": size,
+                "output": str(out),
+            }
+        )
     Path(folder, f"rank-{rank}.json").write_text(
         json.dumps(
             {
@@ -125,7 +136,7 @@ def _rank(rank: int, world: int, port: int, tools: list[str], folder: str, quick
                 "total": sum(p.numel() * 2 for p in model.parameters()),
                 "runs": results,
             }
-        )  # fmt: skip
+        )
     )
     del torch
     dist.destroy_process_group()
@@ -180,8 +191,10 @@ def main(argv: list[str] | None = None) -> int:
         f"(shards {sizes['shard'] / MiB:.0f} + {sizes['shard_1'] / MiB:.0f} MiB; largest tensor "
         f"{sizes['largest'] / MiB:.0f} MiB), {1 if opts.quick else opts.runs} run(s), medians\n"
     )
-    print("| save (every rank calls) | wall s | peak RSS above the model, rank 0 / rank 1 MiB "
-          "| peak RSS, rank 0 / rank 1 MiB | file MiB |")  # fmt: skip
+    print(
+        "| save (every rank calls) | wall s | peak RSS above the model, rank 0 / rank 1 MiB "
+        "| peak RSS, rank 0 / rank 1 MiB | file MiB |"
+    )
     print("| --- | ---: | ---: | ---: | ---: |")
     summary = {}
     for tool, runs in collected.items():
