@@ -80,10 +80,6 @@ class _Layout:
         return t.to_local()
 
 
-def _placement(p: Any) -> str:
-    return str(p)
-
-
 def _layout(name: str, t: DTensor, where: Path) -> _Layout:
     mesh: DeviceMesh = t.device_mesh
     placements = tuple(t.placements)
@@ -95,11 +91,11 @@ def _layout(name: str, t: DTensor, where: Path) -> _Layout:
         # every rank, then written from rank 0's copy. Correct, but not memory-bounded.
         target = tuple(Replicate() for _ in placements)
     shape, offset = compute_local_shape_and_global_offset(t.shape, mesh, list(target))
-    local = t._local_tensor
+    local = t.to_local()
     if local.device.type == "meta":
         raise UnsupportedError(f"DTensor {name!r} is on the meta device and has no data to save", path=where)
     if target == placements and tuple(local.shape) != tuple(shape):
-        shown = ", ".join(_placement(p) for p in placements)
+        shown = ", ".join(str(p) for p in placements)
         raise UnsupportedError(
             f"DTensor {name!r} ({shown}) holds a {list(local.shape)} piece where its placement gives "
             f"{list(shape)}; its layout cannot be told, so it is not saved",
@@ -117,7 +113,7 @@ def _layout(name: str, t: DTensor, where: Path) -> _Layout:
 
 def _identity(t: DTensor) -> tuple[object, ...]:
     """Two names are one tensor when they hold one local piece with one placement (tied parameters)."""
-    local = t._local_tensor
+    local = t.to_local()
     return (
         "dtensor",
         int(local.untyped_storage()._cdata),
@@ -125,7 +121,7 @@ def _identity(t: DTensor) -> tuple[object, ...]:
         tuple(local.shape),
         tuple(local.stride()),
         str(local.dtype),
-        tuple(_placement(p) for p in t.placements),
+        tuple(str(p) for p in t.placements),
         tuple(t.shape),
         id(t.device_mesh),
     )
@@ -133,7 +129,7 @@ def _identity(t: DTensor) -> tuple[object, ...]:
 
 def _global_ref(name: str, t: DTensor, where: Path) -> TensorRef:
     dtype = BY_TORCH_NAME.get(str(t.dtype).removeprefix("torch."))
-    problem = _unsupported(t._local_tensor, dtype)
+    problem = _unsupported(t.to_local(), dtype)
     if problem is not None or dtype is None:
         raise UnsupportedError(f"tensor {name!r} {problem}", path=where)
     shape = tuple(t.shape)
@@ -482,14 +478,9 @@ def _check_plans(gathered: list[Any], job: _Job | None, output: Path) -> _Failur
         boxes = [g[2][i] for g in gathered if g[2][i] is not None]
         problem = tiling_problem(tuple(layout.tensor.shape), boxes)
         if problem is not None:
-            shown = ", ".join(_placement(p) for p in layout.tensor.placements)
+            shown = ", ".join(str(p) for p in layout.tensor.placements)
             return _Failure("UnsupportedError", f"DTensor {layout.name!r} ({shown}): {problem}", str(output), -1)
     return None
-
-
-def _local_view(live: Mapping[str, torch.Tensor], distributed: list[str]) -> dict[str, torch.Tensor]:
-    """``live`` with each DTensor replaced by its local piece (ties are checked on those)."""
-    return {n: (cast(DTensor, t)._local_tensor if n in distributed else t) for n, t in live.items()}
 
 
 def _gathered(
@@ -537,7 +528,7 @@ def _verifier(job: _Job, live: Mapping[str, torch.Tensor]) -> Verifier:
 
     Ties are checked on the local pieces: tied names hold one piece.
     """
-    local = {n: (cast(DTensor, t)._local_tensor if n in job.distributed else t) for n, t in live.items()}
+    local = {n: (cast(DTensor, t).to_local() if n in job.distributed else t) for n, t in live.items()}
     return Verifier(local, job.prepared.refs, job.prepared.sharing.ties, job.distributed)
 
 

@@ -83,12 +83,15 @@ def _dtensors(folder: Path) -> dict[str, torch.Tensor]:
     mesh = init_device_mesh("cpu", (2,))
     rank = dist.get_rank()
     torch.manual_seed(0)
+    grid = init_device_mesh("cpu", (1, 2), mesh_dim_names=("replicas", "shards"))  # HSDP-like: 2-D mesh
     full = {"rows": torch.randn(5, 3), "cols": torch.randn(3, 5, 2), "rep": torch.randn(4), "ids": torch.arange(6)}
+    full["grid"] = torch.randn(2, 7).to(torch.bfloat16)
     state: dict[str, torch.Tensor] = {
         "rows": distribute_tensor(full["rows"], mesh, [Shard(0)]),
         "cols": distribute_tensor(full["cols"], mesh, [Shard(1)]),
         "rep": distribute_tensor(full["rep"], mesh, [Replicate()]),
         "ids": distribute_tensor(full["ids"], mesh, [Shard(0)]),
+        "grid": distribute_tensor(full["grid"], grid, [Replicate(), Shard(1)]),
         # each rank holds a partial sum: the value is their total
         "sum": DTensor.from_local(torch.full((2, 3), float(rank + 1)), mesh, [Partial()]),
         # FSDP2-over-TP's strided shards: written from a gathered copy
@@ -190,6 +193,9 @@ def cases(folder: Path) -> dict[str, Callable[[], dict[str, Any]]]:
     out["rank0-disk-full-default"] = rank_0_disk_full
     out["after-failures"] = lambda: _report(converter.save_model(tied, folder / "after.safetensors"))
     out["ddp-of-compiled"] = ddp_of_compiled
+    out["compiled-fsdp"] = lambda: _report(  # torch.compile over an FSDP2 model: bare names, DTensors
+        converter.save_model(torch.compile(tied), folder / "compiled-fsdp.safetensors")
+    )
     return out
 
 

@@ -90,7 +90,7 @@ def test_fsdp2_gpt2_sharded_set_equals_unsharded_save(
 def test_every_placement_equals_save_file_of_the_gathered_tensors(
     ran: tuple[Path, list[dict[str, Any]]], mode: str
 ) -> None:
-    """Shard(0) uneven, Shard(1) of a 3-d tensor, Replicate, Partial, _StridedShard, an int tensor, a tie."""
+    """Shard(0) uneven, Shard(1) of a 3-d tensor, Replicate, Partial, _StridedShard, a 2-d mesh, a tie."""
     folder, results = ran
     assert results[0][f"dtensors-{mode}"]["report"]["aliases"] == {"rows_again": "rows"}
     written = (folder / f"dtensors-{mode}.safetensors").read_bytes()
@@ -140,3 +140,10 @@ def test_ddp_of_a_compiled_model_is_saved_under_the_bare_names(
     assert report["removed"] == ["'module.' (DistributedDataParallel)", "'module._orig_mod.' (torch.compile)"]
     converter.save_model(build_tied(), tmp_path / "bare.safetensors")
     assert (folder / "ddp.safetensors").read_bytes() == (tmp_path / "bare.safetensors").read_bytes()
+
+
+def test_a_compiled_fsdp2_model_is_saved_under_the_bare_names(ran: tuple[Path, list[dict[str, Any]]]) -> None:
+    folder, results = ran
+    assert all(r["compiled-fsdp"]["report"]["removed"] == ["'_orig_mod.' (torch.compile)"] for r in results)
+    written = (folder / "compiled-fsdp.safetensors").read_bytes()
+    assert written == (folder / "tied-default.safetensors").read_bytes()
