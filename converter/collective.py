@@ -370,8 +370,9 @@ class _Gather:
                     except Exception as exc:
                         problem = exc
                 if part is None:
-                    part = torch.zeros(chunk.nbytes, dtype=torch.uint8, device=local.device)
-                dist.send(part, dst=0)
+                    part = torch.zeros(chunk.nbytes, dtype=torch.uint8)
+                # Blocks travel on the mesh's device: a CPU-offloaded piece over NCCL is staged there.
+                dist.send(part.to(self.group.device), dst=0)
             if problem is not None:
                 self.failed = True
                 raise problem
@@ -399,7 +400,7 @@ class _Gather:
             if piece is None:
                 continue
             for chunk in chunks(piece, shape, local.element_size(), BLOCK):
-                part = self._receive(sender, chunk.nbytes, local.device)
+                part = self._receive(sender, chunk.nbytes, self.group.device)
                 if problem is None:
                     try:
                         data = _host_bytes(part.cpu())
@@ -412,7 +413,7 @@ class _Gather:
             raise problem
 
     def _receive(self, sender: int, nbytes: int, device: torch.device) -> torch.Tensor:
-        if self._buffer is None or self._buffer.device != device:
+        if self._buffer is None:  # one block, reused for every block of every tensor
             self._buffer = torch.empty(BLOCK, dtype=torch.uint8, device=device)
         part = self._buffer[:nbytes]
         dist.recv(part, src=sender)
