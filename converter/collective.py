@@ -95,7 +95,7 @@ def _layout(name: str, t: DTensor, where: Path) -> _Layout:
     if local.device.type == "meta":
         raise UnsupportedError(f"DTensor {name!r} is on the meta device and has no data to save", path=where)
     if target == placements and tuple(local.shape) != tuple(shape):
-        shown = ", ".join(str(p) for p in placements)
+        shown = ", ".join(repr(p) for p in placements)
         raise UnsupportedError(
             f"DTensor {name!r} ({shown}) holds a {list(local.shape)} piece where its placement gives "
             f"{list(shape)}; its layout cannot be told, so it is not saved",
@@ -479,7 +479,7 @@ def _check_plans(gathered: list[Any], job: _Job | None, output: Path) -> _Failur
         boxes = [g[2][i] for g in gathered if g[2][i] is not None]
         problem = tiling_problem(tuple(layout.tensor.shape), boxes)
         if problem is not None:
-            shown = ", ".join(str(p) for p in layout.tensor.placements)
+            shown = ", ".join(repr(p) for p in layout.tensor.placements)
             return _Failure("UnsupportedError", f"DTensor {layout.name!r} ({shown}): {problem}", str(output), -1)
     return None
 

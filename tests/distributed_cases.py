@@ -28,6 +28,7 @@ from torch.distributed.tensor.placement_types import _StridedShard
 
 import converter
 from converter import collective
+from converter.writer import TEMP_SUFFIX
 
 STARTED = time.perf_counter()
 MAX_SHARD = 300  # bytes: a sharded set of several files for the tiny models
@@ -187,7 +188,31 @@ def cases(folder: Path) -> dict[str, Callable[[], dict[str, Any]]]:
             return {}
         return _report(converter.save_model(wrapped, folder / "ddp.safetensors"))
 
+    def misplaced() -> dict[str, Any]:
+        """Rows 3 + 1 under Shard(0), where torch's chunking gives 2 + 2: the layout cannot be trusted."""
+        mesh = init_device_mesh("cpu", (2,))
+        local = torch.ones(3 if rank == 0 else 1, 3)
+        odd = DTensor.from_local(local, mesh, [Shard(0)], shape=torch.Size((4, 3)), stride=(3, 1))
+        return _report(converter.save_file({"ok": torch.ones(2), "odd": odd}, folder / "misplaced.safetensors"))
+
+    def unshared_folder() -> dict[str, Any]:
+        """parallel=True where rank 1 does not see rank 0's staged files (a node-local disk)."""
+        original = os.open
+
+        def hidden(path: Any, *args: Any, **kwargs: Any) -> int:
+            if rank == 1 and str(path).endswith(TEMP_SUFFIX):
+                raise FileNotFoundError(errno.ENOENT, "No such file or directory", str(path))
+            return original(path, *args, **kwargs)
+
+        os.open = hidden  # type: ignore[assignment]
+        try:
+            return _report(converter.save_model(tied, folder / "unshared.safetensors", parallel=True))
+        finally:
+            os.open = original
+
     out["differing"] = differing_plans
+    out["misplaced"] = misplaced
+    out["unshared-parallel"] = unshared_folder
     out["rank1-write-fails-parallel"] = failing("_write_own", OSError(errno.EIO, "Input/output error"), True)
     out["rank1-send-fails-default"] = failing("_chunk_tensor", RuntimeError("device lost"), False)
     out["rank0-disk-full-default"] = rank_0_disk_full

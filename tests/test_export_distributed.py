@@ -110,6 +110,26 @@ def test_ranks_with_different_tensors_all_raise_the_same_error(ran: tuple[Path, 
     assert not (folder / "differing.safetensors").exists()
 
 
+def test_a_piece_its_placement_does_not_give_is_refused_naming_tensor_and_placement(
+    ran: tuple[Path, list[dict[str, Any]]],
+) -> None:
+    folder, results = ran
+    errors = [r["misplaced"] for r in results]
+    assert all(e.get("kind") == "UnsupportedError" for e in errors), errors
+    assert "DTensor 'odd' (Shard(dim=0)) holds a [3, 3] piece where its placement gives [2, 3]" in errors[0]["error"]
+    assert errors[0]["error"] == errors[1]["error"] and "\n" not in errors[0]["error"]
+    assert not (folder / "misplaced.safetensors").exists()
+
+
+def test_parallel_mode_on_a_folder_one_rank_does_not_see_is_refused(ran: tuple[Path, list[dict[str, Any]]]) -> None:
+    folder, results = ran
+    errors = {r["unshared-parallel"]["error"] for r in results}
+    assert len(errors) == 1
+    assert "rank 1: parallel=True needs a folder every rank sees" in errors.pop()
+    assert not (folder / "unshared.safetensors").exists()
+    _no_temp_files(folder)
+
+
 @pytest.mark.parametrize(
     ("case", "kind", "message"),
     [
