@@ -325,7 +325,8 @@ class _Gather:
         self.next = 0
         self.failed = False
         self.stopped = False
-        self._buffer: torch.Tensor | None = None
+        self._buffers: list[torch.Tensor] = []  # two blocks, reused for every block of every tensor
+        self._turn = 0
 
     def _step(self) -> torch.Tensor:
         """Start tensor ``next`` on every rank: agree that all are well, reduce partial sums."""
@@ -380,44 +381,57 @@ class _Gather:
     def receive(self, index: int, fd: int, base: int) -> None:
         """Rank 0: write tensor ``index`` at ``base``: its own piece, then each other rank's as it arrives.
 
-        After a failure the other ranks' bytes are still received (and dropped), so
-        no rank is left waiting; the failure is raised once the tensor is drained.
+        Two block buffers alternate: the next block is on its way (``irecv``) while
+        this one is written and read back, and the first while rank 0 writes its own
+        piece. After a failure the other ranks' blocks are still received (and
+        dropped), so no rank is left waiting; the failure is raised once the tensor
+        is drained.
         """
         if index != self.next:
             raise AssertionError(f"tensor {index} written out of order (expected {self.next})")
         layout = self.job.layouts[index]
         local = self._step()
         assert self.pieces is not None
+        shape = tuple(layout.tensor.shape)
+        incoming = [
+            (sender, chunk)
+            for sender in range(1, self.group.world)
+            if (piece := self.pieces[sender][index]) is not None
+            for chunk in chunks(piece, shape, local.element_size(), BLOCK)
+        ]
+        pending = self._post(incoming, 0)
         problem: BaseException | None = None
         if layout.writes:
             try:
                 _write_own(fd, base, layout, local, self.verify)
             except Exception as exc:
                 problem = exc
-        shape = tuple(layout.tensor.shape)
-        for sender in range(1, self.group.world):
-            piece = self.pieces[sender][index]
-            if piece is None:
-                continue
-            for chunk in chunks(piece, shape, local.element_size(), BLOCK):
-                part = self._receive(sender, chunk.nbytes, self.group.device)
-                if problem is None:
-                    try:
-                        data = _host_bytes(part.cpu())
-                        _write_chunk(fd, base, data, chunk)
-                        if self.verify:
-                            _check_chunk(fd, base, data, chunk, layout.name)
-                    except Exception as exc:
-                        problem = exc
+        for i, (_, chunk) in enumerate(incoming):
+            assert pending is not None
+            work, part = pending
+            work.wait()
+            pending = self._post(incoming, i + 1)
+            if problem is None:
+                try:
+                    data = _host_bytes(part.cpu())
+                    _write_chunk(fd, base, data, chunk)
+                    if self.verify:
+                        _check_chunk(fd, base, data, chunk, layout.name)
+                except Exception as exc:
+                    problem = exc
         if problem is not None:
             raise problem
 
-    def _receive(self, sender: int, nbytes: int, device: torch.device) -> torch.Tensor:
-        if self._buffer is None:  # one block, reused for every block of every tensor
-            self._buffer = torch.empty(BLOCK, dtype=torch.uint8, device=device)
-        part = self._buffer[:nbytes]
-        dist.recv(part, src=sender)
-        return part
+    def _post(self, incoming: list[tuple[int, Chunk]], i: int) -> tuple[Any, torch.Tensor] | None:
+        """Start receiving block ``i`` of ``incoming`` into the buffer block ``i - 1`` does not use."""
+        if i >= len(incoming):
+            return None
+        if not self._buffers:
+            self._buffers = [torch.empty(BLOCK, dtype=torch.uint8, device=self.group.device) for _ in range(2)]
+        sender, chunk = incoming[i]
+        self._turn ^= 1
+        part = self._buffers[self._turn][: chunk.nbytes]
+        return dist.irecv(part, src=sender), part
 
 
 # --------------------------------------------------------------------------- the two modes
