@@ -123,7 +123,17 @@ MOE_100K = InputSpec(
     transformers=False,
     commands=True,
 )
-SPECS = {s.name: s for s in (GPT2_TINY, LLAMA_TINY, MOE_TINY, GPT2, LLAMA, MOE_12K, MOE_47K, MOE_100K, HUGE)}
+# facenet-pytorch's pnet.pt shape: a 27 KB legacy-format file of transposed convolutions
+# (strided tensors). Start-up and the gather dominate: target 0.2 s end to end.
+STRIDED = InputSpec(
+    "strided-legacy",
+    "legacy-format .bin of strided conv weights (facenet-pytorch pnet.pt shape), 27 KB",
+    "build-strided-legacy",
+    sharded=False,
+    transformers=False,
+    commands=True,
+)
+SPECS = {s.name: s for s in (GPT2_TINY, LLAMA_TINY, MOE_TINY, GPT2, LLAMA, MOE_12K, MOE_47K, MOE_100K, STRIDED, HUGE)}
 
 
 def weight_files(folder: Path) -> list[Path]:
@@ -896,6 +906,23 @@ def _build_moe(folder: Path, layers: int, experts: int, shape: tuple[int, int]) 
     (folder / "config.json").write_text(json.dumps(config))
 
 
+def _build_strided_legacy(folder: Path) -> None:
+    """P-Net's layers as a model saved with transposed views: every conv weight strided, legacy format."""
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    shapes = {"conv1": (10, 3, 3, 3), "conv2": (16, 10, 3, 3), "conv3": (32, 16, 3, 3)}
+    state: dict[str, Any] = {}
+    for name, shape in shapes.items():
+        state[f"{name}.weight"] = torch.randn(shape, generator=generator).transpose(2, 3)
+        state[f"{name}.bias"] = torch.randn(shape[0], generator=generator)
+        state[f"prelu{name[-1]}.weight"] = torch.randn(shape[0], generator=generator)
+    state["conv4_1.weight"] = torch.randn(32, 2, generator=generator).t()[:, :, None, None]
+    state["conv4_2.weight"] = torch.randn(32, 4, generator=generator).t()[:, :, None, None]
+    torch.save(state, folder / "pytorch_model.bin", _use_new_zipfile_serialization=False)
+    (folder / "config.json").write_text(json.dumps({"model_type": "pnet"}))
+
+
 def _sf_name(pt_name: str) -> str:
     return pt_name.replace("pytorch_model", "model").replace(".bin", ".safetensors")
 
@@ -1000,6 +1027,7 @@ def child(argv: list[str]) -> None:
         "build-moe-12k": lambda folder: _build_moe(folder, 16, 256, (128, 256)),
         "build-moe-47k": lambda folder: _build_moe(folder, 61, 256, (32, 32)),
         "build-moe-100k": lambda folder: _build_moe(folder, 131, 256, (32, 32)),
+        "build-strided-legacy": _build_strided_legacy,
     }
     converters: dict[str, Callable[[Path, Path], None]] = {
         "hub-convert": _hub_convert,
@@ -1025,7 +1053,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny inputs, one run: checks that the script works")
     parser.add_argument("--huge", action="store_true", help="add a 30 GB input, larger than this machine's RAM")
     parser.add_argument(
-        "--inputs", help="comma-separated: gpt2, llama-1b, moe-12k, moe-47k (the default set), moe-100k; none"
+        "--inputs",
+        help="comma-separated: gpt2, llama-1b, moe-12k, moe-47k, strided-legacy (the default set), moe-100k; none",
     )
     parser.add_argument("--tools", help=f"comma-separated subset of {','.join(TOOLS)}")
     parser.add_argument("--cache-mode", choices=["evict", "drop", "warm"], default="evict", help="see above")
@@ -1058,7 +1087,7 @@ def main(argv: list[str] | None = None) -> int:
     tools = opts.tools.split(",") if opts.tools else list(TOOLS)
     if set(tools) - set(TOOLS):
         parser.error(f"unknown tools: {', '.join(sorted(set(tools) - set(TOOLS)))}")
-    specs = [GPT2_TINY, LLAMA_TINY, MOE_TINY] if opts.quick else [GPT2, LLAMA, MOE_12K, MOE_47K]
+    specs = [GPT2_TINY, LLAMA_TINY, MOE_TINY, STRIDED] if opts.quick else [GPT2, LLAMA, MOE_12K, MOE_47K, STRIDED]
     if opts.inputs:
         names = [n for n in opts.inputs.split(",") if n and n != "none"]
         if set(names) - set(SPECS) or HUGE.name in names:
