@@ -21,7 +21,7 @@ from .errors import TiesafeError, VerificationError
 from .geometry import contiguous_strides
 from .sharing import overlap_clusters
 from .stfile import SafetensorsFile
-from .windows import FileWindow, WindowComparer
+from .windows import FileWindow, WindowComparer, source_window
 
 
 @dataclass
@@ -105,8 +105,7 @@ def verify_output(
                     f"but {ref.dtype.code}{list(ref.shape)} in the source",
                     path=where,
                 )
-            storage = checkpoint.storages[ref.storage]
-            source = FileWindow(storage.path, storage.offset, ref)
+            source = source_window(checkpoint.storages[ref.storage], ref)
             if not comparer.equal(window, source):
                 raise VerificationError(f"tensor {name!r} differs from the source", path=where)
     finally:

@@ -10,13 +10,15 @@ without such tensors convert without paying for it.
 
 from __future__ import annotations
 
+import heapq
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
-from .descriptors import TensorRef
+from .descriptors import Piece, StorageRecord, TensorRef
+from .errors import CorruptFileError, quoted
 
 # Element sizes to an integer dtype of the same width: moving bytes never needs
 # the real dtype (float8, bool, ... all travel as raw integers).
@@ -38,6 +40,131 @@ class FileWindow:
         if not self.ref.is_contiguous:
             return None
         return self.storage_offset + self.ref.span[0], self.ref.nbytes
+
+
+@dataclass(frozen=True)
+class PieceWindow:
+    """A tensor on a storage made of pieces of files (a training run), perhaps cast on the way.
+
+    The readers build these tensors contiguous (a ZeRO parameter, a DCP tensor
+    assembled from its chunks), so the tensor's bytes are one span of the storage:
+    :meth:`runs` gives the file ranges that make it up, in order, and :meth:`blocks`
+    its bytes (converted to ``ref.dtype`` when the storage is cast).
+    """
+
+    record: StorageRecord
+    ref: TensorRef
+
+    @property
+    def disk_itemsize(self) -> int:
+        return (self.record.cast_from or self.ref.dtype).itemsize
+
+    def runs(self) -> Iterator[tuple[Path, int, int]]:
+        """``(path, file offset, length)`` of the tensor's bytes as they lie in the files, in order.
+
+        Raises :class:`CorruptFileError` where the pieces leave a gap or overlap.
+        """
+        if not self.ref.is_contiguous:  # readers of runs never build one; refuse rather than guess
+            raise CorruptFileError(f"tensor on storage {quoted(self.record.key)} is not contiguous")
+        size = self.disk_itemsize
+        if self.ref.numel == 0:
+            return
+        start = self.ref.offset * size
+        end = start + self.ref.numel * size
+        position = start
+        wanted = [p for p in self.record.pieces if p.at < end and p.at + _piece_extent(p) > start]
+        for at, offset, length, path in heapq.merge(*(_located_runs(p) for p in wanted)):
+            if at + length <= start:
+                continue  # before the tensor (its storage holds other tensors too)
+            if at > position or (at < position and position > start):
+                problem = "leave a gap" if at > position else "overlap"
+                raise CorruptFileError(f"the pieces of storage {quoted(self.record.key)} {problem} at byte {position}")
+            skip = position - at
+            take = min(length - skip, end - position)
+            yield path, offset + skip, take
+            position += take
+            if position >= end:
+                return
+        if position < end:
+            raise CorruptFileError(f"storage {quoted(self.record.key)} has no bytes for byte {position}")
+
+    def blocks(self, block: int = 8 * 1024 * 1024) -> Iterator[bytes]:
+        """The tensor's row-major bytes in ``ref.dtype``, at most ``block`` source bytes at a time."""
+        from .cast import cast_bytes
+
+        fds: dict[Path, int] = {}
+        buffer = bytearray(block - block % self.disk_itemsize)
+        view = memoryview(buffer)
+        filled = 0
+        try:
+            for path, offset, length in self.runs():
+                if path not in fds:
+                    fds[path] = os.open(path, os.O_RDONLY)
+                while length:
+                    take = min(length, len(buffer) - filled)
+                    read_into(fds[path], view[filled : filled + take], offset)
+                    filled, offset, length = filled + take, offset + take, length - take
+                    if filled == len(buffer):
+                        yield self._converted(view[:filled], cast_bytes)
+                        filled = 0
+            if filled:
+                yield self._converted(view[:filled], cast_bytes)
+        finally:
+            for fd in fds.values():
+                os.close(fd)
+
+    def _converted(self, data: memoryview, cast_bytes: Callable[..., bytes]) -> bytes:
+        if self.record.cast_from is None:
+            return bytes(data)
+        return cast_bytes(data, self.record.cast_from, self.ref.dtype)
+
+
+def _piece_extent(piece: Piece) -> int:
+    """Storage bytes from a piece's first byte to its last one, gaps between its blocks included."""
+    return piece.length + sum((count - 1) * step for count, step in piece.grid)
+
+
+def _located_runs(piece: Piece) -> Iterator[tuple[int, int, int, Path]]:
+    for at, offset, length in piece.runs():
+        yield at, offset, length, piece.path
+
+
+def source_window(record: StorageRecord, ref: TensorRef) -> FileWindow | PieceWindow:
+    """Where the bytes of ``ref`` lie: a window on one file, or on pieces of several.
+
+    Example:
+        >>> source_window(ckpt.storages[ref.storage], ref)  # doctest: +SKIP
+        FileWindow(path=PosixPath('pytorch_model.bin'), storage_offset=1024, ref=...)
+    """
+    if record.pieces or record.cast_from is not None:
+        return PieceWindow(record, ref)
+    return FileWindow(record.path, record.offset, ref)
+
+
+def same_bytes(a: FileWindow | PieceWindow, b: FileWindow | PieceWindow) -> bool:
+    """Whether two contiguous windows give the same bytes, streamed block by block (False if a file ends early).
+
+    Example:
+        >>> same_bytes(source_window(rec, embed), source_window(rec2, head))  # doctest: +SKIP
+        True
+    """
+    if a.ref.dtype != b.ref.dtype or a.ref.shape != b.ref.shape:
+        return False
+    first, second = _as_pieces(a), _as_pieces(b)
+    if first.disk_itemsize != second.disk_itemsize:
+        return b"".join(first.blocks()) == b"".join(second.blocks())
+    try:
+        return all(x == y for x, y in zip(first.blocks(), second.blocks(), strict=True))
+    except (ValueError, EOFError):
+        return False
+
+
+def _as_pieces(window: FileWindow | PieceWindow) -> PieceWindow:
+    if isinstance(window, PieceWindow):
+        return window
+    start, stop = window.ref.span
+    record = StorageRecord("", window.path, 0, stop, "", (Piece(window.path, window.storage_offset, stop, 0),))
+    return PieceWindow(record, window.ref)
 
 
 def read_exact(fd: int, offset: int, nbytes: int) -> bytes:
@@ -114,7 +241,7 @@ class WindowComparer:
             self._fds[path] = os.open(path, os.O_RDONLY)
         return self._fds[path]
 
-    def equal(self, out: FileWindow, src: FileWindow) -> bool:
+    def equal(self, out: FileWindow, src: FileWindow | PieceWindow) -> bool:
         """Whether the two windows hold the same bytes (False if a file ends early).
 
         Example:
@@ -124,6 +251,8 @@ class WindowComparer:
         """
         if self._wait is not None:
             self._wait(out.path, out.storage_offset + out.ref.span[1])
+        if isinstance(src, PieceWindow):
+            return self._equal_pieces(out, src)
         out_range, src_range = out.contiguous_range, src.contiguous_range
         if out_range is None or src_range is None:
             self.bytes_compared += 2 * src.ref.nbytes
@@ -150,3 +279,27 @@ class WindowComparer:
         self.bytes_compared += 2 * n
         proven.append((o, n))
         return True
+
+    def _equal_pieces(self, out: FileWindow, src: PieceWindow) -> bool:
+        """Stream the pieces (cast if the storage is) against the output's range."""
+        out_range = out.contiguous_range
+        if out_range is None:  # outputs are written row-major: a strided output window is a view
+            out_bytes = gather(self._fd(out.path), out.storage_offset, out.ref)
+            return bytes(out_bytes) == b"".join(src.blocks())
+        position, size = out_range
+        fo = self._fd(out.path)
+        out_view = memoryview(self._out)
+        done = 0
+        for block in src.blocks(_BLOCK):
+            n = len(block)
+            if done + n > size:
+                return False
+            try:
+                read_into(fo, out_view[:n], position + done)
+            except EOFError:
+                return False
+            if not self._out.startswith(block):
+                return False
+            done += n
+        self.bytes_compared += 2 * done
+        return done == size
