@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .descriptors import Checkpoint
+from .descriptors import Checkpoint, refuse_placeholders
 from .errors import TiesafeError
 from .geometry import numel
 from .layout import plan_file, stored_items
@@ -119,6 +119,7 @@ def convert_file(
     started = time.perf_counter()
     src = Path(src)
     ckpt = read_checkpoint(src, key=key)
+    refuse_placeholders(ckpt)
     out = _resolve_output(src, dst, overwrite)
     sharing = plan_sharing(ckpt.tensors, materialize_views=materialize_views)
     plan = plan_file(stored_items(ckpt, sharing), sharing.ties, metadata=metadata)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .declared import declared_ties
-from .descriptors import Checkpoint, StorageRecord, TensorRef
+from .descriptors import Checkpoint, StorageRecord, TensorRef, refuse_placeholders
 from .errors import TiesafeError, VerificationError
 from .identical import identical_groups
 from .layout import SetPlan, plan_shards, set_file_names, stored_items
@@ -301,6 +301,7 @@ def plan_folder(
     files, weight_map = find_weights(src)
     limit = parse_size(max_shard_size)
     ckpt = read_folder_checkpoint(files, weight_map)
+    refuse_placeholders(ckpt)
     sharing = plan_sharing(ckpt.tensors, materialize_views=materialize_views)
     ties = [Tie(n, t, "alias", "storage") for n, t in sharing.ties.aliases.items()]
     ties += [Tie(n, v.base, "view", "storage") for n, v in sharing.ties.views.items()]

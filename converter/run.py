@@ -25,17 +25,17 @@ from pathlib import Path
 from typing import Any
 
 from .cast import cast_target, is_float
-from .descriptors import Checkpoint, TensorRef
+from .declared import declared_ties
+from .descriptors import Checkpoint, TensorRef, refuse_placeholders
 from .errors import TiesafeError, VerificationError
 from .folder import FolderPlan, FolderReport, Tie, _apply_declared, _refuse_existing, _write_set, parse_size
-from .declared import declared_ties
 from .layout import FilePlan, StoredItem, plan_shards, stored_items
 from .readers.dcp import is_dcp_folder, read_dcp
 from .sharing import SharingPlan, plan_sharing
-from .windows import FileWindow, PieceWindow, same_bytes
 from .stfile import read_safetensors
 from .ties import TieRecord, restrict
 from .verify import verify_output
+from .windows import FileWindow, PieceWindow, same_bytes
 from .writer import StagedWrites, _fsync_dir, write_file
 
 # Files of a run folder that belong with the weights (what save_pretrained and a tokenizer write).
@@ -137,10 +137,11 @@ def plan_run(
         ['model.safetensors']
     """
     src = Path(src)
-    kind, folder, run = find_run(src)
+    _, folder, run = find_run(src)
     ckpt = read_run(src, key=key)
     if not ckpt.tensors:
         raise TiesafeError("the checkpoint holds no tensors to write", path=folder)
+    refuse_placeholders(ckpt)
     if dtype is not None:
         ckpt = cast_checkpoint(ckpt, dtype)
     sharing = plan_sharing(ckpt.tensors)  # DeepSpeed's shared_params are one storage: aliases
@@ -173,7 +174,9 @@ def _declared_identical(config_folder: Path, ckpt: Checkpoint, sharing: SharingP
             continue
         keeper = present[0]
         same = [keeper] + [
-            n for n in present[1:] if _comparable(items[n]) and same_bytes(items[keeper].source, items[n].source)  # type: ignore[arg-type]
+            n
+            for n in present[1:]
+            if _comparable(items[n]) and same_bytes(items[keeper].source, items[n].source)  # type: ignore[arg-type]
         ]
         if len(same) > 1:
             groups.append(same)
@@ -193,11 +196,6 @@ def _config_folder(config: Path) -> Iterator[Path]:
     with tempfile.TemporaryDirectory(prefix="tiesafe-config-") as tmp:
         shutil.copyfile(config, Path(tmp) / "config.json")
         yield Path(tmp)
-
-
-def _check_placeholders(ckpt: Checkpoint, where: Path) -> None:
-    if ckpt.tensors and not any(ref.numel for ref in ckpt.tensors.values()):
-        raise TiesafeError("every tensor of the checkpoint is empty: nothing would be written", path=where)
 
 
 def convert_run(
@@ -228,7 +226,6 @@ def convert_run(
     """
     started = time.perf_counter()
     plan = plan_run(src, max_shard_size=max_shard_size, dtype=dtype, key=key, config=config, allow_untied=allow_untied)
-    _check_placeholders(plan.checkpoint, Path(src))
     out = plan.source if dst is None else Path(dst)
     if out.exists() and not out.is_dir():
         raise TiesafeError("output must be a folder", path=out)

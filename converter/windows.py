@@ -162,7 +162,7 @@ def same_bytes(a: FileWindow | PieceWindow, b: FileWindow | PieceWindow) -> bool
 def _as_pieces(window: FileWindow | PieceWindow) -> PieceWindow:
     if isinstance(window, PieceWindow):
         return window
-    start, stop = window.ref.span
+    stop = window.ref.span[1]
     record = StorageRecord("", window.path, 0, stop, "", (Piece(window.path, window.storage_offset, stop, 0),))
     return PieceWindow(record, window.ref)
 

@@ -176,7 +176,9 @@ def main() -> None:
             if not only or name in only:
                 folder = args.out / name
                 folder.mkdir(parents=True, exist_ok=True)
-                llama_sizes = None if not sizes else {"vocab": 4096, "dim": sizes["dim"], "hidden": sizes["hidden"], "layers": 8}
+                llama_sizes = (
+                    None if not sizes else {"vocab": 4096, "dim": sizes["dim"], "hidden": sizes["hidden"], "layers": 8}
+                )
                 dcp_fixture(folder, placement, rank, nest, llama_sizes)
     torch.distributed.destroy_process_group()
 

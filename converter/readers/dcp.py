@@ -18,7 +18,7 @@ from __future__ import annotations
 import io
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, cast
 
 from ..descriptors import Checkpoint, Piece, StorageRecord, TensorRef, file_stamp
 from ..errors import CorruptFileError, TiesafeError, UnsupportedError, quoted, read_error
@@ -110,8 +110,10 @@ def _default_wrapper(paths: dict[str, tuple[str | int, ...]]) -> tuple[str | int
                 if best is None or rank[:2] < best[:2]:
                     best = rank
                 break
-    if best is None or any(len(p) == 1 for p in paths.values()) and best[1] > 0:
-        return None if best is None else best[2]
+    if best is None:
+        return None
+    if best[1] > 0 and any(len(p) == 1 for p in paths.values()):
+        return None  # names at the top level (torchtitan) come before a wrapper deeper down
     return best[2]
 
 
@@ -127,10 +129,10 @@ def chunk_piece(entry: TensorEntry, chunk: Chunk, path: Path, offset: int, items
         ((3, 32),)
     """
     strides = contiguous_strides(entry.size)
-    cut = [d for d, (s, n) in enumerate(zip(chunk.sizes, entry.size)) if s != n]
+    cut = [d for d, (s, n) in enumerate(zip(chunk.sizes, entry.size, strict=True)) if s != n]
     last = cut[-1] if cut else 0
     run = chunk.sizes[last] * strides[last] * itemsize if entry.size else itemsize
-    at = sum(o * t for o, t in zip(chunk.offsets, strides)) * itemsize
+    at = sum(o * t for o, t in zip(chunk.offsets, strides, strict=True)) * itemsize
     grid = tuple((chunk.sizes[d], strides[d] * itemsize) for d in range(last) if chunk.sizes[d] != 1)
     return Piece(path, offset, run, at, grid)
 
@@ -168,7 +170,8 @@ class _ChunkFiles:
         path = self.folder / where.relative_path
         if where.offset + where.length > self.sizes[where.relative_path]:
             raise CorruptFileError(
-                f"the chunk of {quoted(entry.fqn)} at {list(chunk.offsets)} ends at byte {where.offset + where.length}, "
+                f"the chunk of {quoted(entry.fqn)} at {list(chunk.offsets)} ends at byte "
+                f"{where.offset + where.length}, "
                 f"past the end of the file ({self.sizes[where.relative_path]} bytes)",
                 path=path,
             )
@@ -176,11 +179,14 @@ class _ChunkFiles:
         if where.length == nbytes:  # raw bytes (newer writers): the range is the chunk itself
             return path, where.offset
         try:
-            obj, records = read_zip(path, _Slice(raw, where.offset, where.length), where.length)
+            obj, records = read_zip(path, cast(BinaryIO, _Slice(raw, where.offset, where.length)), where.length)
         except TiesafeError as exc:
-            raise type(exc)(f"the chunk of {quoted(entry.fqn)} at {list(chunk.offsets)}: {exc.problem}", path=path)
+            problem = f"the chunk of {quoted(entry.fqn)} at {list(chunk.offsets)}: {exc.problem}"
+            raise type(exc)(problem, path=path) from None
         if not isinstance(obj, TensorNode) or obj.ref is None:
-            raise CorruptFileError(f"the chunk of {quoted(entry.fqn)} at {list(chunk.offsets)} is not a tensor", path=path)
+            raise CorruptFileError(
+                f"the chunk of {quoted(entry.fqn)} at {list(chunk.offsets)} is not a tensor", path=path
+            )
         ref = obj.ref
         if ref.dtype != entry.dtype or ref.shape != chunk.sizes:
             raise CorruptFileError(
@@ -191,7 +197,8 @@ class _ChunkFiles:
         record = records[ref.storage]
         if not ref.is_contiguous or ref.span[1] > record.nbytes:
             raise UnsupportedError(
-                f"the chunk of {quoted(entry.fqn)} at {list(chunk.offsets)} is saved strided; tiesafe reads contiguous chunks",
+                f"the chunk of {quoted(entry.fqn)} at {list(chunk.offsets)} is saved strided; "
+                "tiesafe reads contiguous chunks",
                 path=path,
             )
         return path, where.offset + record.offset + ref.span[0]

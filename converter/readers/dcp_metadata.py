@@ -230,9 +230,10 @@ def _tensor_entry(fqn: str, record: object) -> TensorEntry:
         sizes = _dims(chunk_fields.get("sizes"), f"a chunk size of {quoted(fqn)}")
         if len(offsets) != len(size) or len(sizes) != len(size):
             raise CorruptFileError(f"a chunk of {quoted(fqn)} has {len(sizes)} dimensions, the tensor {len(size)}")
-        if any(o + s > n for o, s, n in zip(offsets, sizes, size)):
+        if any(o + s > n for o, s, n in zip(offsets, sizes, size, strict=True)):
             raise CorruptFileError(
-                f"a chunk of {quoted(fqn)} at {list(offsets)} of size {list(sizes)} lies outside the tensor {list(size)}"
+                f"a chunk of {quoted(fqn)} at {list(offsets)} of size {list(sizes)} "
+                f"lies outside the tensor {list(size)}"
             )
         chunks.append(Chunk(offsets, sizes))
     return TensorEntry(fqn, dtype, size, tuple(chunks), None if dtype else marker.name)

@@ -120,7 +120,9 @@ def _files(step: Path) -> _Files:
         raise CorruptFileError("no *_optim_states.pt files: not a ZeRO checkpoint (or an incomplete one)", path=step)
     for rank in range(max(optim) + 1):
         if rank not in optim:
-            raise CorruptFileError(f"the optimizer states of rank {rank} are missing (zero_pp_rank_{rank}_...)", path=step)
+            raise CorruptFileError(
+                f"the optimizer states of rank {rank} are missing (zero_pp_rank_{rank}_...)", path=step
+            )
     zero3 = {int(m.group(1)): step / n for n in names if (m := _ZERO3_MODEL.match(n))}
     model = [zero3[r] for r in sorted(zero3)] if zero3 else [step / n for n in names if _MODEL.match(n)]
     if not model:
@@ -162,7 +164,9 @@ def _entry(tree: _Tree, obj: Any, key: str, kind: type | tuple[type, ...], *, op
     if value is None and optional:
         return None
     if not isinstance(value, kind):
-        raise CorruptFileError(f"entry {quoted(key)} is missing or malformed: not a DeepSpeed ZeRO checkpoint", path=tree.path)
+        raise CorruptFileError(
+            f"entry {quoted(key)} is missing or malformed: not a DeepSpeed ZeRO checkpoint", path=tree.path
+        )
     return value
 
 
@@ -180,7 +184,9 @@ def _flat_range(tree: _Tree, value: object, what: str) -> tuple[Path, int, int]:
     """``(path, file offset, elements)`` of a 1-D fp32 partition; refuses anything else."""
     ref, record = _tensor(tree, value, what)
     if ref.dtype != F32 or len(ref.shape) != 1 or not ref.is_contiguous:
-        raise CorruptFileError(f"{what} is {ref.dtype.code}{list(ref.shape)}, not a flat fp32 partition", path=tree.path)
+        raise CorruptFileError(
+            f"{what} is {ref.dtype.code}{list(ref.shape)}, not a flat fp32 partition", path=tree.path
+        )
     return tree.path, record.offset + ref.span[0], ref.numel
 
 
@@ -211,14 +217,18 @@ class _Builder:
         key = f"{tree.path.name}/{ref.storage}"
         if as_f32 and ref.dtype.code in ("F16", "BF16"):  # zero_to_fp32 returns floating buffers as fp32
             cast_key = f"{key}@F32"
-            self.storages[cast_key] = StorageRecord(cast_key, record.path, record.offset, record.nbytes, "cpu", cast_from=ref.dtype)
+            self.storages[cast_key] = StorageRecord(
+                cast_key, record.path, record.offset, record.nbytes, "cpu", cast_from=ref.dtype
+            )
             ref = TensorRef(cast_key, F32, ref.offset, ref.shape, ref.stride)
             self.tensors[name] = ref
             return
         self.storages.setdefault(key, StorageRecord(key, record.path, record.offset, record.nbytes, record.location))
         self.tensors[name] = TensorRef(key, ref.dtype, ref.offset, ref.shape, ref.stride)
 
-    def pieced(self, name: str, key: str, dtype: Any, shape: tuple[int, ...], pieces: list[Piece], folder: Path) -> None:
+    def pieced(
+        self, name: str, key: str, dtype: Any, shape: tuple[int, ...], pieces: list[Piece], folder: Path
+    ) -> None:
         nbytes = numel(shape) * dtype.itemsize
         self.storages[key] = StorageRecord(key, folder, 0, nbytes, "cpu", tuple(pieces))
         self.tensors[name] = TensorRef(key, dtype, 0, shape, contiguous_strides(shape))
@@ -231,7 +241,9 @@ def _rank_slice(ranges: list[tuple[Path, int, int]], start: int, count: int, ite
     for path, offset, elements in ranges:
         lo, hi = max(start, base), min(start + count, base + elements)
         if lo < hi:
-            pieces.append(Piece(path, offset + (lo - base) * itemsize, (hi - lo) * itemsize, at + (lo - start) * itemsize))
+            pieces.append(
+                Piece(path, offset + (lo - base) * itemsize, (hi - lo) * itemsize, at + (lo - start) * itemsize)
+            )
         base += elements
     return pieces
 
@@ -253,7 +265,7 @@ def _zero3_pieces(
 def _world_size(tree: _Tree, state: dict[Any, Any]) -> int:
     count = state.get("partition_count")
     if isinstance(count, list) and count and all(type(c) is int for c in count):
-        return max(count)
+        return int(max(count))
     if type(count) is int and count > 0:
         return count
     raise CorruptFileError("partition_count is missing or malformed", path=tree.path)
@@ -280,7 +292,9 @@ def read_deepspeed(step: str | Path) -> Checkpoint:
     first = optim[0]
     zero3 = "fp32_flat_groups" in states[0]
     if not zero3 and "single_partition_of_fp32_groups" not in states[0]:
-        raise CorruptFileError("holds neither fp32_flat_groups nor single_partition_of_fp32_groups: not a ZeRO checkpoint", path=first.path)
+        raise CorruptFileError(
+            "holds neither fp32_flat_groups nor single_partition_of_fp32_groups: not a ZeRO checkpoint", path=first.path
+        )
     world = _world_size(first, states[0])
     if world != len(optim):
         raise CorruptFileError(
@@ -288,18 +302,24 @@ def read_deepspeed(step: str | Path) -> Checkpoint:
             "(a rank's file is missing, or files of another run were mixed in)",
             path=step,
         )
-    for tree, state in zip(optim[1:], states[1:]):
+    for tree, state in zip(optim[1:], states[1:], strict=True):
         if _world_size(tree, state) != world:
-            raise CorruptFileError(f"saved by {_world_size(tree, state)} ranks, rank 0's file says {world}", path=tree.path)
+            raise CorruptFileError(
+                f"saved by {_world_size(tree, state)} ranks, rank 0's file says {world}", path=tree.path
+            )
     models = [_read_tree(p) for p in files.model]
     if zero3 and len(models) != world:
-        raise CorruptFileError(f"{len(models)} *_model_states.pt files for {world} ranks (a rank's file is missing)", path=step)
+        raise CorruptFileError(
+            f"{len(models)} *_model_states.pt files for {world} ranks (a rank's file is missing)", path=step
+        )
     main = models[0]
     module = _entry(main, main.obj, "module", dict)
     buffer_names = _entry(main, main.obj, "buffer_names", list)
     param_shapes = _entry(main, main.obj, "param_shapes", list)
     groups_shapes = [_shapes(main, g, "param_shapes") for g in param_shapes]
-    frozen_shapes = _shapes(main, _entry(main, main.obj, "frozen_param_shapes", dict, optional=True) or {}, "frozen_param_shapes")
+    frozen_shapes = _shapes(
+        main, _entry(main, main.obj, "frozen_param_shapes", dict, optional=True) or {}, "frozen_param_shapes"
+    )
     shared = _entry(main, main.obj, "shared_params", dict, optional=True) or {}
 
     out = _Builder()
@@ -328,12 +348,15 @@ def _zero2_frozen(out: _Builder, main: _Tree, shapes: dict[str, tuple[int, ...]]
         out.file_tensor(name, main, fragments[name])
         if out.tensors[name].shape != shape:
             raise CorruptFileError(
-                f"frozen parameter {quoted(name)} is {list(out.tensors[name].shape)}, frozen_param_shapes says {list(shape)}",
+                f"frozen parameter {quoted(name)} is {list(out.tensors[name].shape)}, "
+                f"frozen_param_shapes says {list(shape)}",
                 path=main.path,
             )
 
 
-def _zero3_frozen(out: _Builder, models: list[_Tree], shapes: dict[str, tuple[int, ...]], world: int, step: Path) -> None:
+def _zero3_frozen(
+    out: _Builder, models: list[_Tree], shapes: dict[str, tuple[int, ...]], world: int, step: Path
+) -> None:
     for name, shape in shapes.items():
         size = numel(shape)
         part = math.ceil(size / world)
@@ -343,12 +366,25 @@ def _zero3_frozen(out: _Builder, models: list[_Tree], shapes: dict[str, tuple[in
             if name not in fragments:
                 raise CorruptFileError(f"frozen parameter {quoted(name)} has no fragment", path=tree.path)
             ref, record = _tensor(tree, fragments[name], f"the fragment of {quoted(name)}")
-            if not ref.is_contiguous or ref.numel < min(part, max(0, size - rank * part)) or (dtype and ref.dtype != dtype):
-                raise CorruptFileError(f"the fragment of frozen parameter {quoted(name)} is shorter than its shape says", path=tree.path)
+            if (
+                not ref.is_contiguous
+                or ref.numel < min(part, max(0, size - rank * part))
+                or (dtype and ref.dtype != dtype)
+            ):
+                raise CorruptFileError(
+                    f"the fragment of frozen parameter {quoted(name)} is shorter than its shape says", path=tree.path
+                )
             dtype = ref.dtype
             take = min(part, size - rank * part)
             if take > 0:
-                pieces.append(Piece(tree.path, record.offset + ref.span[0], take * ref.dtype.itemsize, rank * part * ref.dtype.itemsize))
+                pieces.append(
+                    Piece(
+                        tree.path,
+                        record.offset + ref.span[0],
+                        take * ref.dtype.itemsize,
+                        rank * part * ref.dtype.itemsize,
+                    )
+                )
         assert dtype is not None
         out.pieced(name, f"frozen/{name}", dtype, shape, pieces, step)
 
@@ -366,7 +402,7 @@ def _zero2_trainable(
     world: int,
     step: Path,
 ) -> None:
-    ranks = [_groups(t, s, "single_partition_of_fp32_groups") for t, s in zip(optim, states)]
+    ranks = [_groups(t, s, "single_partition_of_fp32_groups") for t, s in zip(optim, states, strict=True)]
     if any(len(r) != len(groups_shapes) for r in ranks):
         raise CorruptFileError(
             f"{len(ranks[0])} parameter groups in the optimizer states, {len(groups_shapes)} in param_shapes", path=step
@@ -382,7 +418,9 @@ def _zero2_trainable(
         available = at // 4
         group_paddings = paddings[index] if isinstance(paddings, list) and index < len(paddings) else None
         if group_paddings is not None and (not isinstance(group_paddings, list) or len(group_paddings) != len(shapes)):
-            raise CorruptFileError(f"param_alignment_paddings of group {index} do not match its parameters", path=optim[0].path)
+            raise CorruptFileError(
+                f"param_alignment_paddings of group {index} do not match its parameters", path=optim[0].path
+            )
         position = 0
         for j, (name, shape) in enumerate(shapes.items()):
             size = numel(shape)
@@ -397,7 +435,9 @@ def _zero2_trainable(
             if group_paddings is not None:
                 pad = group_paddings[j]
                 if type(pad) is not int or pad < 0:
-                    raise CorruptFileError(f"a parameter alignment padding is malformed: {quoted(pad)}", path=optim[0].path)
+                    raise CorruptFileError(
+                        f"a parameter alignment padding is malformed: {quoted(pad)}", path=optim[0].path
+                    )
                 position += pad
         if align * math.ceil(position / align) != align * math.ceil(available / align):
             raise CorruptFileError(
@@ -415,11 +455,13 @@ def _zero3_trainable(
     world: int,
     step: Path,
 ) -> None:
-    ranks = [_groups(t, s, "fp32_flat_groups") for t, s in zip(optim, states)]
+    ranks = [_groups(t, s, "fp32_flat_groups") for t, s in zip(optim, states, strict=True)]
     sizes = [e for _, _, e in ranks[0]]
-    for tree, r in zip(optim[1:], ranks[1:]):
+    for tree, r in zip(optim[1:], ranks[1:], strict=True):
         if [e for _, _, e in r] != sizes:
-            raise CorruptFileError(f"its flat groups hold {[e for _, _, e in r]} elements, rank 0's {sizes}", path=tree.path)
+            raise CorruptFileError(
+                f"its flat groups hold {[e for _, _, e in r]} elements, rank 0's {sizes}", path=tree.path
+            )
     per_rank = sum(sizes)
     shapes = {name: shape for group in groups_shapes for name, shape in group.items()}
     offset = 0
@@ -435,5 +477,6 @@ def _zero3_trainable(
         out.pieced(name, f"param/{name}", F32, shape, _zero3_pieces(ranks, offset, size, world, 4), step)
         offset += part
     if offset != per_rank:
-        raise CorruptFileError(f"param_shapes account for {offset} elements per rank, the partitions hold {per_rank}", path=step)
-
+        raise CorruptFileError(
+            f"param_shapes account for {offset} elements per rank, the partitions hold {per_rank}", path=step
+        )
