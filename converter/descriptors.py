@@ -116,6 +116,7 @@ class Checkpoint:
     skipped: list[str] = field(default_factory=list)
     wrapper: str | None = None  # key path the weights were found under, if any
     stamps: dict[Path, tuple[int, ...]] = field(default_factory=dict)  # each file as it was read
+    notes: list[str] = field(default_factory=list)  # what the reader wants the user told (report warnings)
 
     def check_unchanged(self) -> None:
         """Raise if a file this checkpoint was read from has changed since (size, mtime, inode).

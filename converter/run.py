@@ -142,17 +142,19 @@ def plan_run(
     if not ckpt.tensors:
         raise TiesafeError("the checkpoint holds no tensors to write", path=folder)
     refuse_placeholders(ckpt)
+    notes = list(ckpt.notes)
     if dtype is not None:
         ckpt = cast_checkpoint(ckpt, dtype)
     sharing = plan_sharing(ckpt.tensors)  # DeepSpeed's shared_params are one storage: aliases
     ties = [Tie(n, t, "alias", "checkpoint") for n, t in sharing.ties.aliases.items()]
     config_path = Path(config) if config is not None else run / "config.json"
     declared: set[str] = set()
-    warnings: list[str] = []
+    warnings: list[str] = notes
     if config_path.is_file():
         with _config_folder(config_path) as config_folder:
             identical = _declared_identical(config_folder, ckpt, sharing)
-            found, warnings, moved = _apply_declared(config_folder, ckpt, sharing, identical, allow_untied)
+            found, declared_warnings, moved = _apply_declared(config_folder, ckpt, sharing, identical, allow_untied)
+        warnings += declared_warnings
         ties += found
         declared |= moved
     elif config is not None:
@@ -235,7 +237,10 @@ def convert_run(
         written = _write_shards_parallel(plan, out, verify=verify, workers=workers or 1, executor=executor)
     else:
         written = _write_set(plan, out, verify=verify)
-    return plan.report(out, written, verified=verify, seconds=time.perf_counter() - started)
+    report = plan.report(out, written, verified=verify, seconds=time.perf_counter() - started)
+    # The step folders are the source, not files to carry: no "subfolders not carried over" warning.
+    report.warnings = [w for w in report.warnings if not w.startswith("subfolders not carried over")]
+    return report
 
 
 # --------------------------------------------------------------------------- shards in parallel

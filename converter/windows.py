@@ -72,7 +72,8 @@ class PieceWindow:
         start = self.ref.offset * size
         end = start + self.ref.numel * size
         position = start
-        wanted = [p for p in self.record.pieces if p.at < end and p.at + _piece_extent(p) > start]
+        pieces = self.record.pieces or (Piece(self.record.path, self.record.offset, self.record.nbytes, 0),)
+        wanted = [p for p in pieces if p.at < end and p.at + _piece_extent(p) > start]
         for at, offset, length, path in heapq.merge(*(_located_runs(p) for p in wanted)):
             if at + length <= start:
                 continue  # before the tensor (its storage holds other tensors too)

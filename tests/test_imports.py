@@ -28,3 +28,15 @@ def test_convert_and_inspect_of_a_checkpoint_do_not_import_torch(tmp_path: Path)
     assert "torch" not in _imported_modules("inspect", str(source))
     assert "torch" not in _imported_modules("verify", str(source), str(tmp_path / "model.safetensors"))
     assert "torch" not in _imported_modules("--help")
+
+
+def test_training_run_conversion_imports_neither_deepspeed_nor_torch_distributed(tmp_path: Path) -> None:
+    import subprocess as sp
+
+    code = (
+        "import sys, converter.run, converter.readers.deepspeed, converter.readers.dcp, converter.cast; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('deepspeed', 'torch')))"
+    )
+    result = sp.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "[]"

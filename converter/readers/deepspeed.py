@@ -323,6 +323,7 @@ def read_deepspeed(step: str | Path) -> Checkpoint:
     shared = _entry(main, main.obj, "shared_params", dict, optional=True) or {}
 
     out = _Builder()
+    notes: list[str] = []
     for name in module:
         if isinstance(name, str) and name in buffer_names:
             out.file_tensor(name, main, module[name], as_f32=True)
@@ -331,13 +332,14 @@ def read_deepspeed(step: str | Path) -> Checkpoint:
         _zero3_trainable(out, optim, states, groups_shapes, world, step)
     else:
         _zero2_frozen(out, main, frozen_shapes)
+        notes += _zero2_unlisted_frozen(out, main, module, groups_shapes, frozen_shapes, shared)
         _zero2_trainable(out, optim, states, groups_shapes, world, step)
     for name, target in shared.items():
         if isinstance(name, str) and isinstance(target, str) and target in out.tensors:
             out.tensors[name] = out.tensors[target]
     stamps = {t.path: t.stamp for t in (*optim, *models)}
     kind = "deepspeed-zero3" if zero3 else "deepspeed-zero1/2"
-    return Checkpoint(step, kind, out.tensors, out.storages, [], stamps=stamps)
+    return Checkpoint(step, kind, out.tensors, out.storages, [], stamps=stamps, notes=notes)
 
 
 def _zero2_frozen(out: _Builder, main: _Tree, shapes: dict[str, tuple[int, ...]]) -> None:
@@ -352,6 +354,35 @@ def _zero2_frozen(out: _Builder, main: _Tree, shapes: dict[str, tuple[int, ...]]
                 f"frozen_param_shapes says {list(shape)}",
                 path=main.path,
             )
+
+
+def _zero2_unlisted_frozen(
+    out: _Builder,
+    main: _Tree,
+    module: dict[Any, Any],
+    groups_shapes: list[dict[str, tuple[int, ...]]],
+    frozen_shapes: dict[str, tuple[int, ...]],
+    shared: dict[Any, Any],
+) -> list[str]:
+    """Parameters of ``module`` that no list names: frozen ones of a checkpoint without ``frozen_param_shapes``.
+
+    ZeRO stage 1 saves no ``frozen_param_shapes`` (``zero_to_fp32`` then drops the frozen
+    parameters without a word); the engine's ``module`` state dict still holds them whole.
+    """
+    listed = {n for group in groups_shapes for n in group} | set(frozen_shapes) | set(out.tensors) | set(shared)
+    found = []
+    for name, value in module.items():
+        if isinstance(name, str) and name not in listed and isinstance(value, TensorNode) and value.ref is not None:
+            if value.ref.numel:
+                out.file_tensor(name, main, value)
+                found.append(name)
+    if not found:
+        return []
+    shown = ", ".join(found[:5]) + (", ..." if len(found) > 5 else "")
+    return [
+        f"{len(found)} frozen parameters ({shown}) taken from the saved module: the checkpoint lists no "
+        "frozen_param_shapes (ZeRO stage 1), and zero_to_fp32 leaves them out"
+    ]
 
 
 def _zero3_frozen(
