@@ -372,10 +372,10 @@ def _zero2_unlisted_frozen(
     listed = {n for group in groups_shapes for n in group} | set(frozen_shapes) | set(out.tensors) | set(shared)
     found = []
     for name, value in module.items():
-        if isinstance(name, str) and name not in listed and isinstance(value, TensorNode) and value.ref is not None:
-            if value.ref.numel:
-                out.file_tensor(name, main, value)
-                found.append(name)
+        listed_or_empty = not isinstance(value, TensorNode) or value.ref is None or not value.ref.numel
+        if isinstance(name, str) and name not in listed and not listed_or_empty:
+            out.file_tensor(name, main, value)
+            found.append(name)
     if not found:
         return []
     shown = ", ".join(found[:5]) + (", ..." if len(found) > 5 else "")
