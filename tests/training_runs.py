@@ -65,7 +65,9 @@ def _batch(vocab: int, rank: int) -> torch.Tensor:
     return torch.randint(0, vocab, (2, 8), generator=torch.Generator().manual_seed(100 + rank))
 
 
-def deepspeed_fixture(out: Path, stage: int, sizes: dict[str, int], rank: int, world: int, steps: int = 1) -> None:
+def deepspeed_fixture(
+    out: Path, stage: int, sizes: dict[str, int], rank: int, world: int, steps: int = 1, reference: bool = True
+) -> None:
     import deepspeed
 
     torch.manual_seed(0)
@@ -84,6 +86,9 @@ def deepspeed_fixture(out: Path, stage: int, sizes: dict[str, int], rank: int, w
         engine.backward(loss)
         engine.step()
     engine.save_checkpoint(str(out))
+    if not reference:
+        engine.destroy()
+        return
     if stage == 3:
         with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
             state = {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
@@ -112,7 +117,9 @@ def _llama(sizes: dict[str, int] | None) -> nn.Module:
     return LlamaForCausalLM(config)
 
 
-def dcp_fixture(out: Path, placement: str, rank: int, nest: str, sizes: dict[str, int] | None = None) -> None:
+def dcp_fixture(
+    out: Path, placement: str, rank: int, nest: str, sizes: dict[str, int] | None = None, reference: bool = True
+) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
     from torch.distributed.fsdp import fully_shard
@@ -140,6 +147,8 @@ def dcp_fixture(out: Path, placement: str, rank: int, nest: str, sizes: dict[str
     if nest:
         state = {nest: state}
     dcp.save(state, checkpoint_id=str(out))
+    if not reference:
+        return
     full = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in model.state_dict().items()}
     if rank == 0:
         torch.save(full, out / "reference.pt")
@@ -151,6 +160,7 @@ def main() -> None:
     parser.add_argument("out", type=Path)
     parser.add_argument("--only", default="")
     parser.add_argument("--size-mb", type=int, default=0)
+    parser.add_argument("--no-reference", action="store_true", help="skip reference.pt (the benchmark's inputs)")
     args = parser.parse_args()
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -169,17 +179,18 @@ def main() -> None:
         if not only or name in only:
             folder = args.out / name
             folder.mkdir(parents=True, exist_ok=True)
-            deepspeed_fixture(folder, stage, sizes, rank, world)
+            deepspeed_fixture(folder, stage, sizes, rank, world, reference=not args.no_reference)
     if world > 1:
         for placement, nest in (("rows", ""), ("cols", "app")):
             name = f"dcp-{placement}"
             if not only or name in only:
                 folder = args.out / name
                 folder.mkdir(parents=True, exist_ok=True)
+                # Llama's layers hold about twice TinyLM's: half as many give the same weight bytes.
                 llama_sizes = (
-                    None if not sizes else {"vocab": 4096, "dim": sizes["dim"], "hidden": sizes["hidden"], "layers": 8}
+                    None if not sizes else {"vocab": 4096, "dim": sizes["dim"], "hidden": sizes["hidden"], "layers": 4}
                 )
-                dcp_fixture(folder, placement, rank, nest, llama_sizes)
+                dcp_fixture(folder, placement, rank, nest, llama_sizes, reference=not args.no_reference)
     torch.distributed.destroy_process_group()
 
 
