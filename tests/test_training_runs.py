@@ -266,3 +266,18 @@ def test_batch_finds_training_runs(runs: dict[str, Path], tmp_path: Path) -> Non
     assert (tmp_path / "out" / "fsdp" / "step-1" / "config.json").is_file()
     again = list(converter.convert_tree(tree, tmp_path / "out", workers=1))
     assert {r.status for r in again} == {"unchanged"}
+
+
+@pytest.mark.parametrize("layout", ["torch_save", "safetensors"])
+def test_dcp_serialization_formats(layout: str, tmp_path: Path) -> None:
+    """dcp.save in one process, both formats FileSystemWriter writes (safetensors: the header locates chunks)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.filesystem import FileSystemWriter, SerializationFormat
+
+    torch.manual_seed(0)
+    state = {"a.weight": torch.randn(5, 3), "b": torch.randn(7).to(torch.bfloat16), "c": torch.arange(6).reshape(2, 3)}
+    writer = FileSystemWriter(tmp_path / "ckpt", serialization_format=SerializationFormat(layout))
+    dcp.save({"model": state, "step": 3}, storage_writer=writer)
+    report = convert_run(tmp_path / "ckpt", tmp_path / "out")
+    _assert_same(converter.load_file(tmp_path / "out"), state)
+    assert report.skipped == ["step"]

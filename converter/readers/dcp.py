@@ -16,19 +16,24 @@ them); the optimizer state is left out.
 from __future__ import annotations
 
 import io
+import json
 import os
+import struct
 from pathlib import Path
 from typing import Any, BinaryIO, cast
 
 from ..descriptors import Checkpoint, Piece, StorageRecord, TensorRef, file_stamp
 from ..errors import CorruptFileError, TiesafeError, UnsupportedError, quoted, read_error
 from ..geometry import contiguous_strides, numel
+from ..stfile import MAX_HEADER_BYTES, Entry
+from ..stfile import _entry as stfile_entry
 from .containers import read_zip
 from .dcp_metadata import Chunk, DcpMetadata, StorageLocation, TensorEntry, read_dcp_metadata
 from .torchfile import WRAPPER_KEYS
 from .unpickler import TensorNode
 
 METADATA = ".metadata"
+SHARDING_KEY = "DCP_SHARDING_INFO"  # torch.distributed.checkpoint._hf_utils.CUSTOM_METADATA_KEY
 DISTCP_SUFFIX = ".distcp"
 
 
@@ -145,6 +150,7 @@ class _ChunkFiles:
         self.files: dict[str, Any] = {}
         self.sizes: dict[str, int] = {}
         self.stamps: dict[Path, tuple[int, ...]] = {}
+        self.blobs: dict[tuple[str, int], tuple[dict[str, Entry], dict[str, Any]] | None] = {}
 
     def close(self) -> None:
         for f in self.files.values():
@@ -175,9 +181,15 @@ class _ChunkFiles:
                 f"past the end of the file ({self.sizes[where.relative_path]} bytes)",
                 path=path,
             )
-        nbytes = numel(chunk.sizes) * entry.dtype.itemsize
-        if where.length == nbytes:  # raw bytes (newer writers): the range is the chunk itself
-            return path, where.offset
+        if os.pread(raw.fileno(), 4, where.offset) != b"PK\x03\x04":
+            blob = self._blob(where.relative_path, where.offset)
+            if blob is None:
+                raise UnsupportedError(
+                    f"the chunk of {quoted(entry.fqn)} at {list(chunk.offsets)} is neither a torch.save archive "
+                    "nor in a safetensors blob (the two formats FileSystemWriter writes)",
+                    path=path,
+                )
+            return self._in_blob(entry, chunk, blob, path)
         try:
             obj, records = read_zip(path, cast(BinaryIO, _Slice(raw, where.offset, where.length)), where.length)
         except TiesafeError as exc:
@@ -202,6 +214,70 @@ class _ChunkFiles:
                 path=path,
             )
         return path, where.offset + record.offset + ref.span[0]
+
+    def _blob(self, name: str, offset: int) -> tuple[dict[str, Entry], dict[str, Any]] | None:
+        """The safetensors blob at ``offset`` of a file (``SerializationFormat.SAFETENSORS``), else None.
+
+        Such a writer puts every tensor of the file in one safetensors blob after the
+        non-tensor entries, and records the blob's start as each chunk's offset; the
+        blob's own header locates the chunks, with their offsets in ``DCP_SHARDING_INFO``.
+        """
+        key = (name, offset)
+        if key not in self.blobs:
+            raw = self._open(name)
+            head = os.pread(raw.fileno(), 9, offset)
+            found = None
+            if len(head) == 9 and head[8:9] == b"{":
+                (length,) = struct.unpack("<Q", head[:8])
+                if offset + 8 + length <= self.sizes[name] and length <= MAX_HEADER_BYTES:
+                    found = _blob_header(
+                        self.folder / name, os.pread(raw.fileno(), length, offset + 8), offset + 8 + length
+                    )
+            self.blobs[key] = found
+        return self.blobs[key]
+
+    def _in_blob(
+        self, entry: TensorEntry, chunk: Chunk, blob: tuple[dict[str, Entry], dict[str, Any]], path: Path
+    ) -> tuple[Path, int]:
+        entries, info = blob
+        stored = entries.get(entry.fqn)
+        record = info.get(entry.fqn)
+        saved = record.get("saved_offsets") if isinstance(record, dict) else None
+        if stored is None or not isinstance(saved, list) or tuple(saved) != chunk.offsets:
+            raise CorruptFileError(
+                f"holds no chunk of {quoted(entry.fqn)} at {list(chunk.offsets)}, which the metadata places there",
+                path=path,
+            )
+        if stored.dtype != entry.dtype or stored.shape != chunk.sizes:
+            raise CorruptFileError(
+                f"the chunk of {quoted(entry.fqn)} is {stored.dtype.code}{list(stored.shape)}, "
+                f"the metadata says {entry.dtype.code if entry.dtype else '?'}{list(chunk.sizes)}",
+                path=path,
+            )
+        if stored.start + stored.nbytes > self.sizes[path.name]:
+            raise CorruptFileError(f"the chunk of {quoted(entry.fqn)} runs past the end of the file", path=path)
+        return path, stored.start
+
+
+def _blob_header(path: Path, raw: bytes, data_start: int) -> tuple[dict[str, Entry], dict[str, Any]] | None:
+    """Entries (absolute offsets) and DCP sharding info of an embedded safetensors header; None if it is not one."""
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(header, dict):
+        return None
+    metadata = header.pop("__metadata__", None)
+    if not isinstance(metadata, dict) or SHARDING_KEY not in metadata:
+        return None
+    try:
+        info = json.loads(metadata[SHARDING_KEY])
+        entries = {name: stfile_entry(name, spec, data_start)[0] for name, spec in header.items()}
+    except (ValueError, TypeError, RecursionError):
+        raise CorruptFileError("the safetensors header of its chunks is malformed", path=path) from None
+    except TiesafeError as exc:
+        raise type(exc)(exc.problem, path=path) from None
+    return entries, info if isinstance(info, dict) else {}
 
 
 def _storage(entry: TensorEntry, meta: DcpMetadata, files: _ChunkFiles, folder: Path) -> StorageRecord:
