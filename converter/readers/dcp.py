@@ -4,7 +4,8 @@ A DCP folder holds ``.metadata`` (read by :mod:`.dcp_metadata`) and ``__R_N.dist
 written by each rank. Every tensor was saved in chunks, boxes of the full tensor; each
 chunk's bytes are a range of a ``.distcp`` file: a ``torch.save`` archive at that offset
 (what ``FileSystemWriter`` writes by default; read with our zip reader, no code runs), or
-the chunk's raw bytes when the range holds exactly that many. Each full tensor becomes a
+a tensor of the safetensors blob that ``SerializationFormat.SAFETENSORS`` writes after a
+file's non-tensor entries. Each full tensor becomes a
 storage made of :class:`~converter.descriptors.Piece` s, one per chunk: a row shard is one
 run, a column shard runs of its rows that the writer interleaves with the other chunks'.
 
