@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from .loader import load_file
     from .readers.torchfile import read_checkpoint
     from .retie import LoadReport, load_model
+    from .run import convert_run, read_run
 
 # Public name -> the module defining it. The package imports a module only when one
 # of its names is first used, so `tiesafe convert` never pays for the batch, Hub,
@@ -53,6 +54,8 @@ _EXPORTS = {
     "LoadReport": "retie",
     "load_model": "retie",
     "read_checkpoint": "readers.torchfile",
+    "convert_run": "run",
+    "read_run": "run",
 }
 
 
@@ -80,6 +83,7 @@ __all__ = [
     "UploadReport",
     "convert_file",
     "convert_folder",
+    "convert_run",
     "convert_tree",
     "dask_client",
     "inspect",
@@ -88,6 +92,7 @@ __all__ = [
     "prepare_upload",
     "push",
     "read_checkpoint",
+    "read_run",
     "save_file",
     "save_model",
     "verify_file",

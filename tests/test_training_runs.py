@@ -8,6 +8,7 @@ dcp_to_torch_save produce from the same files, and loaded into the model.
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import pickle
 import shutil
@@ -147,6 +148,12 @@ def test_shards_in_parallel_equal_the_serial_ones(runs: dict[str, Path], tmp_pat
     for name in serial.files:
         assert (tmp_path / "serial" / name).read_bytes() == (tmp_path / "parallel" / name).read_bytes()
     assert not [p for p in (tmp_path / "parallel").iterdir() if p.name.startswith(".")]  # no staging left
+    with concurrent.futures.ThreadPoolExecutor(2) as executor:  # any executor: Dask's client passes through here
+        threaded = converter.convert_run(runs["ds-z3-w2"], tmp_path / "threads", max_shard_size=3000, executor=executor)
+    assert threaded.files == serial.files
+    assert (tmp_path / "threads" / "model.safetensors.index.json").read_bytes() == (
+        tmp_path / "serial" / "model.safetensors.index.json"
+    ).read_bytes()
 
 
 def test_cli_converts_a_run_folder_and_a_step_folder(runs: dict[str, Path], tmp_path: Path) -> None:
