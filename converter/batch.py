@@ -41,7 +41,12 @@ DEFAULT_OPTIONS: dict[str, Any] = {
     "materialize_views": False,
     "dedup_identical": False,
     "allow_untied": False,
+    "strict": False,
+    "strip_prefix": [],
+    "keep_names": False,
 }
+# The options that apply to a single checkpoint file (the rest are folder options).
+FILE_OPTIONS = ("verify", "materialize_views", "strict", "strip_prefix", "keep_names")
 _HASH_BLOCK = 16 * 1024 * 1024
 _START_POLL_SECONDS = 0.2  # how soon an item an executor takes from its queue shows as started
 
@@ -213,7 +218,7 @@ def run_item(item: BatchItem, options: dict[str, Any], dry_run: bool = False) ->
                 report = convert_folder(item.source, item.output, overwrite=True, **options).to_dict()
                 written = [item.output / name for name in report["files"]]
             else:
-                file_options = {k: v for k, v in options.items() if k in ("verify", "materialize_views")}
+                file_options = {k: v for k, v in options.items() if k in FILE_OPTIONS}
                 report = convert_file(item.source, item.output, overwrite=True, **file_options).to_dict()
                 written = [item.output]
             result.outputs = {p.name: {"size": p.stat().st_size, "sha256": _hash_file(p)} for p in written}
@@ -234,14 +239,15 @@ def _plan_item(item: BatchItem, options: dict[str, Any]) -> dict[str, Any]:
         run_plan = plan_run(item.source, max_shard_size=options.get("max_shard_size", "5GB"))
         return run_plan.report(item.output, run_plan.written_names, verified=False, seconds=0.0).to_dict()
     if item.kind == "folder":
-        planning = {
-            k: v
-            for k, v in options.items()
-            if k in ("max_shard_size", "materialize_views", "dedup_identical", "allow_untied")
-        }
+        planning = {k: v for k, v in options.items() if k != "verify"}
         plan = plan_folder(item.source, **planning)
         return plan.report(item.output, plan.written_names, verified=False, seconds=0.0).to_dict()
-    ckpt = read_checkpoint(item.source)
+    ckpt = read_checkpoint(
+        item.source,
+        strict=bool(options.get("strict")),
+        strip_prefix=tuple(options.get("strip_prefix", ())),
+        keep_names=bool(options.get("keep_names")),
+    )
     sharing = plan_sharing(ckpt.tensors, materialize_views=bool(options.get("materialize_views")))
     total = sum(t.nbytes for t in ckpt.tensors.values())
     written = sum(s.ref.nbytes for s in sharing.stored)
@@ -339,6 +345,7 @@ def convert_tree(
     if client is not None:  # workers elsewhere do not share our working directory
         root, out = Path(root).absolute(), None if out is None else Path(out).absolute()
     options = {**DEFAULT_OPTIONS, **options}
+    options["strip_prefix"] = list(options["strip_prefix"])  # as the manifest's JSON holds it
     items = discover(root, out, in_place=in_place)
     target = Path(root) if in_place or out is None else Path(out)
     manifest = Manifest(target / MANIFEST)

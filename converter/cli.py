@@ -119,9 +119,18 @@ def _render_conversion(report: ConversionReport, console: Console | _Lines) -> N
             "  restored only by tiesafe (plain loaders skip them; --materialize-views writes them): "
             + _names(report.views)
         )
-    if report.skipped:
-        console.print(f"  skipped non-tensor entries: {_names(report.skipped)}")
+    _render_reading(report.wrapper, report.renames, report.skipped, console)
     console.print(_saved_line(report))
+
+
+def _render_reading(wrapper: str | None, renames: list[str], skipped: list[str], console: Console | _Lines) -> None:
+    """Where the weights came from, how their names changed, and what was left out."""
+    if wrapper:
+        console.print(f"  weights: the state dict under {_shown(wrapper)}")
+    for line in renames:
+        console.print(f"  names: {_shown(line)}")
+    if skipped:
+        console.print(f"  not converted: {_names(skipped)}")
 
 
 def _render_folder(report: FolderReport, console: Console | _Lines) -> None:
@@ -142,6 +151,7 @@ def _render_folder(report: FolderReport, console: Console | _Lines) -> None:
         console.print(f"  copied: {_names(report.copied)}")
     if report.deleted:
         console.print(f"  deleted source files: {_names(report.deleted)}")
+    _render_reading(None, report.renames, report.skipped, console)
     console.print(_saved_line(report))
 
 
@@ -197,6 +207,12 @@ def _render_upload(report: UploadReport, console: Console) -> None:
 def _render_inspect(report: InspectReport, console: Console) -> None:
     from rich.table import Table
 
+    if "refused" in report.globals:  # nothing of the file was read past its globals
+        console.print(f"[bold]{_shown(report.path)}[/] ({report.format})")
+        for kind, names in report.globals.items():
+            console.print(f"  globals, {kind}: {_names(names)}")
+        console.print("  [bold red]convert refuses this file[/]: it names globals that run code (none of them ran)")
+        return
     table = Table(title=f"{_shown(report.path)} ({report.format})")
     for column in ("name", "dtype", "shape", "bytes", "stored as"):
         table.add_column(column)
@@ -205,8 +221,9 @@ def _render_inspect(report: InspectReport, console: Console) -> None:
     console.print(table)
     for group in report.groups:
         console.print(f"  {group.kind}: {_names(group.names)}")
-    if report.skipped:
-        console.print(f"  skipped non-tensor entries: {_names(report.skipped)}")
+    _render_reading(report.wrapper, report.renames, report.skipped, console)
+    for kind, names in report.globals.items():
+        console.print(f"  globals, {kind}: {_names(names)}")
     console.print(
         f"  {len(report.tensors)} names, {human_bytes(report.bytes_stored)} stored for "
         f"{human_bytes(report.bytes_all_names)}: {human_bytes(report.bytes_saved)} saved by ties"
@@ -223,9 +240,35 @@ def main(debug: bool) -> None:
     """
 
 
+_Decorator = Callable[[Callable[..., None]], Callable[..., None]]
+
+
+def _reading_options() -> list[_Decorator]:
+    """How a checkpoint's names are read: shared by convert, batch, inspect and verify."""
+    return [
+        click.option(
+            "--strip-prefix",
+            multiple=True,
+            metavar="PREFIX",
+            help="Remove PREFIX from the tensor names that carry it (repeatable), e.g. Lightning's 'model.'.",
+        ),
+        click.option(
+            "--keep-names",
+            is_flag=True,
+            help="Keep a '_orig_mod.' (torch.compile) or 'module.' (DDP) prefix that every name carries.",
+        ),
+    ]
+
+
+def _with_reading_options(command: Callable[..., None]) -> Callable[..., None]:
+    for option in reversed(_reading_options()):
+        command = option(command)
+    return command
+
+
 def _conversion_options(command: Callable[..., None]) -> Callable[..., None]:
     """The options ``convert`` and ``batch`` share (folder options apply to model folders)."""
-    options = [
+    options: list[_Decorator] = [
         click.option("--no-verify", is_flag=True, help="Skip the bit-for-bit check of the output."),
         click.option(
             "--materialize-views",
@@ -240,6 +283,13 @@ def _conversion_options(command: Callable[..., None]) -> Callable[..., None]:
         ),
         click.option("--dedup-identical", is_flag=True, help="Folders: store bit-identical tensors once, as copies."),
         click.option("--allow-untied", is_flag=True, help="Folders: keep both when tensors the config ties differ."),
+        *_reading_options(),
+        click.option(
+            "--strict",
+            is_flag=True,
+            help="Refuse a pickle that names any global beyond tensor machinery (default: such objects are "
+            "read as inert placeholders and skipped; globals that run code are always refused).",
+        ),
     ]
     for option in reversed(options):
         command = option(command)
@@ -285,6 +335,9 @@ def convert_command(
     max_shard_size: str,
     dedup_identical: bool,
     allow_untied: bool,
+    strip_prefix: tuple[str, ...],
+    keep_names: bool,
+    strict: bool,
     delete_source: bool,
     dtype: str | None,
     config: str | None,
@@ -342,6 +395,9 @@ def convert_command(
             allow_untied=allow_untied,
             delete_source=delete_source,
             overwrite=overwrite,
+            strict=strict,
+            strip_prefix=strip_prefix,
+            keep_names=keep_names,
         )
         if as_json:
             _print_json(folder_report.to_dict())
@@ -351,7 +407,15 @@ def convert_command(
     from .convert import convert_file
 
     report = convert_file(
-        src, dst, verify=not no_verify, materialize_views=materialize_views, key=key, overwrite=overwrite
+        src,
+        dst,
+        verify=not no_verify,
+        materialize_views=materialize_views,
+        key=key,
+        overwrite=overwrite,
+        strict=strict,
+        strip_prefix=strip_prefix,
+        keep_names=keep_names,
     )
     if as_json:
         _print_json(report.to_dict())
@@ -403,12 +467,17 @@ def _convert_run(
 @main.command("inspect")
 @click.argument("path", type=click.Path(dir_okay=False, path_type=str))
 @click.option("--key", help="Entry holding the weights in a training checkpoint.")
+@_with_reading_options
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def inspect_command(path: str, key: str | None, as_json: bool) -> None:
-    """List the tensors of PATH (.bin/.pt or .safetensors), their ties and bytes."""
+def inspect_command(path: str, key: str | None, strip_prefix: tuple[str, ...], keep_names: bool, as_json: bool) -> None:
+    """List the tensors of PATH (.bin/.pt or .safetensors), their ties and bytes.
+
+    For a pickle, also what is not converted and the globals it names: tensor
+    machinery, inert objects, and refused globals (then convert refuses the file).
+    """
     from .convert import inspect
 
-    report = inspect(path, key=key)
+    report = inspect(path, key=key, strip_prefix=strip_prefix, keep_names=keep_names)
     if as_json:
         _print_json(report.to_dict())
     else:
@@ -419,12 +488,15 @@ def inspect_command(path: str, key: str | None, as_json: bool) -> None:
 @click.argument("src", type=click.Path(dir_okay=False, path_type=str))
 @click.argument("dst", type=click.Path(dir_okay=False, path_type=str))
 @click.option("--key", help="Entry holding the weights in a training checkpoint.")
+@_with_reading_options
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def verify_command(src: str, dst: str, key: str | None, as_json: bool) -> None:
+def verify_command(
+    src: str, dst: str, key: str | None, strip_prefix: tuple[str, ...], keep_names: bool, as_json: bool
+) -> None:
     """Check that safetensors DST gives every tensor of SRC bit for bit, ties included."""
     from .convert import verify_file
 
-    report = verify_file(src, dst, key=key)
+    report = verify_file(src, dst, key=key, strip_prefix=strip_prefix, keep_names=keep_names)
     if as_json:
         _print_json({"ok": True, **report.__dict__})
     else:
@@ -469,6 +541,9 @@ def batch_command(
     max_shard_size: str,
     dedup_identical: bool,
     allow_untied: bool,
+    strip_prefix: tuple[str, ...],
+    keep_names: bool,
+    strict: bool,
     quiet: bool,
     as_json: bool,
 ) -> None:
@@ -490,6 +565,9 @@ def batch_command(
         "materialize_views": materialize_views,
         "dedup_identical": dedup_identical,
         "allow_untied": allow_untied,
+        "strict": strict,
+        "strip_prefix": list(strip_prefix),
+        "keep_names": keep_names,
     }
     started = time.perf_counter()
     console = _console(highlight=False, soft_wrap=True, stderr=as_json, quiet=quiet)

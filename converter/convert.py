@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .descriptors import Checkpoint, refuse_placeholders
+from .descriptors import Checkpoint
 from .errors import TiesafeError
 from .geometry import numel
 from .layout import plan_file, stored_items
-from .readers.torchfile import read_checkpoint
+from .readers.torchfile import checkpoint_from_tree, read_checkpoint, read_tree
+from .readers.unpickler import GROUPS
 from .reports import SavedBytesReport
 from .sharing import SharedGroup, SharingPlan, plan_sharing
 from .stfile import read_safetensors
@@ -46,7 +48,8 @@ class ConversionReport(SavedBytesReport):
     file_size: int
     verified: bool
     seconds: float = 0.0
-    wrapper: str | None = None
+    wrapper: str | None = None  # the entry the weights were read from ("model", "state_dict", ...)
+    renames: list[str] = field(default_factory=list)  # prefixes removed from the names
 
 
 def default_output(src: Path) -> Path:
@@ -79,6 +82,7 @@ def _report(
         file_size=file_size,
         verified=verified,
         wrapper=ckpt.wrapper,
+        renames=list(ckpt.renames),
     )
 
 
@@ -104,12 +108,21 @@ def convert_file(
     key: str | None = None,
     metadata: dict[str, str] | None = None,
     overwrite: bool = False,
+    strict: bool = False,
+    strip_prefix: Sequence[str] = (),
+    keep_names: bool = False,
 ) -> ConversionReport:
     """Convert one torch checkpoint to a deduplicated safetensors file with ties.
 
     No code from ``src`` runs. Shared storage is written once and recorded in the
     header; by default the output is verified bit for bit before it is renamed
     into place, so a failure leaves nothing behind.
+
+    In a training checkpoint the weights are the largest state dict (``key`` names
+    one); foreign objects beside them (arguments, configs, numpy values) are read as
+    inert placeholders and listed in ``skipped`` — ``strict`` refuses them instead.
+    A ``_orig_mod.``/``module.`` prefix on every name is removed unless
+    ``keep_names``; ``strip_prefix`` removes others (Lightning's ``"model."``).
 
     Example:
         >>> report = convert_file("gpt2/pytorch_model.bin")  # doctest: +SKIP
@@ -118,8 +131,7 @@ def convert_file(
     """
     started = time.perf_counter()
     src = Path(src)
-    ckpt = read_checkpoint(src, key=key)
-    refuse_placeholders(ckpt)
+    ckpt = read_checkpoint(src, key=key, strict=strict, strip_prefix=strip_prefix, keep_names=keep_names)
     out = _resolve_output(src, dst, overwrite)
     sharing = plan_sharing(ckpt.tensors, materialize_views=materialize_views)
     plan = plan_file(stored_items(ckpt, sharing), sharing.ties, metadata=metadata)
@@ -138,17 +150,25 @@ def convert_file(
 
 
 def verify_file(
-    src: str | Path, dst: str | Path, *, materialize_views: bool | None = None, key: str | None = None
+    src: str | Path,
+    dst: str | Path,
+    *,
+    materialize_views: bool | None = None,
+    key: str | None = None,
+    strict: bool = False,
+    strip_prefix: Sequence[str] = (),
+    keep_names: bool = False,
 ) -> VerifyReport:
     """Check that ``dst`` reproduces every tensor of checkpoint ``src``, ties included.
 
-    ``materialize_views`` is detected from ``dst`` when not given.
+    ``materialize_views`` is detected from ``dst`` when not given; the other options
+    read ``src`` as :func:`convert_file` does.
 
     Example:
         >>> verify_file("pytorch_model.bin", "model.safetensors").names  # doctest: +SKIP
         149
     """
-    ckpt = read_checkpoint(src, key=key)
+    ckpt = read_checkpoint(src, key=key, strict=strict, strip_prefix=strip_prefix, keep_names=keep_names)
     out = read_safetensors(dst)
     if materialize_views is None:
         _, record = output_windows([out])
@@ -178,6 +198,10 @@ class InspectReport:
     bytes_all_names: int = 0
     bytes_stored: int = 0
     metadata: dict[str, str] = field(default_factory=dict)
+    wrapper: str | None = None
+    renames: list[str] = field(default_factory=list)
+    # The globals a pickle names, by group: tensor machinery, inert, refused (convert refuses the file).
+    globals: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def bytes_saved(self) -> int:
@@ -199,10 +223,19 @@ def _how_stored(name: str, record: TieRecord) -> str:
     return "stored"
 
 
-def inspect(path: str | Path, *, key: str | None = None) -> InspectReport:
+def inspect(
+    path: str | Path,
+    *,
+    key: str | None = None,
+    strip_prefix: Sequence[str] = (),
+    keep_names: bool = False,
+) -> InspectReport:
     """Describe a ``.bin``/``.pt`` checkpoint or a ``.safetensors`` file.
 
-    For a checkpoint: every tensor and how tiesafe would store it. For a
+    For a checkpoint: every tensor and how tiesafe would store it, what is not
+    converted, and the globals its pickle names in three groups (tensor machinery,
+    inert, refused). A file naming a refused global is still described — nothing of
+    it runs — so that the report can show why ``convert`` refuses it. For a
     safetensors file: every name it gives (stored and tied) as the loader sees it.
 
     Example:
@@ -237,7 +270,11 @@ def inspect(path: str | Path, *, key: str | None = None) -> InspectReport:
             bytes_stored=stored_bytes,
             metadata=dict(st.metadata),
         )
-    ckpt = read_checkpoint(path, key=key)
+    tree = read_tree(path, survey=True)
+    globals_by_group = _globals_by_group(tree.globals)
+    if globals_by_group.get(GROUPS[2]):
+        return InspectReport(str(path), tree.format, [], globals=globals_by_group)
+    ckpt = checkpoint_from_tree(tree, key=key, strip_prefix=strip_prefix, keep_names=keep_names)
     sharing = plan_sharing(ckpt.tensors)
     tensors = [
         TensorInfo(n, r.dtype.code, list(r.shape), r.nbytes, _how_stored(n, sharing.ties))
@@ -251,4 +288,14 @@ def inspect(path: str | Path, *, key: str | None = None) -> InspectReport:
         skipped=list(ckpt.skipped),
         bytes_all_names=sum(t.nbytes for t in tensors),
         bytes_stored=sum(s.ref.nbytes for s in sharing.stored),
+        wrapper=ckpt.wrapper,
+        renames=list(ckpt.renames),
+        globals=globals_by_group,
     )
+
+
+def _globals_by_group(seen: dict[str, str]) -> dict[str, list[str]]:
+    grouped: dict[str, list[str]] = {group: [] for group in GROUPS}
+    for name, group in seen.items():
+        grouped[group].append(name)
+    return {group: sorted(names) for group, names in grouped.items() if names}

@@ -113,9 +113,11 @@ class Checkpoint:
     format: str  # "zip" or "legacy"
     tensors: dict[str, TensorRef]
     storages: dict[str, StorageRecord]
-    skipped: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # "name: what it is" for entries not converted
     wrapper: str | None = None  # key path the weights were found under, if any
     stamps: dict[Path, tuple[int, ...]] = field(default_factory=dict)  # each file as it was read
+    renames: list[str] = field(default_factory=list)  # prefixes removed from the names, for the report
+    globals: dict[str, str] = field(default_factory=dict)  # globals the file names -> group (inspect)
     notes: list[str] = field(default_factory=list)  # what the reader wants the user told (report warnings)
 
     def check_unchanged(self) -> None:
@@ -139,34 +141,6 @@ class Checkpoint:
                     "nothing was written: convert it again once it is complete",
                     path=path,
                 )
-
-
-def refuse_placeholders(ckpt: Checkpoint) -> None:
-    """Raise when most tensors of ``ckpt`` are empty: a file of placeholders, not weights.
-
-    A DeepSpeed ZeRO-3 ``model_states.pt`` holds a 0-element tensor for each parameter
-    (the weights live in the optimizer partitions) beside its few buffers; writing it
-    would give a file without the weights, and exit 0. A real model has at most a
-    stray empty tensor.
-
-    Example:
-        >>> refuse_placeholders(read_checkpoint("zero_pp_rank_0_mp_rank_00_model_states.pt"))  # doctest: +SKIP
-        Traceback (most recent call last):
-        TiesafeError: ...
-    """
-    empty = sum(1 for ref in ckpt.tensors.values() if ref.numel == 0)
-    if empty and 2 * empty >= len(ckpt.tensors):
-        hint = (
-            "; this is a DeepSpeed ZeRO-3 model states file: convert the checkpoint folder "
-            "(the one holding 'latest', or the global_stepN folder) instead"
-            if "param_shapes" in ckpt.skipped
-            else ""
-        )
-        raise TiesafeError(
-            f"{empty} of the checkpoint's {len(ckpt.tensors)} tensors are empty (0 elements): placeholders, "
-            f"not weights; nothing was written{hint}",
-            path=ckpt.path,
-        )
 
 
 def file_stamp(st: os.stat_result) -> tuple[int, ...]:

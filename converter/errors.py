@@ -24,6 +24,10 @@ class TiesafeError(Exception):
         self.problem = message
         super().__init__(f"{self.path}: {message}" if self.path else message)
 
+    def at(self, path: str | Path) -> TiesafeError:
+        """This error naming ``path``, unless it already names a file."""
+        return self if self.path is not None else type(self)(self.problem, path=path)
+
 
 class UnsafeCheckpointError(TiesafeError):
     """The pickle asks for something outside what a weights file needs."""

@@ -15,14 +15,16 @@ import dataclasses
 import json
 import re
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .declared import declared_ties
-from .descriptors import Checkpoint, StorageRecord, TensorRef, refuse_placeholders
+from .descriptors import Checkpoint, StorageRecord, TensorRef
 from .errors import TiesafeError, VerificationError
 from .identical import identical_groups
 from .layout import SetPlan, plan_shards, set_file_names, stored_items
+from .names import strip_prefixes
 from .readers.torchfile import read_checkpoint
 from .reports import SavedBytesReport
 from .sharing import SharingPlan, plan_sharing, retie
@@ -92,6 +94,7 @@ class FolderReport(SavedBytesReport):
     identical: list[list[str]]  # groups of equal bytes found (stored once only with dedup_identical)
     skipped: list[str]
     warnings: list[str] = field(default_factory=list)
+    renames: list[str] = field(default_factory=list)  # prefixes removed from the names
     deleted: list[str] = field(default_factory=list)
     verified: bool = False
     seconds: float = 0.0
@@ -143,15 +146,26 @@ def find_weights(folder: str | Path) -> tuple[list[Path], dict[str, str] | None]
     raise TiesafeError("no pickle weights (.bin/.pt/.pth/.ckpt) in this folder", path=folder)
 
 
-def read_folder_checkpoint(files: list[Path], weight_map: dict[str, str] | None) -> Checkpoint:
-    """Read every weight file as one checkpoint; storage keys are made unique per file."""
+def read_folder_checkpoint(
+    files: list[Path],
+    weight_map: dict[str, str] | None,
+    *,
+    strict: bool = False,
+    strip_prefix: Sequence[str] = (),
+    keep_names: bool = False,
+) -> Checkpoint:
+    """Read every weight file as one checkpoint; storage keys are made unique per file.
+
+    Names are stripped of prefixes over the whole set (see :mod:`converter.names`),
+    after the index placed them: a prefix every shard but one carries is kept.
+    """
     tensors: dict[str, TensorRef] = {}
     storages: dict[str, StorageRecord] = {}
     skipped: list[str] = []
     formats = set()
     stamps: dict[Path, tuple[int, ...]] = {}
     for path in files:
-        ckpt = read_checkpoint(path)
+        ckpt = read_checkpoint(path, strict=strict, keep_names=True)
         formats.add(ckpt.format)
         stamps.update(ckpt.stamps)
         for key, record in ckpt.storages.items():
@@ -167,7 +181,14 @@ def read_folder_checkpoint(files: list[Path], weight_map: dict[str, str] | None)
         missing = [n for n in weight_map if n not in tensors]
         if missing:
             raise TiesafeError(f"the index lists {missing[0]!r}, which no weight file holds", path=files[0].parent)
-    return Checkpoint(files[0].parent, "+".join(sorted(formats)), tensors, storages, skipped, stamps=stamps)
+    try:
+        renamed, renames = strip_prefixes(tensors, strip_prefix, automatic=not keep_names)
+    except TiesafeError as exc:
+        raise exc.at(files[0].parent) from None
+    tensors = {renamed[name]: ref for name, ref in tensors.items()}
+    return Checkpoint(
+        files[0].parent, "+".join(sorted(formats)), tensors, storages, skipped, stamps=stamps, renames=renames
+    )
 
 
 def _apply_declared(
@@ -276,6 +297,7 @@ class FolderPlan:
             ties=self.ties,
             identical=self.identical,
             skipped=self.checkpoint.skipped,
+            renames=self.checkpoint.renames,
             warnings=self.warnings + self._left_behind(output),
             verified=verified,
             seconds=seconds,
@@ -289,6 +311,9 @@ def plan_folder(
     materialize_views: bool = False,
     dedup_identical: bool = False,
     allow_untied: bool = False,
+    strict: bool = False,
+    strip_prefix: Sequence[str] = (),
+    keep_names: bool = False,
 ) -> FolderPlan:
     """Read a model folder and decide its output, without writing anything.
 
@@ -300,8 +325,7 @@ def plan_folder(
     src = Path(src)
     files, weight_map = find_weights(src)
     limit = parse_size(max_shard_size)
-    ckpt = read_folder_checkpoint(files, weight_map)
-    refuse_placeholders(ckpt)
+    ckpt = read_folder_checkpoint(files, weight_map, strict=strict, strip_prefix=strip_prefix, keep_names=keep_names)
     sharing = plan_sharing(ckpt.tensors, materialize_views=materialize_views)
     ties = [Tie(n, t, "alias", "storage") for n, t in sharing.ties.aliases.items()]
     ties += [Tie(n, v.base, "view", "storage") for n, v in sharing.ties.views.items()]
@@ -338,6 +362,9 @@ def convert_folder(
     allow_untied: bool = False,
     delete_source: bool = False,
     overwrite: bool = False,
+    strict: bool = False,
+    strip_prefix: Sequence[str] = (),
+    keep_names: bool = False,
 ) -> FolderReport:
     """Convert a model folder to safetensors the way ``save_pretrained`` lays it out.
 
@@ -361,6 +388,9 @@ def convert_folder(
         materialize_views=materialize_views,
         dedup_identical=dedup_identical,
         allow_untied=allow_untied,
+        strict=strict,
+        strip_prefix=strip_prefix,
+        keep_names=keep_names,
     )
     _refuse_existing(out, plan.stem, overwrite)
     written = _write_set(plan, out, verify=verify)

@@ -57,7 +57,7 @@ from .hub_checks import (
 )
 from .identical import identical_groups
 from .layout import StoredItem
-from .readers.torchfile import read_checkpoint
+from .readers.torchfile import read_tree
 from .stfile import read_safetensors
 from .verify import output_windows
 from .writer import TEMP_SUFFIX, StagedWrites
@@ -350,11 +350,15 @@ def _weight_pickles(folder: Path) -> list[str]:
 
 
 def _scan_pickles(folder: Path, names: list[str]) -> dict[str, str]:
-    """Kept pickles that ask for anything beyond plain tensors, with the refusal."""
+    """Kept pickles that ask for anything beyond plain tensors, with the refusal.
+
+    Strict: a pickle that goes to the Hub is run by whoever loads it, so a foreign
+    global that tiesafe itself would read as an inert object still fails the check.
+    """
     refused = {}
     for name in names:
         try:
-            read_checkpoint(folder / name)
+            read_tree(folder / name, strict=True)
         except UnsafeCheckpointError as exc:
             refused[name] = exc.problem
         except TiesafeError:

@@ -26,7 +26,7 @@ from typing import Any
 
 from .cast import cast_target, is_float
 from .declared import declared_ties
-from .descriptors import Checkpoint, TensorRef, refuse_placeholders
+from .descriptors import Checkpoint, TensorRef
 from .errors import TiesafeError, VerificationError
 from .folder import FolderPlan, FolderReport, Tie, _apply_declared, _refuse_existing, _write_set, parse_size
 from .layout import FilePlan, StoredItem, plan_shards, stored_items
@@ -141,7 +141,8 @@ def plan_run(
     ckpt = read_run(src, key=key)
     if not ckpt.tensors:
         raise TiesafeError("the checkpoint holds no tensors to write", path=folder)
-    refuse_placeholders(ckpt)
+    if not any(ref.numel for ref in ckpt.tensors.values()):
+        raise TiesafeError("every tensor of the checkpoint is empty: no weights to write", path=folder)
     notes = list(ckpt.notes)
     if dtype is not None:
         ckpt = cast_checkpoint(ckpt, dtype)

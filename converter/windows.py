@@ -15,14 +15,14 @@ import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 from .descriptors import Piece, StorageRecord, TensorRef
 from .errors import CorruptFileError, quoted
 
 # Element sizes to an integer dtype of the same width: moving bytes never needs
 # the real dtype (float8, bool, ... all travel as raw integers).
-_RAW_DTYPE_NAMES = {1: "uint8", 2: "int16", 4: "int32", 8: "int64"}
+_RAW_DTYPE_NAMES = {1: "uint8", 2: "uint16", 4: "uint32", 8: "uint64"}
 _BLOCK = 2 * 1024 * 1024  # per read when comparing; see WindowComparer
 
 
@@ -199,17 +199,18 @@ def read_into(fd: int, buffer: memoryview, offset: int) -> None:
 
 def gather(fd: int, storage_offset: int, ref: TensorRef) -> memoryview:
     """The row-major bytes of the tensor ``ref`` whose storage starts at ``storage_offset``."""
-    import torch  # lazily: only strided tensors need it
+    import numpy as np  # lazily: only strided tensors need it
 
     start, stop = ref.span
     if ref.numel == 0:
         return memoryview(b"")
-    raw = bytearray(read_exact(fd, storage_offset + start, stop - start))
+    raw = read_exact(fd, storage_offset + start, stop - start)
     itemsize = ref.dtype.itemsize
-    flat = torch.frombuffer(raw, dtype=getattr(torch, _RAW_DTYPE_NAMES[itemsize]))
-    dense = flat.as_strided(ref.shape, ref.stride, ref.offset - start // itemsize).contiguous()
-    raw_bytes: Any = dense.view(torch.uint8).reshape(-1).numpy()
-    return memoryview(cast(bytes, raw_bytes))
+    flat = np.frombuffer(raw, dtype=_RAW_DTYPE_NAMES[itemsize])[ref.offset - start // itemsize :]
+    strides = tuple(step * itemsize for step in ref.stride)
+    window = np.lib.stride_tricks.as_strided(flat, shape=ref.shape, strides=strides, writeable=False)
+    dense: Any = np.ascontiguousarray(window).reshape(-1).view(np.uint8)
+    return memoryview(dense)
 
 
 class WindowComparer:

@@ -119,6 +119,7 @@ class Seed:
 
 def build_seeds(root: Path, sentinels: Path, *, corpus: bool = True) -> list[Seed]:
     """Real checkpoints, their conversions and (optionally) the hostile corpus."""
+    import numpy as np
     import torch
 
     import converter
@@ -145,6 +146,15 @@ def build_seeds(root: Path, sentinels: Path, *, corpus: bool = True) -> list[See
             "empty": torch.zeros(0, 3),
         },
         "training": {"model": {"w": w, "b": torch.ones(2)}, "epoch": 3, "optimizer": {"lr": 0.1, "betas": (0.9, 0.99)}},
+        # Foreign objects read as inert placeholders (fairseq / nanoGPT shapes), prefixes stripped.
+        "inert": {
+            "model": {"_orig_mod.w": w, "_orig_mod.b": torch.ones(2)},
+            "args": argparse.Namespace(lr=0.1, arch="tiny", layers=[1, 2]),
+            "best_loss": np.float64(1.5),
+            "history": np.arange(4),
+            "counts": collections.defaultdict(list, {"a": [torch.ones(1)]}),
+            "best_val_loss": torch.tensor(2.5),
+        },
         "strided": {"w": torch.randn(5, 6)[:, ::2], "e": torch.randn(4, 4).expand(2, 4, 4)},
     }
     seeds: list[Seed] = []
@@ -461,15 +471,22 @@ def _against_torch(path: Path, loaded: dict[str, Any]) -> None:
         theirs = torch.load(path, weights_only=True, map_location="cpu")
     except Exception:
         return  # torch refuses what we accept (e.g. storages with a wrong CRC): not a misreading
-    from converter.readers.torchfile import WRAPPER_KEYS
+    from converter.names import strip_prefixes
+    from converter.readers.torchfile import read_checkpoint
 
-    while isinstance(theirs, dict) and not any(isinstance(v, torch.Tensor) for v in theirs.values()):
-        inner = next((theirs[k] for k in WRAPPER_KEYS if isinstance(theirs.get(k), dict)), None)
-        if inner is None:
-            return
-        theirs = inner
+    wrapper = read_checkpoint(path).wrapper  # where tiesafe found the weights; torch's reading must agree
+    for part in wrapper.split("/") if wrapper else ():
+        if isinstance(theirs, dict) and part in theirs:
+            theirs = theirs[part]
+        elif isinstance(theirs, (list, tuple)) and part.isdigit() and int(part) < len(theirs):
+            theirs = theirs[int(part)]
+        else:
+            raise AssertionError(f"torch.load finds no entry {wrapper!r}, where tiesafe read the weights")
     if not isinstance(theirs, dict):
         return
+    theirs = {n: t for n, t in theirs.items() if isinstance(n, str) and isinstance(t, torch.Tensor)}
+    renamed, _ = strip_prefixes(list(theirs))
+    theirs = {renamed[n]: t for n, t in theirs.items()}
     for name, tensor in theirs.items():
         if name in loaded and isinstance(tensor, torch.Tensor):
             mine = loaded[name]

@@ -12,13 +12,15 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PYTHON" -m venv "$VENV"
 fi
 stamp="$VENV/.tiesafe-installed"
-want="$(sha256sum "$ROOT/pyproject.toml" | cut -d' ' -f1)"
+want="$(cat "$ROOT/pyproject.toml" "$ROOT/scripts/constraints.txt" | sha256sum | cut -d' ' -f1)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "setup: installing torch (CPU build) and tiesafe into $VENV" >&2
   # torch first, pinned: a bare 'torch' requirement would pull a multi-GB CUDA build.
-  "$VENV/bin/pip" install --quiet --disable-pip-version-check "torch==2.13.0"
+  "$VENV/bin/pip" install --quiet --disable-pip-version-check -c "$ROOT/scripts/constraints.txt" torch
+  # The same pin as a constraint: no other package (lightning, deepspeed, ...) may upgrade torch.
   # DS_BUILD_OPS=0: DeepSpeed (a test dependency) builds no C++ ops at install; they are JIT-built if used.
-  DS_BUILD_OPS="${DS_BUILD_OPS:-0}" "$VENV/bin/pip" install --quiet --disable-pip-version-check -e "$ROOT[dev]"
+  DS_BUILD_OPS="${DS_BUILD_OPS:-0}" "$VENV/bin/pip" install --quiet --disable-pip-version-check \
+    -c "$ROOT/scripts/constraints.txt" -e "$ROOT[dev]"
   echo "$want" > "$stamp"
 fi
 export PATH="$VENV/bin:$PATH"

@@ -199,10 +199,7 @@ def test_other_pickles_are_left_out_or_checked_when_kept(tmp_path: Path) -> None
 
 
 def _refusal(name: str) -> str:
-    return (
-        f"refused: the pickle asks for '{name}', which a weights file does not need "
-        "(tiesafe never runs code from a checkpoint)"
-    )
+    return f"refused: the pickle calls '{name}' (processes and files) — this file tries to run code"
 
 
 def test_views_are_listed_for_plain_loaders_with_what_to_do(tmp_path: Path) -> None:
@@ -539,3 +536,19 @@ def test_cli_exit_code_and_json_when_a_check_fails(tmp_path: Path) -> None:
     usage = runner.invoke(cli.main, ["prepare-upload", str(src), "--pr"])
     assert usage.exit_code == 2 and "--pr and --message go with --push" in usage.output
     assert not (tmp_path / "llama-upload").exists()
+
+
+def test_a_kept_pickle_with_foreign_objects_fails_even_though_convert_reads_it(tmp_path: Path) -> None:
+    """The Trainer's training_args.bin is a pickled TrainingArguments: inert for tiesafe, run by whoever loads it."""
+    from transformers import TrainingArguments
+
+    src = _save_folder(tmp_path / "llama", _model())
+    torch.save(TrainingArguments(output_dir=str(tmp_path / "run"), report_to=[]), src / "training_args.bin")
+    kept = converter.prepare_upload(src, tmp_path / "kept", keep_pickles=True)
+    pickles = _check(kept, "pickles")
+    assert pickles.status == "fail" and kept.output is None
+    assert any(
+        d.startswith("refused: training_args.bin: refused: the pickle asks for 'transformers.training_args.")
+        for d in pickles.details
+    ), pickles.details
+    assert converter.prepare_upload(src, tmp_path / "out").ok  # left out of the upload, it blocks nothing

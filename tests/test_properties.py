@@ -27,6 +27,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import converter
+from converter.errors import TiesafeError
 from converter.readers.pickle_guard import scan
 from converter.readers.torchfile import read_checkpoint
 
@@ -123,6 +124,11 @@ def _strides_where_it_matters(t: torch.Tensor) -> tuple[int, ...]:
 def _convert(state: dict[str, torch.Tensor], folder: Path, legacy: bool, materialize: bool) -> Path:
     source = folder / "source.bin"
     torch.save(state, source, _use_new_zipfile_serialization=not legacy)
+    if all(t.numel() == 0 for t in state.values()):  # nothing but empty tensors is never written (exit 0, no weights)
+        with pytest.raises(TiesafeError, match="holds only empty tensors"):
+            converter.convert_file(source, folder / "out.safetensors")
+        state["anchor"] = torch.ones(1)  # the caller checks the round trip with a weight beside them
+        torch.save(state, source, _use_new_zipfile_serialization=not legacy)
     report = converter.convert_file(source, folder / "out.safetensors", materialize_views=materialize)
     assert report.verified
     return Path(report.output)
@@ -242,7 +248,51 @@ def test_training_checkpoints_read_like_torch_load(extra: object, protocol: int,
         torch.save(checkpoint, path, pickle_protocol=protocol, _use_new_zipfile_serialization=not legacy)
         read = read_checkpoint(path)
     assert read.wrapper == "model" and set(read.tensors) == set(state)
-    assert sorted(read.skipped) == ["epoch", "extra"]
+    assert sorted(entry.split(":")[0] for entry in read.skipped) == ["epoch", "extra"]
+
+
+def _foreign(plain: st.SearchStrategy[object]) -> st.SearchStrategy[object]:
+    """Objects of other libraries that training code pickles beside the weights."""
+    import argparse
+    import collections
+    import datetime
+    import fractions
+    import types
+
+    import numpy as np
+
+    return st.one_of(
+        st.dictionaries(st.from_regex(r"[a-z_]{1,8}", fullmatch=True), plain, max_size=4).map(
+            lambda kw: argparse.Namespace(**kw)
+        ),
+        st.dictionaries(st.from_regex(r"[a-z_]{1,8}", fullmatch=True), plain, max_size=4).map(
+            lambda kw: types.SimpleNamespace(**kw)
+        ),
+        st.floats(allow_nan=False).map(np.float64),
+        st.integers(-(2**31), 2**31 - 1).map(np.int32),
+        st.lists(st.floats(allow_nan=False, width=32), max_size=5).map(lambda v: np.array(v, dtype=np.float32)),
+        st.lists(plain, max_size=4).map(lambda v: collections.defaultdict(list, {"k": v})),
+        st.integers(0, 10**9).map(lambda n: datetime.datetime.fromtimestamp(n, tz=datetime.timezone.utc)),
+        st.tuples(st.integers(-99, 99), st.integers(1, 99)).map(lambda t: fractions.Fraction(*t)),
+    )
+
+
+@SETTINGS
+@given(data=st.data(), protocol=st.sampled_from([2, 3, 4, 5]), legacy=st.booleans())
+def test_foreign_objects_beside_weights_are_inert(data: st.DataObject, protocol: int, legacy: bool) -> None:
+    """Any harmless foreign object is read as an inert placeholder: the weights convert and nothing is imported."""
+    extra = data.draw(_foreign(_PLAIN))
+    state = {"w": torch.arange(6.0).view(2, 3), "tied": None}
+    state["tied"] = state["w"]
+    checkpoint = {"model": state, "extra": extra, "nested": {"more": [extra, data.draw(_foreign(_PLAIN))]}}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "ckpt.pt"
+        torch.save(checkpoint, path, pickle_protocol=protocol, _use_new_zipfile_serialization=not legacy)
+        report = converter.convert_file(path)
+        loaded = converter.load_file(report.output)
+    assert report.wrapper == "model" and report.aliases == {"tied": "w"}
+    assert any(entry.startswith("extra: ") and entry.endswith("(inert)") for entry in report.skipped), report.skipped
+    assert same_bits(loaded["w"], state["w"]) and loaded["tied"] is loaded["w"]
 
 
 @pytest.mark.parametrize("legacy", [False, True])

@@ -76,7 +76,7 @@ def test_training_checkpoint_wrappers_are_unwrapped(tmp_path: Path, wrapper: str
     state = {wrapper: weights, "epoch": 7, "optimizer": {"lr": 0.1, "state": {0: {"step": torch.tensor(3.0)}}}}
     _, report = save_and_convert(state, tmp_path)
     assert report.wrapper == wrapper
-    assert sorted(report.skipped) == ["epoch", "optimizer"]
+    assert sorted(report.skipped) == ["epoch: int", "optimizer: optimizer state"]
     loaded = safetensors.torch.load_file(report.output)
     assert set(loaded) == set(weights)  # names exactly as the user would load them
 
@@ -85,8 +85,12 @@ def test_nested_wrapper_and_explicit_key(tmp_path: Path) -> None:
     inner = {"w": torch.randn(3)}
     ema = {"w": torch.randn(3)}
     state = {"model": {"module": inner}, "ema": ema, "step": 10}
-    _, report = save_and_convert(state, tmp_path)
+    torch.save(state, tmp_path / "ckpt.pt")
+    with pytest.raises(TiesafeError, match=r"several state dicts: 'model/module' \(1 tensors, 12 B\), 'ema'.*--key"):
+        converter.convert_file(tmp_path / "ckpt.pt")
+    report = converter.convert_file(tmp_path / "ckpt.pt", key="model/module")
     assert report.wrapper == "model/module"
+    assert sorted(report.skipped) == ["ema: dict of 1", "step: int"]
     assert same_bits(safetensors.torch.load_file(report.output)["w"], inner["w"])
     report = converter.convert_file(tmp_path / "ckpt.pt", tmp_path / "ema.safetensors", key="ema")
     assert same_bits(safetensors.torch.load_file(report.output)["w"], ema["w"])
@@ -96,7 +100,7 @@ def test_nested_wrapper_and_explicit_key(tmp_path: Path) -> None:
 
 def test_non_tensor_entries_of_a_state_dict_are_listed(tmp_path: Path) -> None:
     _, report = save_and_convert({"w": torch.ones(2), "note": "hello", "version": 3}, tmp_path)
-    assert report.skipped == ["note", "version"]
+    assert report.skipped == ["note: str", "version: int"]
 
 
 def _retag_location(path: Path, location: str) -> None:

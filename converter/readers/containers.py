@@ -16,7 +16,7 @@ from typing import Any, BinaryIO
 from ..descriptors import StorageRecord
 from ..dtypes import BYTE, DType
 from ..errors import CorruptFileError, UnsupportedError, quoted
-from .unpickler import MAX_ELEMENTS, MAX_PICKLE_BYTES, StorageNode, storage_fields, unpickle
+from .unpickler import MAX_ELEMENTS, MAX_PICKLE_BYTES, StorageNode, UnpickleContext, storage_fields, unpickle
 
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 LEGACY_PROTOCOL = 1001
@@ -49,7 +49,9 @@ def _read_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> bytes:
         raise CorruptFileError(f"cannot read {quoted(info.filename)} ({str(exc)[:120]})") from None
 
 
-def read_zip(path: Path, raw: BinaryIO, file_size: int) -> tuple[Any, dict[str, StorageRecord]]:
+def read_zip(
+    path: Path, raw: BinaryIO, file_size: int, context: UnpickleContext
+) -> tuple[Any, dict[str, StorageRecord]]:
     try:
         archive = zipfile.ZipFile(raw)
         infos = archive.infolist()
@@ -106,18 +108,20 @@ def read_zip(path: Path, raw: BinaryIO, file_size: int) -> tuple[Any, dict[str, 
         nodes[key] = StorageNode(key, dtype, 0, storage_type.unsupported)
         return nodes[key]
 
-    return unpickle(io.BytesIO(pickle_bytes), on_storage), records
+    return unpickle(io.BytesIO(pickle_bytes), context, on_storage), records
 
 
 # --------------------------------------------------------------------------- legacy format
 
 
-def read_legacy(path: Path, raw: BinaryIO, file_size: int) -> tuple[Any, dict[str, StorageRecord]]:
-    if unpickle(raw) != LEGACY_MAGIC:
+def read_legacy(
+    path: Path, raw: BinaryIO, file_size: int, context: UnpickleContext
+) -> tuple[Any, dict[str, StorageRecord]]:
+    if unpickle(raw, context) != LEGACY_MAGIC:
         raise CorruptFileError("not a torch checkpoint (no zip archive and no legacy magic number)")
-    if unpickle(raw) != LEGACY_PROTOCOL:
+    if unpickle(raw, context) != LEGACY_PROTOCOL:
         raise CorruptFileError("unknown legacy torch protocol version")
-    sys_info = unpickle(raw)
+    sys_info = unpickle(raw, context)
     if isinstance(sys_info, dict) and sys_info.get("little_endian") is False:
         raise UnsupportedError("big-endian checkpoints are not supported; re-save on a little-endian machine")
 
@@ -141,8 +145,8 @@ def read_legacy(path: Path, raw: BinaryIO, file_size: int) -> tuple[Any, dict[st
             nodes[(key, view_key)] = StorageNode(key, dtype, element_offset, storage_type.unsupported)
         return nodes[(key, view_key)]
 
-    result = unpickle(raw, on_storage)
-    keys = unpickle(raw)
+    result = unpickle(raw, context, on_storage)
+    keys = unpickle(raw, context)
     if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
         raise CorruptFileError("the legacy storage key list is malformed")
     records: dict[str, StorageRecord] = {}

@@ -30,8 +30,8 @@ from ..stfile import MAX_HEADER_BYTES, Entry
 from ..stfile import _entry as stfile_entry
 from .containers import read_zip
 from .dcp_metadata import Chunk, DcpMetadata, StorageLocation, TensorEntry, read_dcp_metadata
-from .torchfile import WRAPPER_KEYS
-from .unpickler import TensorNode
+from .state_dict import AMBIGUOUS_SHARE, NON_WEIGHT_KEYS
+from .unpickler import TensorNode, UnpickleContext
 
 METADATA = ".metadata"
 SHARDING_KEY = "DCP_SHARDING_INFO"  # torch.distributed.checkpoint._hf_utils.CUSTOM_METADATA_KEY
@@ -79,48 +79,47 @@ class _Slice(io.RawIOBase):
 
 
 def _pick(meta: DcpMetadata, key: str | None) -> tuple[dict[str, str], list[str], str | None]:
-    """Flattened fqn -> name in the output, what was left out, and the wrapper path used."""
+    """Flattened fqn -> name in the output, what was left out, and where the weights were found.
+
+    As for training checkpoints (:mod:`.state_dict`): the weights are the state dict (the
+    tensors sharing one parent path: ``model``, ``app/model``, or the top level as
+    torchtitan saves them) with the most bytes, optimizer and scheduler state never; a
+    second one of weight size (``ema``) asks for ``--key``.
+    """
     paths = {fqn: meta.paths.get(fqn, (fqn,)) for fqn in [*meta.tensors, *meta.others]}
     if key is not None:
-        prefix = tuple(part for part in key.replace("/", ".").split(".") if part)
+        prefix: tuple[str | int, ...] = tuple(part for part in key.replace("/", ".").split(".") if part)
         chosen = {f: p for f, p in paths.items() if p[: len(prefix)] == prefix and len(p) > len(prefix)}
-        if not chosen:
-            raise TiesafeError(f"no entry {quoted(key)} in the checkpoint (looked up by --key)")
-        wrapper: tuple[str | int, ...] | None = prefix
-    else:
-        wrapper = _default_wrapper(paths)
-        if wrapper is None:
-            chosen = {f: p for f, p in paths.items() if len(p) == 1}  # torchtitan: model names at the top level
-        else:
-            chosen = {f: p for f, p in paths.items() if p[: len(wrapper)] == wrapper and len(p) > len(wrapper)}
         if not any(f in meta.tensors for f in chosen):
-            tops = sorted({str(p[0]) for p in paths.values()})
-            raise TiesafeError(
-                f"no model weights found among the checkpoint's top-level entries ({', '.join(tops[:8])}); "
-                "pick one with --key"
-            )
-    depth = len(wrapper or ())
+            raise TiesafeError(f"no tensors under {quoted(key)} in the checkpoint (looked up by --key)")
+    else:
+        prefix = _largest_state_dict(meta, paths)
+        chosen = {f: p for f, p in paths.items() if p[:-1] == prefix}
+    depth = len(prefix)
     names = {f: ".".join(str(part) for part in p[depth:]) for f, p in chosen.items()}
     left = sorted({".".join(str(x) for x in p[: depth + 1]) for f, p in paths.items() if f not in chosen})
-    return names, left, None if wrapper is None else "/".join(str(p) for p in wrapper)
+    return names, left, "/".join(str(p) for p in prefix) or None
 
 
-def _default_wrapper(paths: dict[str, tuple[str | int, ...]]) -> tuple[str | int, ...] | None:
-    """The shortest path ending in a usual wrapper key (``model``, ``state_dict``, ...), most usual first."""
-    best: tuple[int, int, tuple[str | int, ...]] | None = None
-    for path in paths.values():
-        for depth in range(len(path) - 1):
-            part = path[depth]
-            if isinstance(part, str) and part in WRAPPER_KEYS:
-                rank = (WRAPPER_KEYS.index(part), depth, path[: depth + 1])
-                if best is None or rank[:2] < best[:2]:
-                    best = rank
-                break
-    if best is None:
-        return None
-    if best[1] > 0 and any(len(p) == 1 for p in paths.values()):
-        return None  # names at the top level (torchtitan) come before a wrapper deeper down
-    return best[2]
+def _largest_state_dict(meta: DcpMetadata, paths: dict[str, tuple[str | int, ...]]) -> tuple[str | int, ...]:
+    sizes: dict[tuple[str | int, ...], int] = {}
+    for fqn, entry in meta.tensors.items():
+        parent = paths[fqn][:-1]
+        if any(isinstance(part, str) and part in NON_WEIGHT_KEYS for part in parent):
+            continue
+        sizes[parent] = sizes.get(parent, 0) + numel(entry.size) * (entry.dtype.itemsize if entry.dtype else 1)
+    if not sizes:
+        tops = sorted({str(p[0]) for p in paths.values()})
+        raise TiesafeError(
+            f"no model weights among the checkpoint's entries ({', '.join(tops[:8])}); pick them with --key"
+        )
+    ranked = sorted(sizes.items(), key=lambda item: -item[1])
+    best, best_bytes = ranked[0]
+    rivals = [p for p, n in ranked[1:] if n >= AMBIGUOUS_SHARE * best_bytes]
+    if rivals:
+        listed = ", ".join(quoted("/".join(str(x) for x in p) or "(top level)") for p in [best, *rivals][:6])
+        raise TiesafeError(f"the checkpoint holds several state dicts: {listed}; choose one with --key")
+    return best
 
 
 def chunk_piece(entry: TensorEntry, chunk: Chunk, path: Path, offset: int, itemsize: int) -> Piece:
@@ -192,7 +191,9 @@ class _ChunkFiles:
                 )
             return self._in_blob(entry, chunk, blob, path)
         try:
-            obj, records = read_zip(path, cast(BinaryIO, _Slice(raw, where.offset, where.length)), where.length)
+            # A chunk is one tensor: only tensor machinery may be named (strict), no inert objects.
+            chunk_file = cast(BinaryIO, _Slice(raw, where.offset, where.length))
+            obj, records = read_zip(path, chunk_file, where.length, UnpickleContext(strict=True))
         except TiesafeError as exc:
             problem = f"the chunk of {quoted(entry.fqn)} at {list(chunk.offsets)}: {exc.problem}"
             raise type(exc)(problem, path=path) from None

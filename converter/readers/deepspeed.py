@@ -26,17 +26,16 @@ pipeline-parallel checkpoints (``mp_rank_01``, ``layer_*`` files) are refused.
 from __future__ import annotations
 
 import math
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..descriptors import Checkpoint, Piece, StorageRecord, TensorRef, file_stamp
+from ..descriptors import Checkpoint, Piece, StorageRecord, TensorRef
 from ..dtypes import BY_CODE
-from ..errors import CorruptFileError, TiesafeError, UnsupportedError, quoted, read_error
+from ..errors import CorruptFileError, UnsupportedError, quoted, read_error
 from ..geometry import contiguous_strides, numel
-from .containers import read_legacy, read_zip
+from .torchfile import read_tree
 from .unpickler import TensorNode
 
 LATEST = "latest"
@@ -142,21 +141,13 @@ class _Tree:
 
 
 def _read_tree(path: Path) -> _Tree:
-    """A torch.save file's whole object tree, storages as records (no tensor data read)."""
-    try:
-        with open(path, "rb") as raw:
-            st = os.fstat(raw.fileno())
-            head = raw.read(4)
-            raw.seek(0)
-            if head.startswith(b"PK"):
-                obj, records = read_zip(path, raw, st.st_size)
-            else:
-                obj, records = read_legacy(path, raw, st.st_size)
-    except TiesafeError as exc:
-        raise type(exc)(exc.problem, path=path) from None
-    except OSError as exc:
-        raise read_error(exc, path, "DeepSpeed checkpoint file") from None
-    return _Tree(path, obj, records, file_stamp(st))
+    """A torch.save file's whole object tree, storages as records (no tensor data read).
+
+    DeepSpeed's files name its own classes (``ZeroStageEnum``, ``LossScaler``,
+    ``fragment_address``): the restricted unpickler makes them inert objects, never imported.
+    """
+    tree = read_tree(path)
+    return _Tree(tree.path, tree.root, tree.records, tree.stamp)
 
 
 def _entry(tree: _Tree, obj: Any, key: str, kind: type | tuple[type, ...], *, optional: bool = False) -> Any:

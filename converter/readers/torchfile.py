@@ -11,58 +11,18 @@ from __future__ import annotations
 
 import io
 import os
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..descriptors import Checkpoint, TensorRef, file_stamp
+from ..descriptors import Checkpoint, StorageRecord, TensorRef, file_stamp
 from ..errors import CorruptFileError, TiesafeError, UnsupportedError, quoted, read_error
 from ..geometry import MAX_EXPANDED_BYTES
+from ..names import strip_prefixes
 from .containers import read_legacy, read_zip, sniff_foreign
-from .unpickler import TensorNode
-
-# Keys under which training frameworks wrap the weights, most specific first.
-WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "module", "network", "ema", "net")
-
-
-def _is_state_dict(obj: Any) -> bool:
-    return isinstance(obj, dict) and any(isinstance(v, TensorNode) for v in obj.values())
-
-
-def _find_weights(obj: Any, key: str | None, seen: frozenset[int] = frozenset()) -> tuple[dict[Any, Any], str | None]:
-    if key is not None:
-        node = obj
-        for part in key.split("/"):
-            if not isinstance(node, dict) or part not in node:
-                raise TiesafeError(f"no entry {quoted(key)} in the checkpoint (looked up by --key)")
-            node = node[part]
-        if not isinstance(node, dict):
-            raise TiesafeError(f"entry {quoted(key)} is not a dict of tensors")
-        return node, key
-    if _is_state_dict(obj):
-        return obj, None
-    if isinstance(obj, TensorNode):
-        raise TiesafeError("the checkpoint is a single tensor, not a state dict")
-    if isinstance(obj, dict):
-        seen = seen | {id(obj)}  # a pickle can make a dict contain itself
-        for wrapper in WRAPPER_KEYS:
-            inner = obj.get(wrapper)
-            if isinstance(inner, dict) and id(inner) not in seen:
-                try:
-                    found, path = _find_weights(inner, None, seen)
-                except TiesafeError:
-                    continue
-                return found, wrapper if path is None else f"{wrapper}/{path}"
-        dicts = [_display(k) for k, v in obj.items() if isinstance(v, dict)]
-        hint = f" (entries holding dicts: {', '.join(dicts[:8])}; pick one with --key)" if dicts else ""
-        raise TiesafeError(f"no tensors found at the top level of the checkpoint{hint}")
-    raise TiesafeError(f"the checkpoint holds a {type(obj).__name__}, not a state dict")
-
-
-def _display(name: object) -> str:
-    """A key as the report shows it: plain when it is a short printable string, else quoted."""
-    if isinstance(name, str) and name.isprintable() and len(name) <= 200:
-        return name
-    return quoted(name)
+from .state_dict import choose_weights
+from .unpickler import TensorNode, UnpickleContext
 
 
 def _tensor_name(name: object) -> str:
@@ -77,12 +37,10 @@ def _tensor_name(name: object) -> str:
     return name
 
 
-def _collect(weights: dict[Any, Any], everything: Any, wrapper: str | None) -> tuple[dict[str, TensorRef], list[str]]:
+def _collect(weights: dict[Any, Any]) -> dict[str, TensorRef]:
     tensors: dict[str, TensorRef] = {}
-    skipped: list[str] = []
     for name, value in weights.items():
         if not isinstance(value, TensorNode):
-            skipped.append(_display(name))
             continue
         name = _tensor_name(name)
         if value.ref is None:
@@ -91,25 +49,39 @@ def _collect(weights: dict[Any, Any], everything: Any, wrapper: str | None) -> t
                 "convert it to a supported dtype/layout before saving"
             )
         tensors[name] = value.ref
-    if wrapper is not None and isinstance(everything, dict):
-        top = wrapper.split("/", 1)[0]
-        skipped = [f"{wrapper}/{s}" for s in skipped] + [_display(k) for k in everything if k != top]
-    return tensors, skipped
+    return tensors
 
 
-def read_checkpoint(path: str | Path, *, key: str | None = None) -> Checkpoint:
-    """Parse a torch checkpoint's structure without reading tensor data.
+@dataclass
+class Tree:
+    """A pickle file's whole object tree: plain values, tensor descriptors, inert objects.
 
-    ``key`` picks the state dict inside a training checkpoint explicitly
-    (``"model/ema"`` for nested dicts); by default the weights are found at the top
-    level or under a usual wrapper key (``state_dict``, ``model``, ``module``, ...).
+    For readers that need more than the state dict (DeepSpeed's model states list
+    parameter shapes and partitions). ``globals`` maps every global the file names to
+    its group (:data:`~converter.readers.unpickler.GROUPS`).
+    """
+
+    path: Path
+    format: str  # "zip" or "legacy"
+    root: Any
+    records: dict[str, StorageRecord]
+    stamp: tuple[int, ...]
+    globals: dict[str, str]
+
+
+def read_tree(path: str | Path, *, strict: bool = False, survey: bool = False) -> Tree:
+    """Unpickle ``path`` with the restricted unpickler; no tensor data is read.
+
+    ``strict`` refuses any global that is not tensor machinery; ``survey`` lists
+    dangerous globals instead of refusing them (for ``inspect``; still never called).
 
     Example:
-        >>> ckpt = read_checkpoint("pytorch_model.bin")  # doctest: +SKIP
-        >>> ckpt.tensors["lm_head.weight"].storage == ckpt.tensors["transformer.wte.weight"].storage
-        True
+        >>> tree = read_tree("zero_pp_rank_0_mp_rank_00_model_states.pt")  # doctest: +SKIP
+        >>> sorted(tree.root)[:2]
+        ['buffer_names', 'ds_config']
     """
     path = Path(path)
+    context = UnpickleContext(strict=strict, survey=survey)
     try:
         with open(path, "rb") as raw:
             stamp = file_stamp(os.fstat(raw.fileno()))
@@ -121,37 +93,90 @@ def read_checkpoint(path: str | Path, *, key: str | None = None) -> Checkpoint:
                 raise CorruptFileError(foreign)
             raw.seek(0)
             if head.startswith(b"PK"):
-                obj, records = read_zip(path, raw, file_size)
+                root, records = read_zip(path, raw, file_size, context)
                 fmt = "zip"
             else:
-                obj, records = read_legacy(path, raw, file_size)
+                root, records = read_legacy(path, raw, file_size, context)
                 fmt = "legacy"
-        weights, wrapper = _find_weights(obj, key)
-        tensors, skipped = _collect(weights, obj, wrapper)
-        for name, ref in tensors.items():
-            record = records.get(ref.storage)
-            if record is None:
-                raise CorruptFileError(f"tensor {quoted(name)} uses storage {quoted(ref.storage)}, which has no data")
-            if ref.span[1] > record.nbytes:
-                raise CorruptFileError(
-                    f"tensor {quoted(name)} reaches byte {ref.span[1]} of storage {quoted(ref.storage)}, "
-                    f"which holds {record.nbytes}"
-                )
-            touched = ref.span[1] - ref.span[0]
-            if ref.nbytes > max(touched, MAX_EXPANDED_BYTES):
-                raise UnsupportedError(
-                    f"tensor {quoted(name)} repeats {touched} bytes as {ref.nbytes} (an expanded tensor, stride 0): "
-                    f"safetensors stores every repeat, and tiesafe writes at most {MAX_EXPANDED_BYTES} such bytes; "
-                    "save it with .contiguous() or .clone() if it is meant to be that large"
-                )
     except TiesafeError as exc:
-        if exc.path is None:
-            exc = type(exc)(exc.problem, path=path)
-        raise exc from None
+        raise exc.at(path) from None
     except RecursionError:
         raise CorruptFileError("the checkpoint nests too deeply", path=path) from None
     except MemoryError:
         raise CorruptFileError("the checkpoint needs more memory than a weights file can", path=path) from None
     except OSError as exc:
         raise read_error(exc, path, "checkpoint file") from None
-    return Checkpoint(path, fmt, tensors, records, skipped, wrapper, {path: stamp})
+    return Tree(path, fmt, root, records, stamp, dict(context.globals_seen))
+
+
+def read_checkpoint(
+    path: str | Path,
+    *,
+    key: str | None = None,
+    strict: bool = False,
+    strip_prefix: Sequence[str] = (),
+    keep_names: bool = False,
+) -> Checkpoint:
+    """Parse a torch checkpoint's structure without reading tensor data.
+
+    The weights are the state dict with the most tensor bytes (a training checkpoint's
+    ``model``, ``state_dict``, ``module``, ...); ``key`` names one explicitly
+    (``"model/ema"``). Other entries are listed in ``skipped``. Names lose a
+    ``_orig_mod.``/``module.`` prefix that every one of them carries (``keep_names``
+    keeps it) and any ``strip_prefix``. ``strict`` refuses a file naming any global
+    that is not tensor machinery; by default such globals become inert placeholders.
+
+    Example:
+        >>> ckpt = read_checkpoint("pytorch_model.bin")  # doctest: +SKIP
+        >>> ckpt.tensors["lm_head.weight"].storage == ckpt.tensors["transformer.wte.weight"].storage
+        True
+    """
+    return checkpoint_from_tree(
+        read_tree(path, strict=strict), key=key, strip_prefix=strip_prefix, keep_names=keep_names
+    )
+
+
+def checkpoint_from_tree(
+    tree: Tree, *, key: str | None = None, strip_prefix: Sequence[str] = (), keep_names: bool = False
+) -> Checkpoint:
+    """The weights of an already read :class:`Tree` (see :func:`read_checkpoint`)."""
+    path = tree.path
+    try:
+        choice = choose_weights(tree.root, key)
+        tensors = _collect(choice.weights)
+        renamed, notes = strip_prefixes(tensors, strip_prefix, automatic=not keep_names)
+        if notes:
+            tensors = {renamed[name]: ref for name, ref in tensors.items()}
+        _check_bounds(tensors, tree.records)
+    except TiesafeError as exc:
+        raise exc.at(path) from None
+    return Checkpoint(
+        path,
+        tree.format,
+        tensors,
+        tree.records,
+        choice.skipped,
+        choice.key,
+        {path: tree.stamp},
+        renames=notes,
+        globals=tree.globals,
+    )
+
+
+def _check_bounds(tensors: dict[str, TensorRef], records: dict[str, StorageRecord]) -> None:
+    for name, ref in tensors.items():
+        record = records.get(ref.storage)
+        if record is None:
+            raise CorruptFileError(f"tensor {quoted(name)} uses storage {quoted(ref.storage)}, which has no data")
+        if ref.span[1] > record.nbytes:
+            raise CorruptFileError(
+                f"tensor {quoted(name)} reaches byte {ref.span[1]} of storage {quoted(ref.storage)}, "
+                f"which holds {record.nbytes}"
+            )
+        touched = ref.span[1] - ref.span[0]
+        if ref.nbytes > max(touched, MAX_EXPANDED_BYTES):
+            raise UnsupportedError(
+                f"tensor {quoted(name)} repeats {touched} bytes as {ref.nbytes} (an expanded tensor, stride 0): "
+                f"safetensors stores every repeat, and tiesafe writes at most {MAX_EXPANDED_BYTES} such bytes; "
+                "save it with .contiguous() or .clone() if it is meant to be that large"
+            )

@@ -15,7 +15,7 @@ import collections
 import io
 import pickle
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
 from ..descriptors import TensorRef
@@ -27,9 +27,11 @@ from ..dtypes import (
     UNSUPPORTED_TORCH_DTYPES,
     DType,
 )
-from ..errors import CorruptFileError, TiesafeError, UnsafeCheckpointError, quoted
+from ..errors import CorruptFileError, TiesafeError, UnsafeCheckpointError, UnsupportedError, quoted
 from ..geometry import MAX_DIMS, numel
+from .inert import InertObject, inert_class
 from .pickle_guard import charge_floodable, scan
+from .policy import dangerous_reason
 
 # data.pkl holds structure only; a real one is kilobytes to a few MB. Anything
 # far beyond is a decompression bomb or not a checkpoint.
@@ -42,8 +44,8 @@ MAX_ELEMENTS = 1 << 56
 # The objects our unpickler hands out instead of torch's. None of them runs code.
 
 
-class _Inert:
-    """Refuses ``BUILD`` (``__setstate__``), the one hook a pickle has on our objects."""
+class _Sealed:
+    """Refuses ``BUILD`` (``__setstate__``), the one hook a pickle has on our descriptor objects."""
 
     def __setstate__(self, state: object) -> None:
         raise UnsafeCheckpointError(f"refused: the pickle tries to set the state of {self._what()}")
@@ -53,7 +55,7 @@ class _Inert:
 
 
 @dataclass(frozen=True, eq=False)
-class _Builder(_Inert):
+class _Builder(_Sealed):
     """One of our functions, as the pickle sees it: callable, and nothing else.
 
     A bare Python function would let ``BUILD`` set its ``__defaults__`` or
@@ -71,20 +73,20 @@ class _Builder(_Inert):
 
 
 @dataclass(frozen=True, eq=False)
-class StorageType(_Inert):
+class StorageType(_Sealed):
     name: str
     dtype: DType | None  # None: unsupported (see ``unsupported``)
     unsupported: str | None = None
 
 
 @dataclass(frozen=True, eq=False)
-class _DTypeMarker(_Inert):
+class _DTypeMarker(_Sealed):
     dtype: DType | None
     name: str
 
 
 @dataclass(frozen=True, eq=False)
-class StorageNode(_Inert):
+class StorageNode(_Sealed):
     key: str
     dtype: DType
     element_offset: int  # legacy storage views start inside their root storage
@@ -92,13 +94,13 @@ class StorageNode(_Inert):
 
 
 @dataclass(frozen=True, eq=False)
-class TensorNode(_Inert):
+class TensorNode(_Sealed):
     ref: TensorRef | None
     unsupported: str | None = None
 
 
 @dataclass(frozen=True, eq=False)
-class _TypeMarker(_Inert):
+class _TypeMarker(_Sealed):
     name: str
 
 
@@ -158,6 +160,8 @@ def _rebuild_tensor_v3(
     dtype: object,
     *_ignored: object,
 ) -> TensorNode:
+    if isinstance(dtype, type) and issubclass(dtype, InertObject):
+        raise UnsupportedError(f"dtype {quoted(dtype.global_name, 120)} is not one tiesafe knows")
     if not isinstance(dtype, _DTypeMarker):
         raise CorruptFileError("a tensor's dtype is not a torch dtype")
     if dtype.dtype is None:
@@ -178,6 +182,13 @@ def _rebuild_from_type_v2(func: object, new_type: object, args: object, state: o
         _rebuild_parameter,
     ):
         raise UnsafeCheckpointError("the pickle rebuilds a tensor through an unexpected function")
+    if isinstance(new_type, type) and issubclass(new_type, InertObject):
+        # A subclass of another library (a quantized or sharded parameter type) may not mean
+        # what its bytes say as a plain tensor: refused rather than guessed.
+        raise UnsupportedError(
+            f"a tensor is of type {quoted(new_type.global_name, 120)}, a tensor subclass tiesafe does not know; "
+            "save plain tensors (e.g. {k: v.detach().clone() for k, v in state_dict.items()})"
+        )
     if not isinstance(new_type, _TypeMarker) or not isinstance(args, tuple):
         raise UnsafeCheckpointError("the pickle rebuilds a tensor of an unexpected type")
     return func(*args)
@@ -203,7 +214,7 @@ def _hashed(kind: type[Any]) -> Callable[..., object]:
             if kind is collections.OrderedDict and not isinstance(items, dict):
                 # Python 2 pickled OrderedDicts as a list of [key, value] pairs.
                 items = [pair[0] if isinstance(pair, (list, tuple)) and pair else pair for pair in items]
-            charge_floodable(items, safe=(_Inert,))
+            charge_floodable(items, safe=(_Sealed, InertObject, type))
         return kind(*args)
 
     return build
@@ -284,6 +295,7 @@ def _allowed_globals() -> dict[tuple[str, str], object]:
     }
     allowed[("torch", "Tensor")] = _TypeMarker("torch.Tensor")
     allowed[("torch.nn.parameter", "Parameter")] = _TypeMarker("torch.nn.Parameter")
+    allowed[("torch.nn.parameter", "Buffer")] = _TypeMarker("torch.nn.Buffer")
     allowed[("torch.storage", "UntypedStorage")] = StorageType("UntypedStorage", BYTE)
     for name, dtype in BY_STORAGE_CLASS.items():
         allowed[("torch", name)] = StorageType(name, dtype)
@@ -314,17 +326,52 @@ def _allowed_globals() -> dict[tuple[str, str], object]:
 _ALLOWED = _allowed_globals()
 
 
+@dataclass
+class UnpickleContext:
+    """What one file's pickles may name, and what they named (shared by a file's several pickles).
+
+    ``strict`` refuses every global that is not tensor machinery (tiesafe before inert
+    objects); ``survey`` (``inspect``) records dangerous globals instead of refusing, so
+    a report can list them — they are still never imported or called.
+    """
+
+    strict: bool = False
+    survey: bool = False
+    globals_seen: dict[str, str] = field(default_factory=dict)  # "module.name" -> GROUPS member
+    _classes: dict[str, type[InertObject]] = field(default_factory=dict)
+
+    def inert(self, qualified: str) -> type[InertObject]:
+        if qualified not in self._classes:
+            self._classes[qualified] = inert_class(qualified)
+        return self._classes[qualified]
+
+    @property
+    def refused(self) -> list[str]:
+        return [name for name, group in self.globals_seen.items() if group == "refused"]
+
+
+GROUPS = ("tensor machinery", "inert", "refused")
+
+
 class _RestrictedUnpickler(pickle.Unpickler):
-    """``pickle.Unpickler`` whose every global resolves to an inert builder of ours.
+    """``pickle.Unpickler`` whose every global resolves to an object of ours.
 
     ``find_class`` is the only door from a pickle to a callable (``GLOBAL``,
     ``STACK_GLOBAL``, ``INST``, ``OBJ``, ``EXT*`` all go through it), so closing it
-    is what the Python docs prescribe for restricting unpickling.
+    is what the Python docs prescribe for restricting unpickling. Tensor machinery maps
+    to our descriptor builders; a global known to run code is refused by name
+    (:mod:`.policy`); any other becomes an inert class of ours (:mod:`.inert`).
     """
 
-    def __init__(self, file: BinaryIO, on_storage: Callable[[tuple[object, ...]], StorageNode] | None) -> None:
+    def __init__(
+        self,
+        file: BinaryIO,
+        on_storage: Callable[[tuple[object, ...]], StorageNode] | None,
+        context: UnpickleContext,
+    ) -> None:
         super().__init__(file)
         self._on_storage = on_storage
+        self._context = context
 
     def find_class(self, module: str, name: str) -> Any:
         # Protocol < 3 pickles use Python 2 names (__builtin__.set, commands.call):
@@ -333,13 +380,27 @@ class _RestrictedUnpickler(pickle.Unpickler):
             module, name = _compat_pickle.NAME_MAPPING[(module, name)]
         elif module in _compat_pickle.IMPORT_MAPPING:
             module = _compat_pickle.IMPORT_MAPPING[module]
-        try:
-            return _ALLOWED[(module, name)]
-        except (KeyError, TypeError):
+        qualified = f"{module}.{name}"
+        seen = self._context.globals_seen
+        machinery = _ALLOWED.get((module, name))
+        if machinery is not None:
+            seen.setdefault(qualified, GROUPS[0])
+            return machinery
+        reason = dangerous_reason(module, name)
+        if reason is not None:
+            seen[qualified] = GROUPS[2]
+            if not self._context.survey:
+                raise UnsafeCheckpointError(
+                    f"refused: the pickle calls {quoted(qualified, 120)} ({reason}) — this file tries to run code"
+                )
+        elif self._context.strict:
             raise UnsafeCheckpointError(
-                f"refused: the pickle asks for {quoted(f'{module}.{name}', 120)}, which a weights file does not "
-                "need (tiesafe never runs code from a checkpoint)"
-            ) from None
+                f"refused: the pickle asks for {quoted(qualified, 120)}, which a weights file does not "
+                "need (--strict refuses every global that is not tensor machinery)"
+            )
+        else:
+            seen.setdefault(qualified, GROUPS[1])
+        return self._context.inert(qualified)
 
     def persistent_load(self, pid: Any) -> Any:
         if self._on_storage is None or not isinstance(pid, tuple) or not pid:
@@ -350,11 +411,15 @@ class _RestrictedUnpickler(pickle.Unpickler):
         return self._on_storage(pid[1:])
 
 
-def unpickle(stream: BinaryIO, on_storage: Callable[[tuple[object, ...]], StorageNode] | None = None) -> Any:
+def unpickle(
+    stream: BinaryIO,
+    context: UnpickleContext,
+    on_storage: Callable[[tuple[object, ...]], StorageNode] | None = None,
+) -> Any:
     """Scan the next pickle of ``stream`` (see :mod:`.pickle_guard`), then load it from memory."""
     data = scan(stream, max_bytes=MAX_PICKLE_BYTES)
     try:
-        return _RestrictedUnpickler(io.BytesIO(data), on_storage).load()
+        return _RestrictedUnpickler(io.BytesIO(data), on_storage, context).load()
     except TiesafeError:
         raise
     except RecursionError:
@@ -373,6 +438,8 @@ def storage_fields(data: tuple[object, ...]) -> tuple[StorageType, str, str, int
         key = key.decode("ascii", "replace")
     if isinstance(location, bytes):
         location = location.decode("ascii", "replace")
+    if isinstance(storage_type, type) and issubclass(storage_type, InertObject):
+        raise UnsupportedError(f"storage type {quoted(storage_type.global_name, 120)} is not one tiesafe knows")
     if not isinstance(storage_type, StorageType):
         raise CorruptFileError("a storage record does not name a storage type")
     if not isinstance(key, str) or not isinstance(location, str):
