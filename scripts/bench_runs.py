@@ -68,9 +68,16 @@ def tools(kind: str, src: Path, out: Path, floor_source: Path) -> dict[str, list
     tiesafe = [python, "-m", "converter", "convert", str(src), str(out), "--overwrite"]
     found = {"tiesafe": tiesafe, "tiesafe --no-verify": [*tiesafe, "--no-verify"]}
     if kind == "deepspeed":
-        import deepspeed.utils.zero_to_fp32 as z
-
-        found["zero_to_fp32.py --safe_serialization"] = [python, z.__file__, str(src), str(out), "--safe_serialization"]
+        # The copy DeepSpeed saves beside every checkpoint, run as its docstring says (from the
+        # package's folder, deepspeed/utils/torch.py would shadow torch).
+        script = src / "zero_to_fp32.py"
+        found["zero_to_fp32.py --safe_serialization"] = [
+            python,
+            str(script),
+            str(src),
+            str(out),
+            "--safe_serialization",
+        ]
     else:
         found["dcp_to_torch_save + save_file"] = [python, "-c", _DCP_REFERENCE, str(src), str(out)]
     found["floor: cp + sync"] = ["sh", "-c", f"cp --sparse=never '{floor_source}' '{out}/copy' && sync '{out}/copy'"]
@@ -114,7 +121,9 @@ def main(argv: list[str] | None = None) -> int:
         for tool, runs in measured.items():
             rows.append((name, tool, runs, weight_bytes))
     shutil.rmtree(work, ignore_errors=True)
-    print(f"\nmedians of {opts.runs} runs; weights: {', '.join(f'{n} {w / 1e9:.2f} GB' for n, t, _, w in rows if t == 'tiesafe')}\n")
+    print(
+        f"\nmedians of {opts.runs} runs; weights: {', '.join(f'{n} {w / 1e9:.2f} GB' for n, t, _, w in rows if t == 'tiesafe')}\n"
+    )
     print("| input | tool | wall s | CPU s | peak RSS MiB | written MB | × floor |")
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
     for name, tool, runs, _ in rows:
