@@ -71,13 +71,10 @@ def tools(kind: str, src: Path, out: Path, floor_source: Path) -> dict[str, list
         # The copy DeepSpeed saves beside every checkpoint, run as its docstring says (from the
         # package's folder, deepspeed/utils/torch.py would shadow torch).
         script = src / "zero_to_fp32.py"
-        found["zero_to_fp32.py --safe_serialization"] = [
-            python,
-            str(script),
-            str(src),
-            str(out),
-            "--safe_serialization",
-        ]
+        # --safe_serialization refuses tied weights ("Some tensors share memory"): the pickle output is measured too.
+        zero_to_fp32 = [python, str(script), str(src), str(out)]
+        found["zero_to_fp32.py (pytorch_model.bin)"] = zero_to_fp32
+        found["zero_to_fp32.py --safe_serialization"] = [*zero_to_fp32, "--safe_serialization"]
     else:
         found["dcp_to_torch_save + save_file"] = [python, "-c", _DCP_REFERENCE, str(src), str(out)]
     found["floor: cp + sync"] = ["sh", "-c", f"cp --sparse=never '{floor_source}' '{out}/copy' && sync '{out}/copy'"]
@@ -121,16 +118,15 @@ def main(argv: list[str] | None = None) -> int:
         for tool, runs in measured.items():
             rows.append((name, tool, runs, weight_bytes))
     shutil.rmtree(work, ignore_errors=True)
-    print(
-        f"\nmedians of {opts.runs} runs; weights: {', '.join(f'{n} {w / 1e9:.2f} GB' for n, t, _, w in rows if t == 'tiesafe')}\n"
-    )
+    weights = ", ".join(f"{n} {w / 1e9:.2f} GB" for n, t, _, w in rows if t == "tiesafe")
+    print(f"\nmedians of {opts.runs} runs; weights: {weights}\n")
     print("| input | tool | wall s | CPU s | peak RSS MiB | written MB | × floor |")
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
     for name, tool, runs, _ in rows:
         floor = next(r for n, t, r, _ in rows if n == name and t.startswith("floor"))
         ok = [r for r in runs if not r.returncode]
         if not ok:
-            print(f"| {name} | {tool} | failed: {runs[0].error} | | | | |")
+            print(f"| {name} | {tool} | fails: {runs[0].error[-150:]} | | | | |")
             continue
         wall = statistics.median(r.wall for r in ok)
         ratios = [r.wall / f.wall for r, f in zip(runs, floor, strict=True) if not r.returncode]
