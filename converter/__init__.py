@@ -28,6 +28,8 @@ if TYPE_CHECKING:
     from .retie import LoadReport, load_model
     from .run import convert_run, read_run
 
+    __version__: str
+
 # Public name -> the module defining it. The package imports a module only when one
 # of its names is first used, so `tiesafe convert` never pays for the batch, Hub,
 # Dask or loading machinery (multiprocessing, importlib.metadata, ...): start-up is
@@ -60,6 +62,9 @@ _EXPORTS = {
 
 
 def __getattr__(name: str) -> Any:
+    if name == "__version__":
+        globals()[name] = version = _installed_version()
+        return version
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
@@ -69,7 +74,21 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted([*globals(), *_EXPORTS])
+    return sorted({*globals(), *_EXPORTS, "__version__"})
+
+
+def _installed_version() -> str:
+    """The installed metadata's version: pyproject.toml is the one place a version is written.
+
+    Read on first use, not at import: importlib.metadata costs start-up time that
+    ``tiesafe convert`` would pay for nothing.
+    """
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("tiesafe")
+    except PackageNotFoundError:  # a source tree on sys.path, never installed
+        return "0+unknown"
 
 
 __all__ = [
@@ -97,4 +116,3 @@ __all__ = [
     "save_model",
     "verify_file",
 ]
-__version__ = "0.1.0"

@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from . import __version__
 from .errors import TiesafeError
 from .reports import human_bytes
 from .reports import shown as _shown
@@ -230,9 +229,26 @@ def _render_inspect(report: InspectReport, console: Console) -> None:
     )
 
 
+def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    """``--version``: converter.__version__, read from the installed metadata only when asked."""
+    if not value or ctx.resilient_parsing:
+        return
+    from . import __version__
+
+    click.echo(f"tiesafe, version {__version__}")
+    ctx.exit()
+
+
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
-@click.version_option(__version__, prog_name="tiesafe")
+@click.option(
+    "--version",
+    is_flag=True,
+    expose_value=False,
+    is_eager=True,
+    callback=_print_version,
+    help="Show the version and exit.",
+)
 def main(debug: bool) -> None:
     """Convert PyTorch checkpoints to safetensors, keeping tied weights tied.
 

@@ -11,6 +11,7 @@ without such tensors convert without paying for it.
 from __future__ import annotations
 
 import heapq
+import itertools
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -197,20 +198,76 @@ def read_into(fd: int, buffer: memoryview, offset: int) -> None:
         filled += got
 
 
+# Above this many rows (after merging dimensions) numpy's import (~0.1 s) pays for itself.
+_PYTHON_GATHER_ROWS = 4096
+
+
 def gather(fd: int, storage_offset: int, ref: TensorRef) -> memoryview:
     """The row-major bytes of the tensor ``ref`` whose storage starts at ``storage_offset``."""
-    import numpy as np  # lazily: only strided tensors need it
-
     start, stop = ref.span
     if ref.numel == 0:
         return memoryview(b"")
     raw = read_exact(fd, storage_offset + start, stop - start)
     itemsize = ref.dtype.itemsize
-    flat = np.frombuffer(raw, dtype=_RAW_DTYPE_NAMES[itemsize])[ref.offset - start // itemsize :]
-    strides = tuple(step * itemsize for step in ref.stride)
-    window = np.lib.stride_tricks.as_strided(flat, shape=ref.shape, strides=strides, writeable=False)
+    shape, stride = merged_dims(ref.shape, ref.stride)
+    offset = ref.offset - start // itemsize
+    if numel_of(shape[:-1]) <= _PYTHON_GATHER_ROWS:
+        return memoryview(_gather_rows(raw, itemsize, offset, shape, stride))
+    import numpy as np  # lazily: only tensors with many strided rows need it
+
+    flat = np.frombuffer(raw, dtype=_RAW_DTYPE_NAMES[itemsize])[offset:]
+    strides = tuple(step * itemsize for step in stride)
+    window = np.lib.stride_tricks.as_strided(flat, shape=shape, strides=strides, writeable=False)
     dense: Any = np.ascontiguousarray(window).reshape(-1).view(np.uint8)
     return memoryview(dense)
+
+
+def merged_dims(shape: tuple[int, ...], stride: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The same window with size-1 dimensions dropped and row-major-adjacent ones merged.
+
+    Example:
+        >>> merged_dims((4, 1, 3, 2), (6, 99, 2, 1))  # a contiguous (4, 3, 2) block
+        ((24,), (1,))
+        >>> merged_dims((3, 4), (1, 3))  # a transpose stays two rows of strided elements
+        ((3, 4), (1, 3))
+    """
+    dims = [(n, s) for n, s in zip(shape, stride, strict=True) if n != 1] or [(1, 1)]
+    merged = [dims[-1]]
+    for n, s in reversed(dims[:-1]):
+        inner_n, inner_s = merged[0]
+        if s == inner_n * inner_s:
+            merged[0] = (n * inner_n, inner_s)
+        else:
+            merged.insert(0, (n, s))
+    return tuple(n for n, _ in merged), tuple(s for _, s in merged)
+
+
+def numel_of(shape: tuple[int, ...]) -> int:
+    count = 1
+    for n in shape:
+        count *= n
+    return count
+
+
+def _gather_rows(raw: bytes, itemsize: int, offset: int, shape: tuple[int, ...], stride: tuple[int, ...]) -> bytearray:
+    """Row by row: a contiguous row is one slice, a strided one a slice per byte of an element."""
+    row_len, row_step = shape[-1], stride[-1]
+    row_bytes = row_len * itemsize
+    out = bytearray(numel_of(shape) * itemsize)
+    pos = 0
+    for index in itertools.product(*(range(n) for n in shape[:-1])):
+        base = (offset + sum(i * s for i, s in zip(index, stride, strict=False))) * itemsize
+        if row_step == 1:
+            out[pos : pos + row_bytes] = raw[base : base + row_bytes]
+        elif row_step == 0:  # an expanded (broadcast) row: one element repeated
+            out[pos : pos + row_bytes] = raw[base : base + itemsize] * row_len
+        else:
+            jump = row_step * itemsize
+            end = base + (row_len - 1) * jump + 1
+            for byte in range(itemsize):
+                out[pos + byte : pos + row_bytes : itemsize] = raw[base + byte : end + byte : jump]
+        pos += row_bytes
+    return out
 
 
 class WindowComparer:

@@ -1,4 +1,5 @@
-"""The conversion path never imports torch (nor rich, which only draws tables)."""
+"""The conversion path never imports torch (nor rich, which only draws tables), nor reads the
+installed metadata (``converter.__version__`` is read when asked)."""
 
 from __future__ import annotations
 
@@ -27,13 +28,15 @@ def test_convert_and_inspect_of_a_checkpoint_do_not_import_torch(tmp_path: Path)
     converted = _imported_modules("convert", str(source), str(tmp_path / "model.safetensors"))
     assert "converter.convert" in converted  # the probe sees our own imports
     assert "torch" not in converted and "rich" not in converted
+    assert "importlib.metadata" not in converted
     assert "torch" not in _imported_modules("inspect", str(source))
     assert "torch" not in _imported_modules("verify", str(source), str(tmp_path / "model.safetensors"))
     assert "torch" not in _imported_modules("--help")
+    assert "torch" not in _imported_modules("--version")
 
 
 def test_strided_tensors_of_a_legacy_file_convert_without_torch(tmp_path: Path) -> None:
-    """Transposes and slices in the legacy format (facenet-pytorch's pnet.pt shape) are gathered by numpy."""
+    """Transposes and slices in the legacy format (facenet-pytorch's pnet.pt shape) are gathered without torch."""
     base = torch.randn(6, 4)
     source = tmp_path / "pnet.pt"
     state = {"w": base.t(), "every_other": base[::2], "channels_last": torch.randn(2, 3, 4, 5).permute(0, 2, 3, 1)}

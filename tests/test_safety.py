@@ -86,6 +86,22 @@ def test_foreign_and_empty_files_are_named(tmp_path: Path, content: bytes, messa
         converter.convert_file(path)
 
 
+@pytest.mark.parametrize("compression", ["", "gz"])
+def test_a_nemo_archive_says_what_to_convert(tmp_path: Path, compression: str) -> None:
+    """NeMo's .nemo is a tar (written with tarfile, as NeMo does) holding model_weights.ckpt."""
+    import tarfile
+
+    (tmp_path / "model_config.yaml").write_text("target: nemo.collections.asr.models.EncDecCTCModel\n")
+    torch.save({"w": torch.ones(2)}, tmp_path / "model_weights.ckpt")
+    nemo = tmp_path / "model.nemo"
+    with tarfile.open(nemo, f"w:{compression}") as archive:
+        for name in ("model_config.yaml", "model_weights.ckpt"):
+            archive.add(tmp_path / name, arcname=f"./{name}")
+    with pytest.raises(CorruptFileError, match="model_weights.ckpt" if not compression else "gzip-compressed"):
+        converter.convert_file(nemo, tmp_path / "out.safetensors")
+    assert converter.convert_file(tmp_path / "model_weights.ckpt").tensors == 1
+
+
 def test_truncated_zip_is_refused(tmp_path: Path) -> None:
     path = _checkpoint(tmp_path)
     data = path.read_bytes()

@@ -305,3 +305,26 @@ def test_a_global_the_list_misses_is_still_inert(tmp_path: Path, monkeypatch: py
     # The payload is live: torch's full unpickler runs it.
     torch.load(tmp_path / "ckpt.pt", weights_only=False)
     assert sentinel.exists()
+
+
+def test_nested_dicts_megatron_style_ask_for_key_then_flatten(tmp_path: Path) -> None:
+    """Megatron-LM nests its state dict (language_model/embedding/...): never silently only the largest part.
+
+    A look-alike of model_optim_rng.pt's layout: Megatron does not run on this machine's CPU build.
+    """
+    encoder = {f"layers.{i}.mlp.weight": torch.randn(32, 32) for i in range(4)}
+    model = {"language_model": {"embedding": {"word_embeddings": {"weight": torch.randn(64, 32)}}, "encoder": encoder}}
+    torch.save(
+        {"model": model, "args": argparse.Namespace(num_layers=4), "rng_state": [{"random_rng_state": (3, ())}]},
+        tmp_path / "model_optim_rng.pt",
+    )
+    with pytest.raises(TiesafeError, match=r"several state dicts: 'model/language_model/encoder' .*dotted names"):
+        converter.convert_file(tmp_path / "model_optim_rng.pt")
+    report = converter.convert_file(tmp_path / "model_optim_rng.pt", key="model")
+    loaded = safetensors.torch.load_file(report.output)
+    assert same_bits(
+        loaded["language_model.embedding.word_embeddings.weight"],
+        model["language_model"]["embedding"]["word_embeddings"]["weight"],
+    )
+    assert all(same_bits(loaded[f"language_model.encoder.{n}"], t) for n, t in encoder.items())
+    assert len(loaded) == 5 and "rng_state: RNG state" in report.skipped

@@ -195,7 +195,15 @@ def sniff_foreign(head: bytes) -> str | None:
         if n < (1 << 27):
             return "this is a safetensors file already (use 'tiesafe inspect' on it)"
     if len(head) > 262 and head[257:262] == b"ustar":
-        return "this is a tar archive (torch < 0.4 checkpoint format), which tiesafe does not read"
+        return (
+            "this is a tar archive (a NeMo .nemo file, or torch < 0.4's checkpoint format), which tiesafe does "
+            "not read: extract the checkpoint inside (a .nemo holds model_weights.ckpt) and convert that"
+        )
+    if head.startswith(b"\x1f\x8b"):
+        return (
+            "this is a gzip-compressed file (an older .nemo is a .tar.gz): decompress it and convert the "
+            "checkpoint inside"
+        )
     if head[:1] != b"\x80" and not head.startswith(b"PK"):
         if all(32 <= b < 127 or b in (9, 10, 13) for b in head[:512]):
             return "this is a text file, not a torch checkpoint"

@@ -22,8 +22,9 @@ from .unpickler import TensorNode
 
 # A second state dict holding at least this share of the largest one's bytes (in
 # storages of its own) makes the choice ambiguous: EMA weights, a teacher, a GAN's
-# other half. Scalars and metric tensors stay far below it.
-AMBIGUOUS_SHARE = 0.1
+# other half, the embeddings of a Megatron checkpoint nested beside its layers. Dicts
+# of scalars (metrics, a loss, a step) are never rivals, whatever their share.
+AMBIGUOUS_SHARE = 0.01
 
 # Entries that hold training state, never weights, by the keys trainers save them under.
 NON_WEIGHT_KEYS = {
@@ -50,6 +51,10 @@ NON_WEIGHT_KEYS = {
     "cpu_rng_state": "RNG state",
     "cuda_rng_state": "RNG state",
     "torch_rng_state": "RNG state",
+    "torch_manual_seed": "RNG state",  # accelerate's random_states_N.pkl
+    "torch_cuda_manual_seed": "RNG state",
+    "torch_xla_manual_seed": "RNG state",
+    "random_state": "RNG state",
 }
 
 
@@ -62,6 +67,7 @@ class Candidate:
     tensors: int
     nbytes: int
     storages: frozenset[str]
+    holds_arrays: bool  # a tensor of more than one element: not only scalars (metrics, a loss)
 
     @property
     def key(self) -> str:
@@ -114,7 +120,8 @@ def _candidates(root: Any) -> list[Candidate]:
             if refs:
                 present = {r for r in refs if r is not None}  # a tied alias is one tensor's bytes
                 storages = frozenset(r.storage for r in present)
-                found.append(Candidate(path, value, len(refs), sum(r.nbytes for r in present), storages))
+                arrays = any(r.numel > 1 for r in present)
+                found.append(Candidate(path, value, len(refs), sum(r.nbytes for r in present), storages, arrays))
         for key, child in reversed(list(_children(value))):
             if _non_weight(key, child) is None:
                 stack.append(((*path, key), child))
@@ -163,6 +170,23 @@ def display(name: object) -> str:
     if isinstance(name, str) and name.isprintable() and len(name) <= 200:
         return name
     return quoted(name)
+
+
+def flattened(tree: dict[Any, Any], prefix: str = "", depth: int = 0) -> dict[Any, Any]:
+    """Nested dicts of tensors as one mapping with dotted names (``{"a": {"b": t}}`` -> ``{"a.b": t}``).
+
+    Training state (optimizer, RNG) is not descended into; other values stay, named, to be listed.
+    """
+    if depth > 64:
+        raise TiesafeError("the chosen entry nests dicts more than 64 deep")
+    flat: dict[Any, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}" if isinstance(key, str) else key
+        if isinstance(value, dict) and isinstance(key, str) and _non_weight(key, value) is None:
+            flat.update(flattened(value, f"{name}.", depth + 1))
+        else:
+            flat[name] = value
+    return flat
 
 
 def _look_up(root: Any, key: str) -> tuple[dict[Any, Any], tuple[Any, ...]]:
@@ -223,16 +247,26 @@ def choose_weights(root: Any, key: str | None) -> Choice:
         raise TiesafeError("the checkpoint is a single tensor, not a state dict")
     if key is not None:
         weights, path = _look_up(root, key)
+        if not any(isinstance(v, TensorNode) for v in weights.values()):
+            weights = flattened(weights)  # a dict of dicts (Megatron's model): names joined with dots
         return Choice(weights, key, _skipped_along(root, path, weights))
     _deepspeed_placeholders(root)
     candidates = sorted(_candidates(root), key=lambda c: (-c.nbytes, -c.tensors))
     if not candidates:
         raise TiesafeError(_nothing_found(root))
     best = candidates[0]
-    rivals = [c for c in candidates[1:] if (own := _own_bytes(c, best)) and own >= AMBIGUOUS_SHARE * best.nbytes]
+    rivals = [
+        c
+        for c in candidates[1:]
+        if c.holds_arrays and (own := _own_bytes(c, best)) and own >= AMBIGUOUS_SHARE * best.nbytes
+    ]
     if rivals:
         listed = ", ".join(c.shown() for c in [best, *rivals][:6])
-        raise TiesafeError(f"the checkpoint holds several state dicts: {listed}; choose one with --key")
+        more = f" and {len(rivals) - 5} more" if len(rivals) > 5 else ""
+        raise TiesafeError(
+            f"the checkpoint holds several state dicts: {listed}{more}; choose one with --key "
+            "(a key naming a dict of dicts converts all of them, with dotted names)"
+        )
     if best.nbytes == 0 and all(
         v.ref is not None and not v.ref.numel for v in best.mapping.values() if isinstance(v, TensorNode)
     ):
