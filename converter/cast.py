@@ -1,10 +1,13 @@
 """Convert floating-point bytes between dtypes as torch's ``tensor.to(dtype)`` does, without torch.
 
 ``--dtype bf16|fp16`` casts a training run's fp32 master weights while they stream to
-the output, a block at a time. numpy has no bfloat16 and rounds NaNs differently from
-torch, so both rules are written out here: round to nearest, ties to even, and NaN
-as torch's CPU kernels write it (bf16: one NaN; fp16: quieted, payload kept) (checked against torch bit for bit in
-``tests/test_cast.py``, NaN payloads, infinities and subnormals included).
+the output, a block at a time. numpy has no bfloat16 and treats NaNs differently from
+torch, so the rules are written out here: round to nearest, ties to even; NaN as torch's
+CPU kernels write it (bf16: one NaN; fp16: quieted, payload kept). Checked against torch
+in ``tests/test_cast.py`` on random bit patterns (infinities, subnormals, -0.0): from fp32,
+the cast ``--dtype`` makes of master weights, bit for bit, NaNs included; from fp16/bf16
+torch's own NaN bits depend on an element's position (vector kernel or scalar tail), so
+there a NaN is only checked to stay a NaN.
 """
 
 from __future__ import annotations
