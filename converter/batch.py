@@ -24,9 +24,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import conventions
+from .components import Component, detect_library, is_multi_component, model_components, model_files, stray_folders
+from .conventions import ADAPTER_CONFIG, CONFIG, NOT_WEIGHTS, OPEN_CLIP_CONFIG, WEIGHT_SUFFIXES
 from .convert import convert_file, default_output
 from .errors import TiesafeError
-from .folder import ADAPTER_CONFIG, NOT_WEIGHTS, PICKLE_INDEX, WEIGHT_SUFFIXES, convert_folder, plan_folder
+from .folder import convert_folder, plan_folder
 from .readers.torchfile import read_checkpoint
 from .run import convert_run, is_training_run, plan_run
 from .sharing import plan_sharing
@@ -60,6 +63,7 @@ class BatchItem:
     output: Path  # a folder for folder items, a .safetensors file for file items
     key: str  # path relative to the root, the item's name in the manifest
     size: int  # bytes of pickle weights, to balance and to show progress
+    recursive: bool = False  # a multi-component model: its subfolders belong to it
 
 
 @dataclass
@@ -84,15 +88,36 @@ class ItemResult:
     peak_rss: int | None = None
 
 
-def _weight_files(folder: Path) -> tuple[bool, list[Path]]:
-    """Whether ``folder`` is a model folder, and its loose pickles otherwise."""
+def _weight_files(folder: Path) -> tuple[bool, list[Path], bool]:
+    """Whether ``folder`` is a model folder, its loose pickles otherwise, and whether it is a
+    multi-component model (a diffusers pipeline, a sentence-transformers model: one item, its
+    subfolders included)."""
+    if is_multi_component(detect_library(folder)):
+        return True, [], True
     names = {p.name: p for p in folder.iterdir() if p.is_file()}
     pickles = sorted(p for n, p in names.items() if p.suffix in WEIGHT_SUFFIXES and not NOT_WEIGHTS.match(n))
-    if PICKLE_INDEX in names or any(n.startswith("pytorch_model") and n.endswith(".bin") for n in names):
-        return True, []
-    if ("config.json" in names or ADAPTER_CONFIG in names) and len(pickles) == 1:
-        return True, []  # a model with its config, or a PEFT adapter with its own
-    return False, pickles
+    parsed = [conventions.parse_weight_name(p.name) for p in pickles]
+    if any(conventions.parse_index_name(n) for n in names) or any(w is not None and w.known for w in parsed):
+        return True, [], False  # names a library loads (conventions table)
+    markers = (CONFIG, ADAPTER_CONFIG, OPEN_CLIP_CONFIG)
+    if any(m in names for m in markers) and len(pickles) == 1:
+        return True, [], False  # a model with its config, or a PEFT adapter with its own
+    return False, pickles, False
+
+
+def _components(folder: Path) -> list[Component]:
+    """The component folders of a multi-component model; none when its manifest is broken (the
+    item then fails with the reason, and nothing below it is guessed)."""
+    try:
+        return model_components(folder)[1]
+    except TiesafeError:
+        return []
+
+
+def _not_components(folder: Path) -> set[str]:
+    """Subfolders of a multi-component model that no manifest names (searched as any other folder)."""
+    components = _components(folder)
+    return set(stray_folders(folder, components)) if components else set()
 
 
 def discover(root: str | Path, out: str | Path | None = None, *, in_place: bool = False) -> list[BatchItem]:
@@ -121,10 +146,13 @@ def discover(root: str | Path, out: str | Path | None = None, *, in_place: bool 
             size = sum(p.stat().st_size for p in here.rglob("*") if p.is_file())
             items.append(BatchItem("run", here, target / relative, relative.as_posix(), size))
             continue
-        is_model, loose = _weight_files(here)
+        is_model, loose, whole = _weight_files(here)
+        if whole:
+            dirs[:] = [d for d in dirs if d in _not_components(here)]  # its components are part of the item
         if is_model:
-            size = sum(p.stat().st_size for p in here.iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
-            items.append(BatchItem("folder", here, target / relative, relative.as_posix(), size))
+            files = [here / n for n in model_files(here, _components(here))] if whole else here.iterdir()
+            size = sum(p.stat().st_size for p in files if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
+            items.append(BatchItem("folder", here, target / relative, relative.as_posix(), size, whole))
         stems = Counter(default_output(p).name for p in loose)
         for path in loose:
             name = default_output(path).name
@@ -136,15 +164,16 @@ def discover(root: str | Path, out: str | Path | None = None, *, in_place: bool 
 
 def _signature(item: BatchItem) -> dict[str, list[int]]:
     """Size and mtime of every source file of the item: what "unchanged" means."""
-    if item.kind == "run":  # the rank files lie in a step folder below
+    if item.kind == "file":
+        files = [item.source]
+    elif item.kind == "run":  # the rank files lie in a step folder below
         files = [p for p in item.source.rglob("*") if p.is_file() and not p.name.startswith(".")]
+    elif item.recursive:  # the model's own files and its components' (not a training run beside them)
+        files = [item.source / name for name in model_files(item.source, _components(item.source))]
     else:
-        files = [p for p in item.source.iterdir() if p.is_file()] if item.kind == "folder" else [item.source]
-    return {
-        p.relative_to(item.source).as_posix() if item.kind == "run" else p.name: [st.st_size, st.st_mtime_ns]
-        for p in sorted(files)
-        if (st := p.stat())
-    }
+        files = [p for p in item.source.iterdir() if p.is_file() and not p.name.startswith(".")]
+    base = item.source if item.kind in ("folder", "run") else item.source.parent
+    return {p.relative_to(base).as_posix(): [st.st_size, st.st_mtime_ns] for p in sorted(files) if (st := p.stat())}
 
 
 def process_peak_rss() -> int | None:
@@ -191,8 +220,9 @@ def _clean_stale_temporaries(item: BatchItem) -> None:
     whole = item.kind in ("folder", "run")
     folder, prefix = (item.output, ".") if whole else (item.output.parent, f".{item.output.name}.")
     if folder.is_dir():
-        for path in folder.iterdir():
-            if path.name.startswith(prefix) and path.name.endswith(TEMP_SUFFIX):
+        # A multi-component model writes into its component folders too.
+        for path in folder.rglob(f"{prefix}*") if item.recursive else folder.iterdir():
+            if path.name.startswith(prefix) and path.name.endswith(TEMP_SUFFIX) and path.is_file():
                 path.unlink(missing_ok=True)
 
 
@@ -213,15 +243,15 @@ def run_item(item: BatchItem, options: dict[str, Any], dry_run: bool = False) ->
             if item.kind == "run":
                 run_options = {k: v for k, v in options.items() if k in ("max_shard_size", "verify", "allow_untied")}
                 report = convert_run(item.source, item.output, overwrite=True, **run_options).to_dict()
-                written = [item.output / name for name in report["files"]]
+                written = {name: item.output / name for name in report["files"]}
             elif item.kind == "folder":
                 report = convert_folder(item.source, item.output, overwrite=True, **options).to_dict()
-                written = [item.output / name for name in report["files"]]
+                written = {name: item.output / name for name in report["files"]}  # relative to the item's output
             else:
                 file_options = {k: v for k, v in options.items() if k in FILE_OPTIONS}
                 report = convert_file(item.source, item.output, overwrite=True, **file_options).to_dict()
-                written = [item.output]
-            result.outputs = {p.name: {"size": p.stat().st_size, "sha256": _hash_file(p)} for p in written}
+                written = {item.output.name: item.output}
+            result.outputs = {n: {"size": p.stat().st_size, "sha256": _hash_file(p)} for n, p in written.items()}
         result.report = report
         result.bytes_written = report["bytes_written"]
         result.bytes_saved = report["bytes_saved"]

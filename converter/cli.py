@@ -139,9 +139,14 @@ def _render_folder(report: FolderReport, console: Console | _Lines) -> None:
         by_origin[f"{tie.kind} ({tie.origin})"] = by_origin.get(f"{tie.kind} ({tie.origin})", 0) + 1
     found = ", ".join(f"{n} {what}" for what, n in by_origin.items()) or "none"
     console.print(f"  {report.tensors} tensors, {report.stored} stored; ties: {found}")
+    if report.library not in ("", "transformers", "other"):
+        console.print(f"  layout: {report.library}")
+    for note in report.notes:
+        console.print(f"  note: {_shown(note)}")
     for tie in report.ties:
         if tie.origin != "storage" or tie.kind == "alias":
-            console.print(f"  {tie.kind}: {_shown(tie.name)} = {_shown(tie.target)} ({tie.origin})")
+            where = f" in {_shown(tie.where)}" if tie.where else ""
+            console.print(f"  {tie.kind}: {_shown(tie.name)} = {_shown(tie.target)} ({tie.origin}){where}")
     for group in report.identical:
         console.print(f"  identical bytes, not tied (--dedup-identical stores them once): {_names(group)}")
     for warning in report.warnings:
@@ -366,8 +371,9 @@ def convert_command(
 
     \b
     A file: DST defaults to SRC's folder, pytorch_model.bin -> model.safetensors, x.pt -> x.safetensors.
-    A folder: model.safetensors or model-0000N-of-0000M.safetensors + index, written in DST
-    (default: SRC itself), with every other file of SRC copied.
+    A folder: the names its library loads (model[.VARIANT].safetensors, diffusion_pytorch_model...,
+    adapter_model..., shards + index), written in DST (default: SRC itself), with every other file
+    of SRC copied; a diffusers pipeline or sentence-transformers model is converted whole.
     A training run (DeepSpeed ZeRO folder with 'latest' or a global_stepN folder; a
     torch.distributed.checkpoint folder): the gathered weights, laid out as a folder (default:
     the run folder), with config.json and tokenizer files carried over.

@@ -6,13 +6,13 @@ verify) and returns a plain report dataclass; the CLI only renders it.
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .conventions import WEIGHT_SUFFIXES, converted_name
 from .descriptors import Checkpoint
 from .errors import TiesafeError
 from .geometry import numel
@@ -26,8 +26,7 @@ from .ties import StoredInfo, TieRecord, decode
 from .verify import VerifyReport, output_windows, verify_output
 from .writer import WriteProgress, write_file
 
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
-_HF_SHARD = re.compile(r"^pytorch_model(-\d+-of-\d+)?\.bin$")
+PICKLE_SUFFIXES = WEIGHT_SUFFIXES
 
 
 @dataclass
@@ -53,15 +52,15 @@ class ConversionReport(SavedBytesReport):
 
 
 def default_output(src: Path) -> Path:
-    """``pytorch_model.bin`` -> ``model.safetensors`` (as transformers names it), ``x.pt`` -> ``x.safetensors``.
+    """The name the file's library loads (conventions table): ``pytorch_model.fp16.bin`` ->
+    ``model.fp16.safetensors``, ``open_clip_pytorch_model.bin`` -> ``open_clip_model.safetensors``,
+    ``x.pt`` -> ``x.safetensors``.
 
     Example:
         >>> default_output(Path("run/pytorch_model-00001-of-00002.bin")).name
         'model-00001-of-00002.safetensors'
     """
-    if _HF_SHARD.match(src.name):
-        return src.with_name(src.name.replace("pytorch_model", "model", 1)).with_suffix(".safetensors")
-    return src.with_suffix(".safetensors")
+    return src.with_name(converted_name(src.name))
 
 
 def _report(

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeGuard, cast
 
-from . import ties
+from . import conventions, ties
 from .convert import ConversionReport
 from .descriptors import TensorRef
 from .dtypes import BY_TORCH_NAME, DType
@@ -357,7 +357,7 @@ class _Verifier:
 def _output_target(path: Path, max_shard_size: int | str | None) -> tuple[Path, int | None]:
     """The single-file path of the output, and the shard size limit (None: one file, no index)."""
     if path.is_dir() or (max_shard_size is not None and path.suffix != ".safetensors"):
-        return path / "model.safetensors", parse_size(
+        return path / conventions.safetensors_name("model"), parse_size(
             DEFAULT_MAX_SHARD_SIZE if max_shard_size is None else max_shard_size
         )
     return path, None if max_shard_size is None else parse_size(max_shard_size)

@@ -1,29 +1,36 @@
-"""Convert one model folder: sharded or single pickles in, what save_pretrained writes out.
+"""Convert one model folder: pickles in, the names its library loads out.
 
-A folder holds ``pytorch_model.bin`` or ``pytorch_model-0000N-of-0000M.bin`` shards with
-their index, plus config, tokenizer and the rest. The shards are read as one
-checkpoint, ties are found within files (shared storage), across files (ties the
-config declares, checked bit-identical) and optionally among identical bytes, and
-the output -- ``model.safetensors`` or shards with ``model.safetensors.index.json``
-(``adapter_model.safetensors`` for a PEFT adapter) -- appears all at once, verified,
-beside every other file of the folder.
+A folder holds one or more *weight sets* -- ``pytorch_model.bin``, shards with their
+index, a variant such as ``pytorch_model.fp16.bin``, ``diffusion_pytorch_model.bin``,
+``adapter_model.bin``, ... (the names are :mod:`converter.conventions`' table) -- plus
+config, tokenizer and the rest. A diffusers pipeline (``model_index.json``) or a
+sentence-transformers model (``modules.json``) is one model over several component
+folders (:mod:`converter.components`), each converted by its own rules. Each set is
+read as one checkpoint; ties are found within files (shared storage), across files
+(ties the component's config declares, checked bit-identical) and optionally among
+identical bytes. The whole output -- every set of every component, the side files --
+appears at once, after every set verified.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .declared import declared_ties
+from . import conventions
+from .components import Component, is_multi_component, model_components, model_files, stray_folders
+from .conventions import ADAPTER_CONFIG, NOT_WEIGHTS, WEIGHT_SUFFIXES, WeightName
+from .declared import resolve_declared
 from .descriptors import Checkpoint, StorageRecord, TensorRef
 from .errors import TiesafeError, VerificationError
 from .identical import identical_groups
-from .layout import SetPlan, plan_shards, set_file_names, stored_items
+from .layout import SetPlan, plan_shards, stored_items
 from .names import strip_prefixes
 from .readers.torchfile import read_checkpoint
 from .reports import SavedBytesReport
@@ -32,16 +39,24 @@ from .stfile import read_safetensors
 from .verify import verify_output
 from .writer import StagedWrites, WriteProgress
 
-PICKLE_INDEX = "pytorch_model.bin.index.json"
-SAFETENSORS_INDEX = "model.safetensors.index.json"
-# A PEFT adapter: PEFT's save_pretrained writes adapter_model.safetensors in place of this
-# pickle, and PEFT loads that name only (one file: it reads no shards and no index).
-ADAPTER_PICKLE = "adapter_model.bin"
-ADAPTER_STEM = "adapter_model"
-ADAPTER_CONFIG = "adapter_config.json"
-WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
-# Pickles a training run leaves beside the weights that are not weights.
-NOT_WEIGHTS = re.compile(r"^(training_args\.bin|optimizer\.pt|scheduler\.pt|scaler\.pt|rng_state.*\.pth)$")
+__all__ = [
+    "ADAPTER_CONFIG",
+    "NOT_WEIGHTS",
+    "WEIGHT_SUFFIXES",
+    "FolderPlan",
+    "FolderReport",
+    "SetOutput",
+    "Tie",
+    "WeightSet",
+    "convert_folder",
+    "find_weight_sets",
+    "parse_size",
+    "plan_folder",
+]
+
+# Stems whose loaders read a sharded set through an index (transformers, diffusers);
+# PEFT, open_clip, timm and a loose X.pt are loaded as one file.
+_SHARDED_STEMS = {"pytorch_model", "diffusion_pytorch_model"}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
 _UNITS.update({"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40})
@@ -76,6 +91,7 @@ class Tie:
     target: str
     kind: str  # "alias", "view" or "copy"
     origin: str  # "storage" (shared in the file), "config" (declared by the model) or "identical"
+    where: str = ""  # the output set it belongs to (e.g. "unet/diffusion_pytorch_model"), for several sets
 
 
 @dataclass
@@ -84,8 +100,8 @@ class FolderReport(SavedBytesReport):
 
     source: str
     output: str
-    files: list[str]  # safetensors files and index written
-    copied: list[str]  # other files carried over
+    files: list[str]  # safetensors files and indexes written (paths relative to the output folder)
+    copied: list[str]  # other files carried over (relative paths)
     tensors: int
     stored: int
     bytes_all_names: int
@@ -98,6 +114,33 @@ class FolderReport(SavedBytesReport):
     deleted: list[str] = field(default_factory=list)
     verified: bool = False
     seconds: float = 0.0
+    library: str = ""  # the layout recognised (conventions.LIBRARIES)
+    notes: list[str] = field(default_factory=list)  # how ties were found (e.g. the class chosen for a config)
+    replaced: list[str] = field(default_factory=list)  # source files the output replaces (relative paths)
+
+
+# --------------------------------------------------------------------------- finding the weight sets
+
+
+@dataclass(frozen=True)
+class WeightSet:
+    """The pickles of one set: one file, or shards (with their index when there is one)."""
+
+    folder: Path
+    stem: str  # the pickle stem: pytorch_model, diffusion_pytorch_model, adapter_model, ...
+    variant: str | None
+    files: list[Path]
+    weight_map: dict[str, str] | None
+    index: Path | None
+
+    @property
+    def replaced(self) -> list[Path]:
+        """The source files the converted set replaces."""
+        return [*self.files, *([self.index] if self.index else [])]
+
+    @property
+    def out_stem(self) -> str:
+        return conventions.safetensors_stem(self.stem)
 
 
 def _index_files(folder: Path, index_path: Path) -> tuple[list[Path], dict[str, str]]:
@@ -117,33 +160,79 @@ def _index_files(folder: Path, index_path: Path) -> tuple[list[Path], dict[str, 
         if not (folder / name).is_file():
             raise TiesafeError(f"index names {name!r}, which is missing", path=index_path)
         files.append(folder / name)
+    if not files:
+        raise TiesafeError("index names no weight file", path=index_path)
     return sorted(files), weight_map
 
 
-def find_weights(folder: str | Path) -> tuple[list[Path], dict[str, str] | None]:
-    """The pickle weight files of a model folder (and the index's weight map, if sharded).
+def _indexed_sets(folder: Path, names: list[str]) -> list[WeightSet]:
+    sets: dict[tuple[str, str | None], WeightSet] = {}
+    # The current name first: diffusers reads it before the legacy one when both are there.
+    for name in sorted(names, key=conventions.is_legacy_index_name):
+        parsed = conventions.parse_index_name(name)
+        if parsed is None or parsed in sets:
+            continue
+        files, weight_map = _index_files(folder, folder / name)
+        sets[parsed] = WeightSet(folder, parsed[0], parsed[1], files, weight_map, folder / name)
+    return list(sets.values())
+
+
+def _unindexed_shards(folder: Path, key: tuple[str, str | None], shards: list[tuple[Path, WeightName]]) -> WeightSet:
+    """Shards without an index: accepted when numbered 1..N with none missing."""
+    totals = {parsed.shard[1] for _, parsed in shards if parsed.shard}
+    numbers = sorted(parsed.shard[0] for _, parsed in shards if parsed.shard)
+    if len(totals) != 1 or numbers != list(range(1, next(iter(totals)) + 1)):
+        names = ", ".join(p.name for p, _ in shards[:3])
+        raise TiesafeError(f"incomplete shards and no index ({names}, ...): a shard is missing", path=folder)
+    return WeightSet(folder, key[0], key[1], sorted(p for p, _ in shards), None, None)
+
+
+def find_weight_sets(folder: str | Path) -> list[WeightSet]:
+    """The pickle weight sets of one folder (no subfolders), each converted on its own.
+
+    Indexes of every family and variant claim their shards; shards without an index
+    form a set when complete; each remaining file of a known stem is a set. Other
+    pickles form a set only when they are alone; beside known sets they are left as
+    files. Empty when the folder holds no pickle weights.
 
     Example:
-        >>> find_weights("llama")  # doctest: +SKIP
-        ([PosixPath('llama/pytorch_model-00001-of-00002.bin'), ...], {...})
+        >>> [(s.stem, s.variant) for s in find_weight_sets("unet")]  # doctest: +SKIP
+        [('diffusion_pytorch_model', None), ('diffusion_pytorch_model', 'fp16')]
     """
     folder = Path(folder)
     if not folder.is_dir():
         raise TiesafeError("is not a folder", path=folder)
-    if (folder / PICKLE_INDEX).is_file():
-        return _index_files(folder, folder / PICKLE_INDEX)
-    shards = sorted(folder.glob("pytorch_model*.bin"))
-    if shards:
-        return shards, None
-    loose = sorted(
-        p for p in folder.iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES and not NOT_WEIGHTS.match(p.name)
-    )
-    if len(loose) == 1:
-        return loose, None
-    if loose:
-        names = ", ".join(p.name for p in loose[:5])
-        raise TiesafeError(f"several pickles and no index ({names}); convert them one by one", path=folder)
-    raise TiesafeError("no pickle weights (.bin/.pt/.pth/.ckpt) in this folder", path=folder)
+    names = sorted(p.name for p in folder.iterdir() if p.is_file())
+    sets = _indexed_sets(folder, names)
+    claimed = {p.name for s in sets for p in s.files}
+    shards: dict[tuple[str, str | None], list[tuple[Path, WeightName]]] = {}
+    unknown: list[tuple[Path, WeightName | None]] = []
+    for name in names:
+        if Path(name).suffix not in WEIGHT_SUFFIXES or NOT_WEIGHTS.match(name) or name in claimed:
+            continue
+        parsed = conventions.parse_weight_name(name)
+        if parsed is not None and parsed.shard is not None:
+            shards.setdefault((parsed.stem, parsed.variant), []).append((folder / name, parsed))
+        elif parsed is not None and parsed.known:
+            sets.append(WeightSet(folder, parsed.stem, parsed.variant, [folder / name], None, None))
+        else:
+            unknown.append((folder / name, parsed))
+    sets += [_unindexed_shards(folder, key, group) for key, group in shards.items()]
+    if not sets and len(unknown) == 1:
+        path, parsed = unknown[0]
+        stem = path.name[: -len(path.suffix)]
+        sets.append(WeightSet(folder, stem, None, [path], None, None))
+    elif not sets and unknown:
+        listed = ", ".join(p.name for p, _ in unknown[:5])
+        raise TiesafeError(f"several pickles and no index ({listed}); convert them one by one", path=folder)
+    outputs: dict[str, WeightSet] = {}
+    for weight_set in sets:
+        name = conventions.safetensors_name(weight_set.out_stem, weight_set.variant)
+        if name in outputs:
+            both = f"{outputs[name].files[0].name} and {weight_set.files[0].name}"
+            raise TiesafeError(f"{both} would both become {name}; convert them one by one", path=folder)
+        outputs[name] = weight_set
+    return sorted(sets, key=lambda s: (s.stem, s.variant or ""))
 
 
 def read_folder_checkpoint(
@@ -191,18 +280,27 @@ def read_folder_checkpoint(
     )
 
 
+# --------------------------------------------------------------------------- ties
+
+
 def _apply_declared(
-    folder: Path, ckpt: Checkpoint, sharing: SharingPlan, identical: list[list[str]], allow_untied: bool
+    folder: Path,
+    groups: list[list[str]],
+    ckpt: Checkpoint,
+    sharing: SharingPlan,
+    identical: list[list[str]],
+    allow_untied: bool,
 ) -> tuple[list[Tie], list[str], set[str]]:
     """Store once the tensors the model declares tied, after checking their bytes agree."""
     stored = {s.name for s in sharing.stored}
     equal_to = {name: group[0] for group in identical for name in group}
+    order = {name: i for i, name in enumerate(ckpt.tensors)}
     ties, warnings, moved = [], [], set()
-    for group in declared_ties(folder):
+    for group in groups:
         present = [n for n in group if n in stored]
         if len(present) < 2:
             continue  # already one storage in the file (or absent): nothing to do
-        keeper = min(present, key=list(ckpt.tensors).index)
+        keeper = min(present, key=order.__getitem__)
         for name in present:
             if name == keeper:
                 continue
@@ -232,76 +330,169 @@ def _apply_identical(sharing: SharingPlan, identical: list[list[str]]) -> tuple[
     return ties, moved
 
 
-def _output_stem(files: list[Path]) -> str:
-    """``adapter_model`` for a PEFT adapter (its one pickle is ``adapter_model.bin``), else ``model``."""
-    return ADAPTER_STEM if [p.name for p in files] == [ADAPTER_PICKLE] else "model"
-
-
-def _output_folder(src: Path, dst: Path | None) -> Path:
-    out = src if dst is None else dst
-    if out.exists() and not out.is_dir():
-        raise TiesafeError("output must be a folder", path=out)
-    return out
-
-
-def _refuse_existing(out: Path, stem: str, overwrite: bool) -> None:
-    if out.is_dir() and not overwrite:
-        existing = sorted(p.name for p in out.iterdir() if set_file_names(stem).fullmatch(p.name))
-        if existing:
-            raise TiesafeError(f"holds {existing[0]} already; pass --overwrite to replace it", path=out)
+# --------------------------------------------------------------------------- planning
 
 
 @dataclass
-class FolderPlan:
-    """Everything decided about a folder before a byte is written (what --dry-run shows)."""
+class SetOutput:
+    """Everything decided about one weight set before a byte is written."""
 
-    source: Path
-    weights: list[Path]  # the pickle files (and index) the output replaces
+    component: str  # the component folder, relative ("" for the model folder itself)
+    weights: WeightSet
     checkpoint: Checkpoint
     sharing: SharingPlan
     ties: list[Tie]
     identical: list[list[str]]
     warnings: list[str]
     declared: set[str]  # names tied across storages on purpose (exempt from the sharing check)
-    others: list[Path]  # files carried over as they are
     output: SetPlan
-    stem: str = "model"  # output names: model.safetensors, or adapter_model.safetensors for a PEFT adapter
+    stem: str  # the safetensors stem: model, diffusion_pytorch_model, adapter_model, ...
+    variant: str | None = None
 
     @property
     def index_name(self) -> str | None:
-        """``model.safetensors.index.json`` when the output is sharded, else None."""
-        return f"{self.stem}.safetensors.index.json" if self.output.index is not None else None
+        """``model.safetensors.index.json`` (variant included) when the output is sharded, else None."""
+        return conventions.index_name(self.stem, self.variant) if self.output.index is not None else None
 
     @property
     def written_names(self) -> list[str]:
-        """The files the output consists of: the safetensors files, then the index if sharded."""
+        """The files of this set, relative to its component folder: safetensors files, then the index."""
         return [*self.output.files, *([self.index_name] if self.index_name else [])]
 
+    @property
+    def label(self) -> str:
+        """``unet/diffusion_pytorch_model.fp16``: the set's name in reports."""
+        return _relative(self.component, conventions.safetensors_name(self.stem, self.variant)[: -len(".safetensors")])
+
+
+def _relative(component: str, name: str) -> str:
+    return f"{component}/{name}" if component else name
+
+
+@dataclass
+class FolderPlan:
+    """Everything decided about a model folder before a byte is written (what --dry-run shows)."""
+
+    source: Path
+    library: str
+    sets: list[SetOutput]
+    others: list[str]  # files carried over as they are, relative to the source
+    multi: bool  # several component folders make one model (all carried over)
+    notes: list[str] = field(default_factory=list)
+    components: list[Component] = field(default_factory=list)
+
+    @property
+    def replaced(self) -> list[Path]:
+        """The source pickles (and indexes) the output replaces."""
+        return [p for s in self.sets for p in s.weights.replaced]
+
+    @property
+    def written_names(self) -> list[str]:
+        """Every file written, relative to the output folder."""
+        return [_relative(s.component, name) for s in self.sets for name in s.written_names]
+
     def _left_behind(self, output: Path) -> list[str]:
-        """Subfolders are not model files: say so when the output goes elsewhere."""
+        """Subfolders that are not part of the model: say so when the output goes elsewhere."""
         if output == self.source:
             return []
-        subfolders = sorted(p.name for p in self.source.iterdir() if p.is_dir() and p.resolve() != output.resolve())
+        strays = stray_folders(self.source, self.components)
+        subfolders = [n for n in strays if (self.source / n).resolve() != output.resolve()]
         return [f"subfolders not carried over: {', '.join(subfolders)}"] if subfolders else []
 
     def report(self, output: Path, files: list[str], *, verified: bool, seconds: float) -> FolderReport:
+        several = len(self.sets) > 1
         return FolderReport(
             source=str(self.source),
             output=str(output),
             files=files,
-            copied=[p.name for p in self.others] if output != self.source else [],
-            tensors=len(self.checkpoint.tensors),
-            stored=len(self.sharing.stored),
-            bytes_all_names=sum(t.nbytes for t in self.checkpoint.tensors.values()),
-            bytes_written=self.output.data_size,
-            ties=self.ties,
-            identical=self.identical,
-            skipped=self.checkpoint.skipped,
-            renames=self.checkpoint.renames,
-            warnings=self.warnings + self._left_behind(output),
+            copied=list(self.others) if output != self.source else [],
+            tensors=sum(len(s.checkpoint.tensors) for s in self.sets),
+            stored=sum(len(s.sharing.stored) for s in self.sets),
+            bytes_all_names=sum(t.nbytes for s in self.sets for t in s.checkpoint.tensors.values()),
+            bytes_written=sum(s.output.data_size for s in self.sets),
+            ties=[dataclasses.replace(t, where=s.label if several else "") for s in self.sets for t in s.ties],
+            identical=[g for s in self.sets for g in s.identical],
+            skipped=[_relative(s.component, k) for s in self.sets for k in s.checkpoint.skipped],
+            renames=[_relative(s.component, r) for s in self.sets for r in s.checkpoint.renames],
+            warnings=[w for s in self.sets for w in s.warnings] + self._left_behind(output),
             verified=verified,
             seconds=seconds,
+            library=self.library,
+            notes=list(self.notes),
+            replaced=[p.relative_to(self.source).as_posix() for p in self.replaced],
         )
+
+
+@dataclass(frozen=True)
+class _Options:
+    limit: int
+    materialize_views: bool
+    dedup_identical: bool
+    allow_untied: bool
+    strict: bool = False
+    strip_prefix: tuple[str, ...] = ()
+    keep_names: bool = False
+
+
+def _plan_set(component: Component, weights: WeightSet, options: _Options) -> tuple[SetOutput, str | None]:
+    """Read one weight set and decide its output; the note says how declared ties were found."""
+    ckpt = read_folder_checkpoint(
+        weights.files,
+        weights.weight_map,
+        strict=options.strict,
+        strip_prefix=options.strip_prefix,
+        keep_names=options.keep_names,
+    )
+    sharing = plan_sharing(ckpt.tensors, materialize_views=options.materialize_views)
+    ties = [Tie(n, t, "alias", "storage") for n, t in sharing.ties.aliases.items()]
+    ties += [Tie(n, v.base, "view", "storage") for n, v in sharing.ties.views.items()]
+    identical = identical_groups(stored_items(ckpt, sharing))
+    declared = resolve_declared(weights.folder, list(ckpt.tensors))
+    config_ties, warnings, moved = _apply_declared(
+        weights.folder, declared.groups, ckpt, sharing, identical, options.allow_untied
+    )
+    ties += config_ties
+    identical = [g for g in identical if not set(g) & moved]
+    if options.dedup_identical:
+        copies, copied_names = _apply_identical(sharing, identical)
+        ties += copies
+        moved |= copied_names
+    items = stored_items(ckpt, sharing)
+    total = sum(item.nbytes for item in items)
+    limit = options.limit
+    stem = weights.out_stem
+    name = conventions.safetensors_name(stem, weights.variant)
+    shardable = weights.stem in _SHARDED_STEMS and conventions.LIBRARIES[component.library or "other"].shards
+    if not shardable and total > limit:  # its loader reads one file: never sharded
+        who = "PEFT" if component.library == "peft" else component.library
+        warnings.append(f"written as one file over the shard size: {who} loads {name} unsharded")
+    if not shardable:
+        limit = max(limit, total)
+    pattern = conventions.shard_pattern(stem, weights.variant)
+    output = plan_shards(items, sharing.ties, max_shard_size=limit, stem=stem, filename_pattern=pattern)
+    plan = SetOutput(
+        component.path, weights, ckpt, sharing, ties, identical, warnings, moved, output, stem, weights.variant
+    )
+    note = f"{plan.label}: {declared.note}" if declared.note else None
+    return plan, note
+
+
+def _carried_files(source: Path, sets: list[SetOutput], components: list[Component]) -> list[str]:
+    """Files copied as they are: the model's files (its own, and its component folders') that are
+    neither a replaced pickle nor an output name of a set in the same folder."""
+    replaced = {p for s in sets for p in s.weights.replaced}
+    own = {
+        c.path: [conventions.set_file_names(s.stem, s.variant) for s in sets if s.component == c.path]
+        for c in components
+    }
+    carried = []
+    for name in model_files(source, components):
+        path, relative = source / name, Path(name)
+        folder = relative.parent.as_posix() if relative.parent != Path(".") else ""
+        if path in replaced or any(pattern.fullmatch(path.name) for pattern in own.get(folder, [])):
+            continue
+        carried.append(relative.as_posix())
+    return carried
 
 
 def plan_folder(
@@ -315,40 +506,60 @@ def plan_folder(
     strip_prefix: Sequence[str] = (),
     keep_names: bool = False,
 ) -> FolderPlan:
-    """Read a model folder and decide its output, without writing anything.
+    """Read a model folder (every component of a multi-folder model) and decide its output, writing nothing.
 
     Example:
-        >>> plan = plan_folder("llama")  # doctest: +SKIP
-        >>> list(plan.output.files), plan.output.data_size
-        (['model.safetensors'], 2471645184)
+        >>> plan = plan_folder("sd-pipeline")  # doctest: +SKIP
+        >>> plan.library, plan.written_names
+        ('diffusers-pipeline', ['unet/diffusion_pytorch_model.safetensors', 'vae/diffusion_pytorch_model.safetensors'])
     """
     src = Path(src)
-    files, weight_map = find_weights(src)
-    limit = parse_size(max_shard_size)
-    ckpt = read_folder_checkpoint(files, weight_map, strict=strict, strip_prefix=strip_prefix, keep_names=keep_names)
-    sharing = plan_sharing(ckpt.tensors, materialize_views=materialize_views)
-    ties = [Tie(n, t, "alias", "storage") for n, t in sharing.ties.aliases.items()]
-    ties += [Tie(n, v.base, "view", "storage") for n, v in sharing.ties.views.items()]
-    identical = identical_groups(stored_items(ckpt, sharing))
-    declared, warnings, moved = _apply_declared(src, ckpt, sharing, identical, allow_untied)
-    ties += declared
-    identical = [g for g in identical if not set(g) & moved]
-    if dedup_identical:
-        copies, copied_names = _apply_identical(sharing, identical)
-        ties += copies
-        moved |= copied_names
-    stem = _output_stem(files)
-    items = stored_items(ckpt, sharing)
-    total = sum(item.nbytes for item in items)
-    if stem == ADAPTER_STEM and total > limit:  # PEFT loads one file: an adapter is never sharded
-        warnings.append(f"written as one file over the shard size: PEFT loads {ADAPTER_STEM}.safetensors unsharded")
-        limit = total
-    output = plan_shards(items, sharing.ties, max_shard_size=limit, stem=stem)
-    weights = [*files, *([src / PICKLE_INDEX] if weight_map is not None else [])]
-    names = {p.name for p in weights}
-    own = set_file_names(stem)
-    others = [p for p in sorted(src.iterdir()) if p.is_file() and p.name not in names and not own.fullmatch(p.name)]
-    return FolderPlan(src, weights, ckpt, sharing, ties, identical, warnings, moved, others, output, stem)
+    if not src.is_dir():
+        raise TiesafeError("is not a folder", path=src)
+    options = _Options(
+        parse_size(max_shard_size),
+        materialize_views,
+        dedup_identical,
+        allow_untied,
+        strict,
+        tuple(strip_prefix),
+        keep_names,
+    )
+    library, components = model_components(src)
+    multi = is_multi_component(library)
+    sets: list[SetOutput] = []
+    notes: list[str] = []
+    for component in components:
+        for weights in find_weight_sets(src / component.path):
+            planned, note = _plan_set(component, weights, options)
+            sets.append(planned)
+            notes += [note] if note else []
+    if not sets:
+        where = "this folder or its components" if multi else "this folder"
+        raise TiesafeError(f"no pickle weights (.bin/.pt/.pth/.ckpt) in {where}", path=src)
+    return FolderPlan(src, library, sets, _carried_files(src, sets, components), multi, notes, components)
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def _output_folder(src: Path, dst: Path | None) -> Path:
+    out = src if dst is None else dst
+    if out.exists() and not out.is_dir():
+        raise TiesafeError("output must be a folder", path=out)
+    return out
+
+
+def _refuse_existing(out: Path, plan: FolderPlan, overwrite: bool) -> None:
+    if overwrite:
+        return
+    for s in plan.sets:
+        folder = out / s.component
+        if folder.is_dir():
+            pattern = conventions.set_file_names(s.stem, s.variant)
+            existing = sorted(p.name for p in folder.iterdir() if pattern.fullmatch(p.name))
+            if existing:
+                raise TiesafeError(f"holds {existing[0]} already; pass --overwrite to replace it", path=folder)
 
 
 def convert_folder(
@@ -366,10 +577,11 @@ def convert_folder(
     strip_prefix: Sequence[str] = (),
     keep_names: bool = False,
 ) -> FolderReport:
-    """Convert a model folder to safetensors the way ``save_pretrained`` lays it out.
+    """Convert a model folder to safetensors under the names its library loads.
 
     With no ``dst`` the output goes beside the source. Other files (config,
-    tokenizer, README, ...) are copied to ``dst`` as they are. Everything appears
+    tokenizer, README, ...; every file of every component for a diffusers pipeline or a
+    sentence-transformers model) are copied to ``dst`` as they are. Everything appears
     at once after verification; ``delete_source`` removes the pickles only then.
 
     Example:
@@ -392,50 +604,87 @@ def convert_folder(
         strip_prefix=strip_prefix,
         keep_names=keep_names,
     )
-    _refuse_existing(out, plan.stem, overwrite)
-    written = _write_set(plan, out, verify=verify)
+    _refuse_existing(out, plan, overwrite)
+    written = write_plan(plan, out, verify=verify)
     deleted = []
     if delete_source:
-        for path in plan.weights:
+        for path in plan.replaced:
             path.unlink(missing_ok=True)
-            deleted.append(path.name)
+            deleted.append(path.relative_to(src).as_posix())
     report = plan.report(out, written, verified=verify, seconds=time.perf_counter() - started)
     report.deleted = deleted
     return report
 
 
-def _write_set(plan: FolderPlan, out: Path, *, verify: bool) -> list[str]:
-    """Stage every output file, verify the staged set as it is written, then rename it all into place."""
-    out.mkdir(parents=True, exist_ok=True)
+def _make_folders(folders: list[Path]) -> list[Path]:
+    """Create ``folders`` (and parents); return those created, deepest first, to undo on failure."""
+    created: list[Path] = []
+    for folder in folders:
+        missing = []
+        for parent in [folder, *folder.parents]:
+            if parent.exists():
+                break
+            missing.append(parent)
+        for parent in reversed(missing):
+            parent.mkdir(exist_ok=True)
+            created.append(parent)
+    return sorted(created, key=lambda p: -len(p.parts))
+
+
+def write_plan(plan: FolderPlan, out: Path, *, verify: bool) -> list[str]:
+    """Stage every set and side file, verify each set as it is written, then rename it all into place.
+
+    Returns the files written, relative to ``out``. On failure nothing is left: no file,
+    and no folder this call created.
+
+    Example:
+        >>> write_plan(plan_folder("sd-pipeline"), Path("sd-st"), verify=True)  # doctest: +SKIP
+        ['unet/diffusion_pytorch_model.safetensors', 'vae/diffusion_pytorch_model.safetensors']
+    """
+    copies = plan.others if out != plan.source else []
+    folders = [out, *(out / s.component for s in plan.sets), *((out / c).parent for c in copies)]
+    created = _make_folders(list(dict.fromkeys(folders)))
+    try:
+        with StagedWrites() as staged:
+            for s in plan.sets:
+                plans = {out / s.component / name: file_plan for name, file_plan in s.output.files.items()}
+                staged.write_set(plans, _checker(s, out) if verify else None)
+            for relative in copies:
+                staged.copy_file(plan.source / relative, out / relative)
+            for s in plan.sets:
+                if s.index_name is not None:  # an index appears after its shards
+                    staged.write_bytes(s.output.index_json(), out / s.component / s.index_name)
+    except BaseException:
+        for folder in created:
+            with contextlib.suppress(OSError):  # not empty: something else wrote there meanwhile
+                folder.rmdir()
+        raise
+    for s in plan.sets:
+        remove_stale_set(out / s.component, s.stem, set(s.written_names), s.variant)
+    return plan.written_names
+
+
+def _checker(s: SetOutput, out: Path) -> Callable[[list[Path], WriteProgress], None]:
+    """The verification of one set's staged files, run by the writer as it writes them."""
 
     def check(temporary: list[Path], progress: WriteProgress) -> None:
         staged_files = [read_safetensors(t) for t in temporary]
         try:
-            verify_output(plan.checkpoint, staged_files, plan.sharing.ties, declared=plan.declared, wait=progress.wait)
-            plan.checkpoint.check_unchanged()  # the verified bytes are those of the files that were read
+            verify_output(s.checkpoint, staged_files, s.sharing.ties, declared=s.declared, wait=progress.wait)
+            s.checkpoint.check_unchanged()  # the verified bytes are those of the files that were read
         except TiesafeError as exc:
-            raise VerificationError(exc.problem, path=out) from None
+            raise VerificationError(exc.problem, path=out / s.component) from None
 
-    with StagedWrites() as staged:
-        plans = {out / name: file_plan for name, file_plan in plan.output.files.items()}
-        staged.write_set(plans, check if verify else None)
-        if out != plan.source:
-            for path in plan.others:
-                staged.copy_file(path, out / path.name)
-        if plan.index_name is not None:
-            staged.write_bytes(plan.output.index_json(), out / plan.index_name)
-    names = plan.written_names
-    remove_stale_set(out, plan.stem, set(names))
-    return names
+    return check
 
 
-def remove_stale_set(folder: Path, stem: str, written: set[str]) -> None:
+def remove_stale_set(folder: Path, stem: str, written: set[str], variant: str | None = None) -> None:
     """Remove files of an older output set (other shard count, or one file) that ``written`` replaces.
 
     transformers reads ``model.safetensors`` before an index, so a stale file would
     shadow new shards; save_pretrained cleans up the same way.
     """
-    pattern = set_file_names(stem)
+    pattern = conventions.set_file_names(stem, variant)
     for path in folder.iterdir():
         if path.name not in written and pattern.fullmatch(path.name) and path.is_file():
             path.unlink()

@@ -31,17 +31,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from . import conventions
+from .components import is_multi_component, model_components, model_files, stray_folders
+from .conventions import WEIGHT_SUFFIXES
+from .declared import resolve_declared
 from .errors import TiesafeError, UnsafeCheckpointError
-from .folder import (
-    NOT_WEIGHTS,
-    PICKLE_INDEX,
-    SAFETENSORS_INDEX,
-    WEIGHT_SUFFIXES,
-    FolderReport,
-    convert_folder,
-    find_weights,
-    parse_size,
-)
+from .folder import FolderReport, convert_folder, find_weight_sets, parse_size
 from .hub_checks import (
     Check,
     FolderFacts,
@@ -136,10 +131,19 @@ def _looks_like_pickle(path: Path) -> bool:
     return False
 
 
-def _pickles(folder: Path) -> list[str]:
-    return sorted(
-        p.name for p in folder.iterdir() if p.is_file() and p.suffix in PICKLE_SUFFIXES and _looks_like_pickle(p)
-    )
+def _files(folder: Path, recursive: bool) -> list[str]:
+    """The folder's files as relative paths: its component folders' too for a multi-component model."""
+    if not recursive:
+        return sorted(p.name for p in folder.iterdir() if p.is_file())
+    return model_files(folder, model_components(folder)[1])
+
+
+def _pickles(folder: Path, recursive: bool = False) -> list[str]:
+    return [
+        name
+        for name in _files(folder, recursive)
+        if Path(name).suffix in PICKLE_SUFFIXES and _looks_like_pickle(folder / name)
+    ]
 
 
 def _read_json(path: Path) -> tuple[dict[str, Any] | None, str | None]:
@@ -169,15 +173,22 @@ def read_facts(folder: str | Path) -> FolderFacts:
                 facts.safetensors[name] = read_safetensors(folder / name)
             except TiesafeError as exc:
                 facts.problems[name] = exc.problem
-    if SAFETENSORS_INDEX in facts.files:
-        facts.index, problem = _read_json(folder / SAFETENSORS_INDEX)
-        weight_map = facts.index.get("weight_map") if facts.index else None
+    indexes = conventions.safetensors_indexes(list(facts.files))
+    for name in indexes:
+        index, problem = _read_json(folder / name)
+        weight_map = index.get("weight_map") if index else None
         if problem is None and not (
             isinstance(weight_map, dict) and all(isinstance(v, str) for v in weight_map.values())
         ):
             problem = "no weight_map of tensor names to file names"
-        if problem is not None:
-            facts.index, facts.problems[SAFETENSORS_INDEX] = None, problem
+        if problem is not None or index is None:
+            facts.problems[name] = problem or "unreadable"
+        else:
+            facts.indexes[name] = index
+    main = [n for n in indexes if n.count(".") == 3] or indexes  # no variant: the set loaded by default
+    if main:
+        facts.index_name = main[0]
+        facts.index = facts.indexes.get(main[0])
     if "config.json" in facts.files:
         facts.config, problem = _read_json(folder / "config.json")
         if problem is not None:
@@ -223,6 +234,13 @@ def _differing(facts: FolderFacts, pairs: dict[str, str]) -> list[tuple[str, str
     return found
 
 
+def _variant(weights_file: str) -> str | None:
+    """``fp16`` for ``model.fp16.safetensors`` or its shards: what from_pretrained needs as ``variant``."""
+    stem = weights_file.removesuffix(".safetensors").split("-", 1)[0] if "-of-" in weights_file else weights_file
+    parts = stem.removesuffix(".safetensors").split(".")
+    return parts[1] if len(parts) == 2 else None
+
+
 def probe_from_pretrained(folder: str | Path, facts: FolderFacts) -> LoadProbe:
     """Load ``folder`` with the class its config names, on the ``meta`` device.
 
@@ -240,9 +258,12 @@ def probe_from_pretrained(folder: str | Path, facts: FolderFacts) -> LoadProbe:
         return LoadProbe(skipped="no config.json")
     architectures = facts.config.get("architectures")
     name = architectures[0] if isinstance(architectures, list) and architectures else None
+    if not isinstance(name, str) and isinstance(facts.config.get("model_type"), str):
+        name = resolve_declared(folder, list(facts.windows)).architecture  # chosen by the weights' names
     if not isinstance(name, str):
         return LoadProbe(skipped="config.json names no architecture")
     probe = LoadProbe(architecture=name)
+    variant = _variant(facts.weights[0]) if facts.weights else None
     import transformers
 
     model_class = getattr(transformers, name, None)
@@ -256,7 +277,12 @@ def probe_from_pretrained(folder: str | Path, facts: FolderFacts) -> LoadProbe:
     try:
         with _quiet_transformers():
             loaded: Any = model_class.from_pretrained(
-                Path(folder), device_map="meta", output_loading_info=True, local_files_only=True, use_safetensors=True
+                Path(folder),
+                device_map="meta",
+                output_loading_info=True,
+                local_files_only=True,
+                use_safetensors=True,
+                variant=variant,
             )
     except Exception as exc:  # transformers on user files can fail in any way: one line for the report
         probe.error = f"{type(exc).__name__}: {_first_line(exc)}"
@@ -344,11 +370,6 @@ def _check_out(out: Path, source: Path) -> None:
         raise TiesafeError("exists and is not an empty folder; choose a new --out or remove it", path=out)
 
 
-def _weight_pickles(folder: Path) -> list[str]:
-    """Pickles that hold weights (what ``convert_folder`` converts), not training leftovers."""
-    return [n for n in _pickles(folder) if not NOT_WEIGHTS.match(n) and Path(n).suffix in WEIGHT_SUFFIXES]
-
-
 def _scan_pickles(folder: Path, names: list[str]) -> dict[str, str]:
     """Kept pickles that ask for anything beyond plain tensors, with the refusal.
 
@@ -366,27 +387,40 @@ def _scan_pickles(folder: Path, names: list[str]) -> dict[str, str]:
     return refused
 
 
+def _replaced_weights(source: Path) -> tuple[str, list[str]]:
+    """The library of ``source`` and the pickle weights (and indexes) a conversion replaces, as relative paths."""
+    library, components = model_components(source)
+    replaced = []
+    for component in components:
+        for weights in find_weight_sets(source / component.path):
+            replaced += [p.relative_to(source).as_posix() for p in weights.replaced]
+    return library, replaced
+
+
 def _build(
     source: Path, staging: Path, *, keep_pickles: bool, options: dict[str, Any]
-) -> tuple[FolderReport | None, list[str], list[str]]:
+) -> tuple[FolderReport | None, list[str], list[str], str]:
     """Fill ``staging`` with the upload: converted weights and the other files.
 
     Returns the conversion report (None when the folder had no pickle weights),
-    the pickles left out, and notes: the source's safetensors outputs the conversion
-    replaced, and subfolders, which are not carried over (one model folder is uploaded).
+    the pickles left out, notes (the source's safetensors outputs the conversion
+    replaced; subfolders not carried over, except the components of a multi-folder
+    model, which are all carried), and the library of the folder.
     """
+    library, replaced = _replaced_weights(source)
+    recursive = is_multi_component(library)
     report = None
-    weights: set[str] = set()  # the pickle weights (and their index) that the conversion replaces
-    if _weight_pickles(source):
-        files, weight_map = find_weights(source)
-        weights = {p.name for p in files} | ({PICKLE_INDEX} if weight_map is not None else set())
+    weights = set(replaced)  # the pickle weights (and their index) that the conversion replaces
+    if weights:
         report = convert_folder(source, staging, verify=True, **options)  # copies every other file too
-    pickles = set(_pickles(source))
+    pickles = set(_pickles(source, recursive))
     left_out = [] if keep_pickles else sorted(pickles - weights)
     if report is None:
-        to_copy = [p.name for p in sorted(source.iterdir()) if p.is_file() and (keep_pickles or p.name not in pickles)]
+        to_copy = [n for n in _files(source, recursive) if keep_pickles or n not in pickles]
     else:
         to_copy = sorted(weights) if keep_pickles else []
+    for name in to_copy:
+        (staging / name).parent.mkdir(parents=True, exist_ok=True)
     with StagedWrites() as staged:
         for name in to_copy:
             staged.copy_file(source / name, staging / name)
@@ -399,10 +433,43 @@ def _build(
         for n in (report.files if report else [])
         if (source / n).is_file()
     ]
-    folders = sorted(p.name + "/" for p in source.iterdir() if p.is_dir() and not p.name.startswith("."))
+    folders = [name + "/" for name in stray_folders(source, model_components(source)[1])]
     if folders:
         notes.append(f"subfolders are not carried over: {', '.join(folders)}")
-    return report, left_out, notes
+    return report, left_out, notes, library
+
+
+def _load_probe(staging: Path, facts: FolderFacts, library: str) -> LoadProbe:
+    """The load check: transformers' from_pretrained, or the folder's own library's loader."""
+    if library in ("transformers", "other"):
+        return probe_from_pretrained(staging, facts)
+    from .library_checks import probe_library_load
+
+    return probe_library_load(staging, library)
+
+
+def _component_facts(staging: Path, library: str) -> dict[str, FolderFacts]:
+    """Facts of every folder of the upload that holds safetensors (the model folder alone for one-folder models)."""
+    if not is_multi_component(library):
+        return {"": read_facts(staging)}
+    _, components = model_components(staging)
+    found = {}
+    for component in components:
+        facts = read_facts(staging / component.path)
+        if facts.safetensors or component.path == "":
+            found[component.path] = facts
+    return found
+
+
+def _merged_shards(checks: dict[str, Check]) -> Check:
+    """One shards check over the components: the worst status, each detail prefixed by its folder."""
+    if list(checks) == [""]:
+        return checks[""]
+    order = {"pass": 0, "warn": 1, "fail": 2}
+    status = max((c.status for c in checks.values()), key=order.__getitem__, default="pass")
+    details = [f"{k or '.'}/: {d}" for k, c in checks.items() for d in c.details]
+    summary = "; ".join(f"{k or '.'}/: {c.summary}" for k, c in checks.items())
+    return Check("shards", status, summary, details)
 
 
 def _run_checks(
@@ -411,16 +478,27 @@ def _run_checks(
     left_out: list[str],
     notes: list[str],
     max_shard_size: int | str,
+    library: str,
 ) -> list[Check]:
-    facts = read_facts(staging)
-    upload_pickles = _pickles(staging)
-    probe = probe_from_pretrained(staging, facts)
+    recursive = is_multi_component(library)
+    facts_by_folder = _component_facts(staging, library)
+    facts = facts_by_folder.get("") or read_facts(staging)
+    for folder, component in facts_by_folder.items():
+        if folder:
+            facts.problems.update({f"{folder}/{n}": why for n, why in component.problems.items()})
+    upload_pickles = _pickles(staging, recursive)
+    probe = _load_probe(staging, facts, library)
+    shards = {
+        folder: check_shards(component, max_shard_size)
+        for folder, component in facts_by_folder.items()
+        if component.safetensors or not recursive
+    }
     return [
         check_pickles(upload_pickles, left_out, _scan_pickles(staging, upload_pickles)),
         check_conversion(report, notes, facts),
         check_config(facts, probe, facts.record),
         check_from_pretrained(probe, facts.record),
-        check_shards(facts, max_shard_size),
+        _merged_shards(shards) if shards else Check("shards", "fail", "no safetensors file in any component"),
         check_plain_loaders(facts.record, probe),
     ]
 
@@ -464,7 +542,7 @@ def prepare_upload(
     staging.mkdir()  # mode from the umask, like any new folder (mkdtemp would make it private)
     try:
         try:
-            report.conversion, left_out, notes = _build(
+            report.conversion, left_out, notes, library = _build(
                 resolved.folder, staging, keep_pickles=keep_pickles, options=options
             )
         except UnsafeCheckpointError as exc:
@@ -475,11 +553,11 @@ def prepare_upload(
         except TiesafeError as exc:
             report.checks.append(Check("conversion", "fail", str(exc)))
             return report
-        report.checks = _run_checks(staging, report.conversion, left_out, notes, max_shard_size)
+        report.checks = _run_checks(staging, report.conversion, left_out, notes, max_shard_size, library)
         if report.ok:
-            files = {p.name: p.stat().st_size for p in sorted(staging.iterdir()) if p.is_file()}
-            source_files = [p.name for p in resolved.folder.iterdir() if p.is_file()]
-            report.plan = plan_upload(files, source_files)
+            recursive = is_multi_component(library)
+            files = {name: (staging / name).stat().st_size for name in _files(staging, recursive)}
+            report.plan = plan_upload(files, _files(resolved.folder, recursive))
             os.replace(staging, target)  # replaces an empty folder; the upload appears whole
             report.output = str(target)
         if report.conversion is not None:

@@ -14,8 +14,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import ties
-from .folder import SAFETENSORS_INDEX, FolderReport, parse_size
+from . import conventions, ties
+from .folder import FolderReport, parse_size
 from .reports import human_bytes
 from .stfile import SafetensorsFile
 from .windows import FileWindow
@@ -59,17 +59,20 @@ class FolderFacts:
     files: dict[str, int]  # top-level file -> size
     safetensors: dict[str, SafetensorsFile]
     problems: dict[str, str]  # file -> why it cannot be read (header, index, config, tie record)
-    index: dict[str, Any] | None = None
+    index: dict[str, Any] | None = None  # the main set's index (no variant), when sharded
     config: dict[str, Any] | None = None
     record: ties.TieRecord = field(default_factory=ties.TieRecord)  # ties of the model's weights
     windows: dict[str, FileWindow] = field(default_factory=dict)  # every name of the weights -> its bytes
+    index_name: str | None = None  # model.safetensors.index.json, diffusion_pytorch_model..., by the conventions
+    indexes: dict[str, dict[str, Any]] = field(default_factory=dict)  # every readable index (variants too)
 
     @property
     def weights(self) -> list[str]:
-        """The model's weight files: the index's shards, else ``model.safetensors``."""
+        """The model's weight files: the main index's shards, else the one file its library loads."""
         if self.index is not None:
             return sorted({f for f in self.index["weight_map"].values() if f in self.safetensors})
-        return ["model.safetensors"] if "model.safetensors" in self.safetensors else []
+        main = conventions.main_weights(list(self.safetensors))
+        return [main] if main else []
 
 
 @dataclass
@@ -77,7 +80,8 @@ class LoadProbe:
     """What ``from_pretrained`` on the ``meta`` device made of the folder."""
 
     architecture: str | None = None
-    known: bool = False  # transformers ships the class
+    known: bool = False  # transformers (or the folder's library) ships the class
+    library: str = "transformers"  # whose loader was tried (converter.library_checks for the others)
     skipped: str | None = None  # why no load was tried
     error: str | None = None
     missing: list[str] = field(default_factory=list)
@@ -127,7 +131,12 @@ def check_conversion(report: FolderReport | None, notes: list[str], facts: Folde
     if report is None:
         summary = "no pickle weights: the safetensors files are uploaded as they are"
         return Check("conversion", "warn" if notes else "pass", summary, notes)
-    ties_found = ", ".join(f"{t.name} = {t.target} ({t.kind}, {t.origin})" for t in report.ties) or "none"
+    ties_found = (
+        ", ".join(
+            f"{t.name} = {t.target} ({t.kind}, {t.origin}{', ' + t.where if t.where else ''})" for t in report.ties
+        )
+        or "none"
+    )
     summary = (
         f"converted into {len(report.files)} file(s), {report.tensors} names verified bit for bit; "
         f"{human_bytes(report.bytes_saved)} saved by ties"
@@ -137,6 +146,7 @@ def check_conversion(report: FolderReport | None, notes: list[str], facts: Folde
         f"identical bytes, not tied (--dedup-identical stores them once): {_listed(g)}" for g in report.identical
     ]
     details += [f"skipped non-tensor entries: {_listed(report.skipped)}"] if report.skipped else []
+    details += report.notes  # how declared ties were found (a class chosen for a config without architectures)
     warnings = [*report.warnings, *notes]
     return Check("conversion", "warn" if warnings else "pass", summary, details + warnings)
 
@@ -145,6 +155,8 @@ def check_config(facts: FolderFacts, probe: LoadProbe, record: ties.TieRecord) -
     """config.json is there, names an architecture transformers knows, and ties what the weights tie."""
     if "config.json" in facts.problems:
         return Check("config", "fail", f"config.json: {facts.problems['config.json']}")
+    if probe.library != "transformers":
+        return Check("config", "pass", f"a {probe.library} folder: its own loader is checked (from_pretrained)")
     if facts.config is None:
         missing = "no config.json: from_pretrained cannot load this folder (fine for weights of other libraries)"
         return Check("config", "warn", missing)
@@ -186,15 +198,11 @@ def check_from_pretrained(probe: LoadProbe, record: ties.TieRecord) -> Check:
     hints = [n for n in probe.missing if n in record.views or n in record.copies]
     if hints:
         details.append(f"stored as views/copies only tiesafe restores: {_listed(hints)} (see plain_loaders)")
+    loader = f"{probe.architecture}.from_pretrained" if probe.library == "transformers" else str(probe.architecture)
     if details:
-        return Check(
-            "from_pretrained", "fail", f"{probe.architecture}.from_pretrained does not load it cleanly", details
-        )
-    return Check(
-        "from_pretrained",
-        "pass",
-        f"{probe.architecture}.from_pretrained (meta device): no missing, unexpected or mismatched keys",
-    )
+        return Check("from_pretrained", "fail", f"{loader} does not load it cleanly", details)
+    how = "meta device" if probe.library == "transformers" else f"{probe.library}'s own loader"
+    return Check("from_pretrained", "pass", f"{loader} ({how}): no missing, unexpected or mismatched keys")
 
 
 def check_shards(facts: FolderFacts, max_shard_size: int | str = "5GB") -> Check:
@@ -220,14 +228,16 @@ def check_shards(facts: FolderFacts, max_shard_size: int | str = "5GB") -> Check
                 warnings.append(f"{message} (one tensor: cannot be split)")
             else:
                 details.append(f"{message}; convert with a smaller --max-shard-size")
-    if SAFETENSORS_INDEX in facts.problems:
-        details.append(f"{SAFETENSORS_INDEX}: {facts.problems[SAFETENSORS_INDEX]}")
-    elif facts.index is not None:
-        details += _index_problems(facts)
-    else:
-        strays = [n for n in facts.safetensors if _is_shard_name(n)]
-        if strays:
-            details.append(f"shards without {SAFETENSORS_INDEX}: {_listed(strays)}")
+    details += [f"{name}: {why}" for name, why in facts.problems.items() if name in facts.indexes or ".index" in name]
+    for name in facts.indexes:
+        details += _index_problems(facts, name)
+    listed = {f for index in facts.indexes.values() for f in index["weight_map"].values()}
+    strays = [n for n in facts.safetensors if conventions.is_shard_name(n) and n not in listed]
+    if strays:
+        if facts.indexes:
+            details.append(f"shards the index does not name (stale?): {_listed(strays)}")
+        else:
+            details.append(f"shards without {conventions.index_of_shard(strays[0])}: {_listed(strays)}")
     if not facts.safetensors:
         details.append("no safetensors file")
     total = human_bytes(sum(st.size for st in facts.safetensors.values()))
@@ -237,33 +247,25 @@ def check_shards(facts: FolderFacts, max_shard_size: int | str = "5GB") -> Check
     return Check("shards", "warn" if warnings else "pass", summary, warnings)
 
 
-def _is_shard_name(name: str) -> bool:
-    parts = name.removeprefix("model-").removesuffix(".safetensors").split("-of-")
-    return name.startswith("model-") and len(parts) == 2 and all(len(p) == 5 and p.isdigit() for p in parts)
-
-
-def _index_problems(facts: FolderFacts) -> list[str]:
-    assert facts.index is not None
-    weight_map: dict[str, str] = facts.index["weight_map"]
+def _index_problems(facts: FolderFacts, name: str) -> list[str]:
+    index = facts.indexes[name]
+    weight_map: dict[str, str] = index["weight_map"]
     problems = [
-        f"{SAFETENSORS_INDEX} names {f}, which is missing"
-        for f in sorted(set(weight_map.values()))
-        if f not in facts.safetensors
+        f"{name} names {f}, which is missing" for f in sorted(set(weight_map.values())) if f not in facts.safetensors
     ]
-    for file in facts.weights:
+    shards = sorted({f for f in weight_map.values() if f in facts.safetensors})
+    for file in shards:
         listed = {n for n, f in weight_map.items() if f == file}
         stored = set(facts.safetensors[file].entries)
         if stored - listed:
             problems.append(f"{file} holds tensors the index does not place there: {_listed(sorted(stored - listed))}")
         if listed - stored:
             problems.append(f"the index places tensors in {file} that it lacks: {_listed(sorted(listed - stored))}")
-    unlisted = [n for n in facts.safetensors if _is_shard_name(n) and n not in weight_map.values()]
-    if unlisted:
-        problems.append(f"shards the index does not name (stale?): {_listed(unlisted)}")
-    if "model.safetensors" in facts.safetensors and "model.safetensors" not in weight_map.values():
-        problems.append("model.safetensors beside an index: loaders take model.safetensors and ignore the shards")
-    total = facts.index.get("metadata", {}).get("total_size")
-    data = sum(facts.safetensors[f].size - facts.safetensors[f].data_start for f in facts.weights)
+    single = name.replace(".safetensors.index", "").replace(".json", ".safetensors")  # model.fp16.safetensors
+    if single in facts.safetensors and single not in weight_map.values():
+        problems.append(f"{single} beside an index: loaders take {single} and ignore the shards")
+    total = index.get("metadata", {}).get("total_size")
+    data = sum(facts.safetensors[f].size - facts.safetensors[f].data_start for f in shards)
     if total is not None and total != data:
         problems.append(f"the index's total_size is {total}, the shards hold {data} bytes of tensors")
     return problems

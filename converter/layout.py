@@ -8,11 +8,10 @@ The writer carries the plan out; verification reads the result back.
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from . import ties
+from . import conventions, ties
 from .descriptors import Checkpoint
 from .dtypes import DType
 from .geometry import numel
@@ -132,17 +131,6 @@ def plan_file(items: list[StoredItem], record: ties.TieRecord, *, metadata: dict
     return FilePlan(tensors, entries, encode_header(tensors, entries))
 
 
-def set_file_names(stem: str = "model") -> re.Pattern[str]:
-    """The names an output set for ``stem`` may use: one file, shards, the index (use ``fullmatch``).
-
-    Example:
-        >>> bool(set_file_names().fullmatch("model-00001-of-00003.safetensors"))
-        True
-    """
-    s = re.escape(stem)
-    return re.compile(rf"{s}\.safetensors|{s}\.safetensors\.index\.json|{s}-\d{{5}}-of-\d{{5}}\.safetensors")
-
-
 def plan_shards(
     items: list[StoredItem],
     record: ties.TieRecord,
@@ -150,6 +138,7 @@ def plan_shards(
     max_shard_size: int,
     metadata: dict[str, str] | None = None,
     stem: str = "model",
+    filename_pattern: str | None = None,
 ) -> SetPlan:
     """Split ``items`` into shards of at most ``max_shard_size`` bytes, in source order.
 
@@ -169,7 +158,7 @@ def plan_shards(
     split = split_state_dict_into_shards_factory(
         by_name,
         get_storage_size=lambda item: item.nbytes,
-        filename_pattern=stem + "{suffix}.safetensors",
+        filename_pattern=filename_pattern or conventions.shard_pattern(stem),
         max_shard_size=max_shard_size,
     )
     files = {

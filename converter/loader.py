@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
+from . import conventions
 from .dtypes import BY_TORCH_NAME
 from .errors import CorruptFileError, TiesafeError
 from .geometry import extent
@@ -32,8 +33,8 @@ from .ties import StoredInfo, TieRecord, decode
 if TYPE_CHECKING:
     import torch
 
-SINGLE_NAME = "model.safetensors"
-INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = conventions.safetensors_name("model")  # model.safetensors: what transformers loads first
+INDEX_NAME = conventions.index_name("model")
 _MAX_INDEX_BYTES = 64 * 1024 * 1024
 
 

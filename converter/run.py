@@ -28,7 +28,17 @@ from .cast import cast_target, is_float
 from .declared import declared_ties
 from .descriptors import Checkpoint, TensorRef
 from .errors import TiesafeError, VerificationError
-from .folder import FolderPlan, FolderReport, Tie, _apply_declared, _refuse_existing, _write_set, parse_size
+from .folder import (
+    FolderPlan,
+    FolderReport,
+    SetOutput,
+    Tie,
+    WeightSet,
+    _apply_declared,
+    _refuse_existing,
+    parse_size,
+    write_plan,
+)
 from .layout import FilePlan, StoredItem, plan_shards, stored_items
 from .readers.dcp import is_dcp_folder, read_dcp
 from .sharing import SharingPlan, plan_sharing
@@ -153,25 +163,30 @@ def plan_run(
     warnings: list[str] = notes
     if config_path.is_file():
         with _config_folder(config_path) as config_folder:
-            identical = _declared_identical(config_folder, ckpt, sharing)
-            found, declared_warnings, moved = _apply_declared(config_folder, ckpt, sharing, identical, allow_untied)
+            groups = declared_ties(config_folder)
+            identical = _declared_identical(groups, ckpt, sharing)
+            found, declared_warnings, moved = _apply_declared(
+                config_folder, groups, ckpt, sharing, identical, allow_untied
+            )
         warnings += declared_warnings
         ties += found
         declared |= moved
     elif config is not None:
         raise TiesafeError("no such config file", path=config_path)
     output = plan_shards(stored_items(ckpt, sharing), sharing.ties, max_shard_size=parse_size(max_shard_size))
-    others = sorted(p for p in run.iterdir() if p.is_file() and SIDE_FILES.match(p.name))
-    if config is not None:
-        others = [p for p in others if p.name != "config.json"] + [config_path]
-    return FolderPlan(run, [], ckpt, sharing, ties, [], warnings, declared, others, output)
+    others = sorted(p.name for p in run.iterdir() if p.is_file() and SIDE_FILES.match(p.name))
+    if config is not None:  # the config given replaces the run folder's (copied by convert_run)
+        others = [name for name in others if name != "config.json"]
+    weights = WeightSet(folder, "pytorch_model", None, [], None, None)
+    output_set = SetOutput("", weights, ckpt, sharing, ties, [], warnings, declared, output, "model")
+    return FolderPlan(run, "transformers" if config_path.is_file() else "torch", [output_set], others, False)
 
 
-def _declared_identical(config_folder: Path, ckpt: Checkpoint, sharing: SharingPlan) -> list[list[str]]:
+def _declared_identical(declared: list[list[str]], ckpt: Checkpoint, sharing: SharingPlan) -> list[list[str]]:
     """Among the names the model class ties, those whose bytes equal the first one's (checked, not assumed)."""
     items = {item.name: item for item in stored_items(ckpt, sharing)}
     groups = []
-    for group in declared_ties(config_folder):
+    for group in declared:
         present = [n for n in group if n in items]
         if len(present) < 2:
             continue
@@ -232,13 +247,20 @@ def convert_run(
     out = plan.source if dst is None else Path(dst)
     if out.exists() and not out.is_dir():
         raise TiesafeError("output must be a folder", path=out)
-    _refuse_existing(out, plan.stem, overwrite)
+    _refuse_existing(out, plan, overwrite)
+    weights = plan.sets[0]
     parallel = executor is not None or (workers or 1) > 1
-    if parallel and len(plan.output.files) > 1:
-        written = _write_shards_parallel(plan, out, verify=verify, workers=workers or 1, executor=executor)
+    if parallel and len(weights.output.files) > 1:
+        written = _write_shards_parallel(plan, weights, out, verify=verify, workers=workers or 1, executor=executor)
     else:
-        written = _write_set(plan, out, verify=verify)
+        written = write_plan(plan, out, verify=verify)
+    copied_config = config is not None and Path(config).resolve() != (out / "config.json").resolve()
+    if copied_config:  # after the weights verified: it is not a file of the run folder
+        with StagedWrites() as staged:
+            staged.copy_file(Path(str(config)), out / "config.json")
     report = plan.report(out, written, verified=verify, seconds=time.perf_counter() - started)
+    if copied_config:
+        report.copied.append("config.json")
     # The step folders are the source, not files to carry: no "subfolders not carried over" warning.
     report.warnings = [w for w in report.warnings if not w.startswith("subfolders not carried over")]
     return report
@@ -276,22 +298,28 @@ def write_shard(task: ShardTask) -> str:
     return task.name
 
 
-def _shard_tasks(plan: FolderPlan, staging: Path, verify: bool) -> list[ShardTask]:
+def _shard_tasks(weights: SetOutput, staging: Path, verify: bool) -> list[ShardTask]:
     tasks = []
-    record = plan.sharing.ties
-    for name, file_plan in plan.output.files.items():
+    record = weights.sharing.ties
+    for name, file_plan in weights.output.files.items():
         stored = {t.name for t in file_plan.tensors}
         ties = restrict(record, stored)
         names = stored | set(ties.names())
-        tensors = {n: r for n, r in plan.checkpoint.tensors.items() if n in names}
-        storages = {r.storage: plan.checkpoint.storages[r.storage] for r in tensors.values()}
-        sub = dataclasses.replace(plan.checkpoint, tensors=tensors, storages=storages, skipped=[])
-        tasks.append(ShardTask(file_plan, sub, ties, plan.declared & names, staging, name, verify))
+        tensors = {n: r for n, r in weights.checkpoint.tensors.items() if n in names}
+        storages = {r.storage: weights.checkpoint.storages[r.storage] for r in tensors.values()}
+        sub = dataclasses.replace(weights.checkpoint, tensors=tensors, storages=storages, skipped=[])
+        tasks.append(ShardTask(file_plan, sub, ties, weights.declared & names, staging, name, verify))
     return tasks
 
 
 def _write_shards_parallel(
-    plan: FolderPlan, out: Path, *, verify: bool, workers: int, executor: concurrent.futures.Executor | None
+    plan: FolderPlan,
+    weights: SetOutput,
+    out: Path,
+    *,
+    verify: bool,
+    workers: int,
+    executor: concurrent.futures.Executor | None,
 ) -> list[str]:
     """Each shard by a task into a hidden staging folder of ``out``; then all renamed, then the index."""
     import multiprocessing
@@ -301,20 +329,20 @@ def _write_shards_parallel(
     own = executor is None
     pool = executor or concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
     try:
-        futures = [pool.submit(write_shard, task) for task in _shard_tasks(plan, staging, verify)]
+        futures = [pool.submit(write_shard, task) for task in _shard_tasks(weights, staging, verify)]
         for future in concurrent.futures.as_completed(futures):
             try:
                 future.result()
             except TiesafeError as exc:
                 raise VerificationError(exc.problem, path=out) from None
         with StagedWrites() as staged:  # side files and index: atomic, after every shard verified
-            for path in plan.others:
-                if out != plan.source or path.parent != out:
-                    staged.copy_file(path, out / path.name)
-            for name in plan.output.files:
+            if out != plan.source:
+                for name in plan.others:
+                    staged.copy_file(plan.source / name, out / name)
+            for name in weights.output.files:
                 os.replace(staging / name, out / name)
-            if plan.index_name is not None:
-                staged.write_bytes(plan.output.index_json(), out / plan.index_name)
+            if weights.index_name is not None:
+                staged.write_bytes(weights.output.index_json(), out / weights.index_name)
         _fsync_dir(out)
     finally:
         if own:

@@ -57,7 +57,7 @@ def static_ties(config: dict[str, object], architecture: str) -> list[list[str]]
         return None
     if any(isinstance(value, dict) and "model_type" in value for value in config.values()):
         return None  # composite model: sub-models tie by their own configs
-    package = _transformers_root()
+    package = transformers_root()
     if package is None:
         return None
     folder = package / "models" / model_type.replace("-", "_")
@@ -72,7 +72,8 @@ def static_ties(config: dict[str, object], architecture: str) -> list[list[str]]
 
 
 @functools.cache
-def _transformers_root() -> Path | None:
+def transformers_root() -> Path | None:
+    """The installed transformers package's folder, found without importing it (None if absent)."""
     try:
         spec = importlib.util.find_spec("transformers")  # finds the package; runs none of it
     except (ImportError, ValueError):

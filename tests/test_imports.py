@@ -3,6 +3,7 @@ installed metadata (``converter.__version__`` is read when asked)."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -46,6 +47,23 @@ def test_strided_tensors_of_a_legacy_file_convert_without_torch(tmp_path: Path) 
         assert "torch" not in _imported_modules(*args), args
     loaded = converter.load_file(output)  # views of one storage come back through tiesafe's loader
     assert all(torch.equal(loaded[name], tensor) for name, tensor in state.items())
+
+
+def test_convert_of_a_multi_component_folder_imports_no_ml_library(tmp_path: Path) -> None:
+    """A diffusers pipeline and a PEFT adapter convert without torch, diffusers, peft or sentence-transformers
+    (the extras serve prepare-upload's load check only)."""
+    pipeline = tmp_path / "pipe"
+    (pipeline / "unet").mkdir(parents=True)
+    (pipeline / "scheduler").mkdir()
+    index = {"_class_name": "DDPMPipeline", "unet": ["diffusers", "UNet2DModel"], "scheduler": ["diffusers", "X"]}
+    (pipeline / "model_index.json").write_text(json.dumps(index))
+    (pipeline / "unet" / "config.json").write_text(json.dumps({"_class_name": "UNet2DModel"}))
+    (pipeline / "scheduler" / "scheduler_config.json").write_text("{}")
+    torch.save({"conv.weight": torch.randn(2, 2)}, pipeline / "unet" / "diffusion_pytorch_model.bin")
+    imported = _imported_modules("convert", str(pipeline), str(tmp_path / "out"))
+    assert "converter.folder" in imported
+    assert not imported & {"torch", "diffusers", "peft", "sentence_transformers", "transformers", "rich"}
+    assert (tmp_path / "out" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
 
 
 def test_training_run_conversion_imports_neither_deepspeed_nor_torch_distributed(tmp_path: Path) -> None:

@@ -126,7 +126,7 @@ def test_only_plain_model_code_is_decided_from_the_source(
     folder.mkdir(parents=True)
     (folder / "modeling_toy.py").write_text(textwrap.dedent(modeling))
     (folder / "configuration_toy.py").write_text(textwrap.dedent(configuration))
-    monkeypatch.setattr(static_ties, "_transformers_root", lambda: tmp_path / "transformers")
+    monkeypatch.setattr(static_ties, "transformers_root", lambda: tmp_path / "transformers")
     static_ties._parse.cache_clear()
     answer = read_static({"model_type": "toy"}, "ToyForCausalLM")
     if decided:
