@@ -118,16 +118,18 @@ def _render_conversion(report: ConversionReport, console: Console | _Lines) -> N
             "  restored only by tiesafe (plain loaders skip them; --materialize-views writes them): "
             + _names(report.views)
         )
-    _render_reading(report.wrapper, report.renames, report.skipped, console)
+    _render_reading(report.wrapper, report.prefixes_removed, report.skipped, console)
     console.print(_saved_line(report))
 
 
-def _render_reading(wrapper: str | None, renames: list[str], skipped: list[str], console: Console | _Lines) -> None:
+def _render_reading(
+    wrapper: str | None, prefixes_removed: list[str], skipped: list[str], console: Console | _Lines
+) -> None:
     """Where the weights came from, how their names changed, and what was left out."""
     if wrapper:
         console.print(f"  weights: the state dict under {_shown(wrapper)}")
-    for line in renames:
-        console.print(f"  names: {_shown(line)}")
+    for line in prefixes_removed:
+        console.print(f"  names: removed prefix {_shown(line)}")
     if skipped:
         console.print(f"  not converted: {_names(skipped)}")
 
@@ -155,7 +157,7 @@ def _render_folder(report: FolderReport, console: Console | _Lines) -> None:
         console.print(f"  copied: {_names(report.copied)}")
     if report.deleted:
         console.print(f"  deleted source files: {_names(report.deleted)}")
-    _render_reading(None, report.renames, report.skipped, console)
+    _render_reading(None, report.prefixes_removed, report.skipped, console)
     console.print(_saved_line(report))
 
 
@@ -225,7 +227,7 @@ def _render_inspect(report: InspectReport, console: Console) -> None:
     console.print(table)
     for group in report.groups:
         console.print(f"  {group.kind}: {_names(group.names)}")
-    _render_reading(report.wrapper, report.renames, report.skipped, console)
+    _render_reading(report.wrapper, report.prefixes_removed, report.skipped, console)
     for kind, names in report.globals.items():
         console.print(f"  globals, {kind}: {_names(names)}")
     console.print(

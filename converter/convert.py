@@ -48,7 +48,7 @@ class ConversionReport(SavedBytesReport):
     verified: bool
     seconds: float = 0.0
     wrapper: str | None = None  # the entry the weights were read from ("model", "state_dict", ...)
-    renames: list[str] = field(default_factory=list)  # prefixes removed from the names
+    prefixes_removed: list[str] = field(default_factory=list)  # e.g. "'_orig_mod.' (torch.compile)"
 
 
 def default_output(src: Path) -> Path:
@@ -81,7 +81,7 @@ def _report(
         file_size=file_size,
         verified=verified,
         wrapper=ckpt.wrapper,
-        renames=list(ckpt.renames),
+        prefixes_removed=list(ckpt.prefixes_removed),
     )
 
 
@@ -198,7 +198,7 @@ class InspectReport:
     bytes_stored: int = 0
     metadata: dict[str, str] = field(default_factory=dict)
     wrapper: str | None = None
-    renames: list[str] = field(default_factory=list)
+    prefixes_removed: list[str] = field(default_factory=list)
     # The globals a pickle names, by group: tensor machinery, inert, refused (convert refuses the file).
     globals: dict[str, list[str]] = field(default_factory=dict)
 
@@ -288,7 +288,7 @@ def inspect(
         bytes_all_names=sum(t.nbytes for t in tensors),
         bytes_stored=sum(s.ref.nbytes for s in sharing.stored),
         wrapper=ckpt.wrapper,
-        renames=list(ckpt.renames),
+        prefixes_removed=list(ckpt.prefixes_removed),
         globals=globals_by_group,
     )
 

@@ -116,7 +116,7 @@ class Checkpoint:
     skipped: list[str] = field(default_factory=list)  # "name: what it is" for entries not converted
     wrapper: str | None = None  # key path the weights were found under, if any
     stamps: dict[Path, tuple[int, ...]] = field(default_factory=dict)  # each file as it was read
-    renames: list[str] = field(default_factory=list)  # prefixes removed from the names, for the report
+    prefixes_removed: list[str] = field(default_factory=list)  # prefixes removed from the names, for the report
     globals: dict[str, str] = field(default_factory=dict)  # globals the file names -> group (inspect)
     notes: list[str] = field(default_factory=list)  # what the reader wants the user told (report warnings)
 

@@ -110,7 +110,7 @@ class FolderReport(SavedBytesReport):
     identical: list[list[str]]  # groups of equal bytes found (stored once only with dedup_identical)
     skipped: list[str]
     warnings: list[str] = field(default_factory=list)
-    renames: list[str] = field(default_factory=list)  # prefixes removed from the names
+    prefixes_removed: list[str] = field(default_factory=list)  # prefixes removed from the names
     deleted: list[str] = field(default_factory=list)
     verified: bool = False
     seconds: float = 0.0
@@ -271,12 +271,18 @@ def read_folder_checkpoint(
         if missing:
             raise TiesafeError(f"the index lists {missing[0]!r}, which no weight file holds", path=files[0].parent)
     try:
-        renamed, renames = strip_prefixes(tensors, strip_prefix, automatic=not keep_names)
+        renamed, prefixes_removed = strip_prefixes(list(tensors), strip_prefix, auto=not keep_names)
     except TiesafeError as exc:
         raise exc.at(files[0].parent) from None
     tensors = {renamed[name]: ref for name, ref in tensors.items()}
     return Checkpoint(
-        files[0].parent, "+".join(sorted(formats)), tensors, storages, skipped, stamps=stamps, renames=renames
+        files[0].parent,
+        "+".join(sorted(formats)),
+        tensors,
+        storages,
+        skipped,
+        stamps=stamps,
+        prefixes_removed=prefixes_removed,
     )
 
 
@@ -413,7 +419,9 @@ class FolderPlan:
             ties=[dataclasses.replace(t, where=s.label if several else "") for s in self.sets for t in s.ties],
             identical=[g for s in self.sets for g in s.identical],
             skipped=[_relative(s.component, k) for s in self.sets for k in s.checkpoint.skipped],
-            renames=[_relative(s.component, r) for s in self.sets for r in s.checkpoint.renames],
+            prefixes_removed=[
+                f"{s.component}: {r}" if s.component else r for s in self.sets for r in s.checkpoint.prefixes_removed
+            ],
             warnings=[w for s in self.sets for w in s.warnings] + self._left_behind(output),
             verified=verified,
             seconds=seconds,

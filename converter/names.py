@@ -1,67 +1,77 @@
-"""Tensor names as the bare model has them: wrapper prefixes removed, collisions refused.
+"""Clean tensor names: remove the prefixes that training wrappers add.
 
-``torch.compile`` registers the model under ``_orig_mod`` and DDP / DataParallel under
-``module``, so a state dict taken from the wrapper names every weight
-``_orig_mod.x`` / ``module.x``: a file that does not load into the model class. When
-*every* name carries one of those prefixes it is removed (repeatedly: a compiled DDP
-model has both); other prefixes (Lightning's ``model.``) only when the user names them.
+``torch.compile`` wraps a module in an ``OptimizedModule`` whose state dict names
+start with ``_orig_mod.``; ``DistributedDataParallel`` (and ``DataParallel``,
+DeepSpeed's engine) start them with ``module.``. A file with those names does not
+load into the model class. Pure functions on names: the checkpoint reader
+(``tiesafe convert``) and the exporter (``save_file``) share the same rules.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
-from .errors import TiesafeError, quoted
+from .errors import TiesafeError
 
-# Prefixes a wrapper adds to every name, and who adds them.
-WRAPPER_PREFIXES = {"_orig_mod.": "torch.compile", "module.": "DistributedDataParallel / DataParallel"}
+# The prefixes removed without being asked, when every name carries one, and who adds them.
+AUTO_PREFIXES: dict[str, str] = {"_orig_mod.": "torch.compile", "module.": "DistributedDataParallel"}
 
 
 def strip_prefixes(
-    names: Iterable[str], explicit: Sequence[str] = (), *, automatic: bool = True
+    names: Sequence[str], explicit: Sequence[str] = (), auto: bool = True
 ) -> tuple[dict[str, str], list[str]]:
-    """New names for ``names`` and a line per prefix removed.
+    """The new name of every name, and a description of each prefix removed.
 
-    ``explicit`` prefixes are removed from every name that starts with them (one that
-    no name starts with is an error: a typo would otherwise pass unnoticed);
-    ``automatic`` removes a :data:`WRAPPER_PREFIXES` entry while every name carries it.
-    Returns ``{old: new}`` for every name (unchanged ones included) and report lines.
-    Raises :class:`~converter.errors.TiesafeError` when two names would become one.
+    ``explicit`` prefixes (``strip_prefix``; a trailing ``.`` is added when missing)
+    are removed from every name that carries them, in the order given; one that no
+    name carries is an error (a typo must not pass silently). With ``auto``, while
+    *every* name carries ``_orig_mod.`` or ``module.``, that prefix is removed too
+    (nested wrappers, ``module._orig_mod.``, lose both). A rename that makes two
+    names one is an error naming both. Returns ``({old: new} for every name, removed)``;
+    ``removed`` is empty when no name changes.
 
     Example:
-        >>> strip_prefixes(["_orig_mod.wte.weight", "_orig_mod.lm_head.weight"])
-        ({'_orig_mod.wte.weight': 'wte.weight', '_orig_mod.lm_head.weight': 'lm_head.weight'}, \
-["removed prefix '_orig_mod.' (torch.compile)"])
+        >>> strip_prefixes(["_orig_mod.wte.weight", "_orig_mod.head.w"])
+        ({'_orig_mod.wte.weight': 'wte.weight', '_orig_mod.head.w': 'head.w'}, ["'_orig_mod.' (torch.compile)"])
+        >>> strip_prefixes(["model.w", "loss.w"], ["model"])[0]
+        {'model.w': 'w', 'loss.w': 'loss.w'}
     """
-    original = list(names)
-    current = list(original)
-    notes: list[str] = []
-    for prefix in explicit:
-        if not prefix:
-            raise TiesafeError("--strip-prefix needs a non-empty prefix")
-        hits = sum(1 for n in current if n.startswith(prefix))
-        if not hits:
-            raise TiesafeError(f"no tensor name starts with {quoted(prefix)} (asked by --strip-prefix)")
-        current = [n[len(prefix) :] if n.startswith(prefix) else n for n in current]
-        notes.append(f"removed prefix {quoted(prefix)} from {hits} of {len(current)} names (--strip-prefix)")
-    while automatic and current:
-        wrapper = next((p for p in WRAPPER_PREFIXES if all(n.startswith(p) for n in current)), None)
-        if wrapper is None:
+    current = {name: name for name in names}
+    removed: list[str] = []
+    for given in explicit:
+        prefix = given if given.endswith(".") else f"{given}."
+        if prefix == ".":
+            raise TiesafeError("strip_prefix: an empty prefix removes nothing; give the prefix to remove")
+        carrying = [old for old, new in current.items() if new.startswith(prefix)]
+        if not carrying:
+            raise TiesafeError(f"strip_prefix: no name starts with {prefix!r}; names look like {_example(current)}")
+        for old in carrying:
+            current[old] = current[old][len(prefix) :]
+        removed.append(f"{prefix!r} ({len(carrying)} of {len(current)} names)")
+    while auto and current:
+        found = next((p for p in AUTO_PREFIXES if all(new.startswith(p) for new in current.values())), None)
+        if found is None:
             break
-        current = [n[len(wrapper) :] for n in current]
-        notes.append(f"removed prefix {quoted(wrapper)} ({WRAPPER_PREFIXES[wrapper]})")
-    _refuse_collisions(original, current)
-    return dict(zip(original, current, strict=True)), notes
+        current = {old: new[len(found) :] for old, new in current.items()}
+        removed.append(f"{found!r} ({AUTO_PREFIXES[found]})")
+    check_unique(current)
+    return current, removed
 
 
-def _refuse_collisions(original: list[str], renamed: list[str]) -> None:
-    first: dict[str, str] = {}
-    for old, new in zip(original, renamed, strict=True):
+_KEEP = "keep the names as they are (keep_names=True, --keep-names)"
+
+
+def check_unique(renamed: dict[str, str]) -> None:
+    """Raise when two old names get one new name (or a new name is empty), naming both."""
+    seen: dict[str, str] = {}
+    for old, new in renamed.items():
         if not new:
-            raise TiesafeError(f"removing prefixes would leave tensor {quoted(old)} without a name")
-        if new in first:
-            raise TiesafeError(
-                f"removing prefixes would give {quoted(first[new])} and {quoted(old)} the same name "
-                f"{quoted(new)}; keep the names (--keep-names) or remove fewer prefixes"
-            )
-        first[new] = old
+            raise TiesafeError(f"removing prefixes leaves {old!r} without a name; {_KEEP}")
+        other = seen.setdefault(new, old)
+        if other != old:
+            raise TiesafeError(f"removing prefixes makes {other!r} and {old!r} both {new!r}; {_KEEP}")
+
+
+def _example(current: dict[str, str]) -> str:
+    shown = [repr(n) for n in list(current.values())[:2]]
+    return ", ".join(shown) if shown else "(no names)"

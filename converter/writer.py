@@ -345,6 +345,24 @@ class StagedWrites:
             checker.finish()
         return [tmp for _, tmp, _ in opened]
 
+    def start_plan(self, plan: FilePlan, dst: Path) -> tuple[int, Path]:
+        """Stage ``dst`` with its blocks reserved, its final size and its header; the tensors are the caller's.
+
+        For writers that fill the data section themselves (every rank of a collective
+        save writes its own pieces at their offsets). Returns ``(fd, temporary path)``.
+        """
+        fd, tmp = self.open(dst)
+        _start_plan(fd, plan)
+        return fd, tmp
+
+    def commit(self) -> None:
+        """Sync and rename every staged file now, as leaving the block without error does."""
+        self.__exit__(None, None, None)
+
+    def discard(self) -> None:
+        """Remove every staged file now, as leaving the block with an error does."""
+        self._discard()
+
     def write_bytes(self, data: bytes, dst: Path) -> None:
         fd, _ = self.open(dst)
         pwrite_all(fd, data, 0)

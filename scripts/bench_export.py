@@ -4,7 +4,8 @@ Each run is a fresh process that builds GPT-2 124M (transformers' default config
 random weights, nothing downloaded), resets the kernel's peak-RSS counter
 (``/proc/self/clear_refs``), saves, and reports the peak resident memory above
 what the process held before the save: the model itself is not counted, only what
-the save adds. Run through ``python scripts/bench.py --export`` or directly.
+the save adds. Then scripts/bench_export_dist.py: an FSDP2 model saved from 2 ranks.
+Run through ``python scripts/bench.py --export`` or directly.
 """
 
 from __future__ import annotations
@@ -88,7 +89,9 @@ def main(argv: list[str] | None = None) -> int:
         above = statistics.median(r["above"] for r in results) / MiB
         seconds = statistics.median(r["seconds"] for r in results)
         print(f"| {name} | {above:.1f} | {seconds:.2f} | {results[0]['bytes'] / MiB:.1f} |")
-    return 0
+    import bench_export_dist  # beside this script: FSDP2 over 2 ranks, both collective modes
+
+    return bench_export_dist.main([*(["--quick"] if opts.quick else []), "--runs", str(runs)])
 
 
 if __name__ == "__main__":

@@ -401,3 +401,105 @@ def test_small_blocks_write_the_same_file(tmp_path: Path, monkeypatch: pytest.Mo
     monkeypatch.setattr(export, "_BLOCK", 24)
     converter.save_file(state, tmp_path / "live.safetensors")
     assert (tmp_path / "live.safetensors").read_bytes() == _converted(state, tmp_path)
+
+
+# --------------------------------------------------------------------------- wrapped modules and prefixes
+
+
+class Encoder(torch.nn.Module):
+    """A model whose encoder is compiled on its own (``model.encoder = torch.compile(model.encoder)``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 4))
+        self.module = torch.nn.Linear(4, 2)  # a bare model's own child named "module" keeps its name
+        self.head = Seed()
+
+
+def test_compiled_models_are_saved_under_the_bare_names(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = Encoder()
+    converter.save_model(model, tmp_path / "bare.safetensors")
+    bare = (tmp_path / "bare.safetensors").read_bytes()
+    whole = torch.compile(model)  # never called: wrapping does not compile
+    assert all(n.startswith("_orig_mod.") for n in whole.state_dict())
+    report = converter.save_model(whole, tmp_path / "whole.safetensors")
+    assert report.prefixes_removed == ["'_orig_mod.' (torch.compile)"]
+    assert (tmp_path / "whole.safetensors").read_bytes() == bare
+    model.encoder = torch.compile(model.encoder)  # type: ignore[assignment]
+    assert "encoder._orig_mod.0.weight" in model.state_dict()
+    report = converter.save_model(model, tmp_path / "part.safetensors")
+    assert report.prefixes_removed == ["'encoder._orig_mod.' (torch.compile)"]
+    assert (tmp_path / "part.safetensors").read_bytes() == bare
+    kept = converter.save_model(model, tmp_path / "kept.safetensors", keep_names=True)
+    assert kept.prefixes_removed == [] and "encoder._orig_mod.0.weight" in converter.load_file(kept.output)
+    fresh = Encoder()
+    assert not converter.load_model(fresh, tmp_path / "part.safetensors").missing
+    assert all(same_bits(fresh.state_dict()[n], t) for n, t in Encoder.state_dict(model).items() if "_orig" not in n)
+
+
+def test_data_parallel_is_unwrapped(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = Encoder()
+    report = converter.save_model(torch.nn.DataParallel(model), tmp_path / "dp.safetensors")
+    assert report.prefixes_removed == ["'module.' (DataParallel)"]
+    assert set(converter.load_file(tmp_path / "dp.safetensors")) == set(model.state_dict())
+
+
+def test_save_file_removes_a_prefix_every_name_carries(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = BUILDERS["gpt2"]()
+    plain = model.state_dict()
+    converter.save_model(model, tmp_path / "bare.safetensors")
+    for prefixes, removed in [
+        (["_orig_mod."], ["'_orig_mod.' (torch.compile)"]),
+        (["module."], ["'module.' (DistributedDataParallel)"]),
+        (["module.", "_orig_mod."], ["'module.' (DistributedDataParallel)", "'_orig_mod.' (torch.compile)"]),
+    ]:
+        prefix = "".join(prefixes)
+        report = converter.save_file({prefix + n: t for n, t in plain.items()}, tmp_path / "x.safetensors")
+        assert report.prefixes_removed == removed
+        assert report.aliases == {"lm_head.weight": "transformer.wte.weight"}  # ties follow the new names
+        assert (tmp_path / "x.safetensors").read_bytes() == (tmp_path / "bare.safetensors").read_bytes()
+    mixed = {"module.w": torch.ones(2), "other": torch.ones(2)}  # not every name: nothing removed
+    assert converter.save_file(mixed, tmp_path / "m.safetensors").prefixes_removed == []
+    kept = converter.save_file({"_orig_mod.w": torch.ones(1)}, tmp_path / "k.safetensors", keep_names=True)
+    assert list(converter.load_file(kept.output)) == ["_orig_mod.w"]
+
+
+def test_strip_prefix_removes_a_named_prefix(tmp_path: Path) -> None:
+    w = torch.randn(3, 4)
+    state = {"model.enc.w": w, "model.dec.w": w, "model.dec.row": w[1], "loss.weight": torch.ones(3)}
+    report = converter.save_file(state, tmp_path / "x.safetensors", strip_prefix=["model"])
+    assert report.prefixes_removed == ["'model.' (3 of 4 names)"]
+    assert report.aliases == {"dec.w": "enc.w"} and report.views == ["dec.row"]
+    assert set(converter.load_file(tmp_path / "x.safetensors")) == {"enc.w", "dec.w", "dec.row", "loss.weight"}
+    with pytest.raises(converter.TiesafeError, match=r"no name starts with 'modle\.'") as caught:
+        converter.save_file(state, tmp_path / "y.safetensors", strip_prefix=["modle."])
+    assert str(caught.value).startswith(str(tmp_path / "y.safetensors"))
+    module = torch.nn.ModuleDict({"model": torch.nn.Linear(2, 2)})
+    report = converter.save_model(module, tmp_path / "z.safetensors", strip_prefix=["model."])
+    assert set(converter.load_file(report.output)) == {"weight", "bias"}
+
+
+def test_a_rename_that_joins_two_names_is_refused_naming_both(tmp_path: Path) -> None:
+    state = {"model.w": torch.ones(2), "w": torch.zeros(2)}
+    with pytest.raises(converter.TiesafeError, match=r"makes 'model\.w' and 'w' both 'w'|makes 'w' and 'model\.w'"):
+        converter.save_file(state, tmp_path / "x.safetensors", strip_prefix=["model."])
+    with pytest.raises(converter.TiesafeError, match=r"leaves 'module\.' without a name"):
+        converter.save_file({"module.": torch.ones(1), "module.x": torch.ones(1)}, tmp_path / "x.safetensors")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_strip_prefixes_is_pure_and_reusable() -> None:
+    from converter.names import strip_prefixes
+
+    renamed, removed = strip_prefixes(["module._orig_mod.a", "module._orig_mod.b.c"])
+    assert renamed == {"module._orig_mod.a": "a", "module._orig_mod.b.c": "b.c"}
+    assert removed == ["'module.' (DistributedDataParallel)", "'_orig_mod.' (torch.compile)"]
+    assert strip_prefixes(["module.a", "module.b"], auto=False) == (
+        {"module.a": "module.a", "module.b": "module.b"},
+        [],
+    )
+    with pytest.raises(converter.TiesafeError, match=r"no name starts with 'x\.'"):
+        strip_prefixes([], ["x"])

@@ -66,6 +66,18 @@ def test_convert_of_a_multi_component_folder_imports_no_ml_library(tmp_path: Pat
     assert (tmp_path / "out" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
 
 
+def test_export_of_a_local_model_does_not_import_the_distributed_machinery(tmp_path: Path) -> None:
+    """torch itself imports torch.distributed; DTensor support (converter.collective) loads only for a DTensor."""
+    code = (
+        "import sys, torch, converter\n"
+        f"converter.save_model(torch.nn.Linear(2, 2), {str(tmp_path / 'x.safetensors')!r})\n"
+        "print(sorted(m for m in sys.modules if m in ('converter.collective', 'torch.distributed.tensor')))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "[]"
+
+
 def test_training_run_conversion_imports_neither_deepspeed_nor_torch_distributed(tmp_path: Path) -> None:
     import subprocess as sp
 

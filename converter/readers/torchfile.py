@@ -144,7 +144,7 @@ def checkpoint_from_tree(
     try:
         choice = choose_weights(tree.root, key)
         tensors = _collect(choice.weights)
-        renamed, notes = strip_prefixes(tensors, strip_prefix, automatic=not keep_names)
+        renamed, notes = strip_prefixes(list(tensors), strip_prefix, auto=not keep_names)
         if notes:
             tensors = {renamed[name]: ref for name, ref in tensors.items()}
         _check_bounds(tensors, tree.records)
@@ -158,7 +158,7 @@ def checkpoint_from_tree(
         choice.skipped,
         choice.key,
         {path: tree.stamp},
-        renames=notes,
+        prefixes_removed=notes,
         globals=tree.globals,
     )
 
