@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import sys
 import time
@@ -33,6 +34,18 @@ if TYPE_CHECKING:
 
 EXIT_INTERNAL = 1
 EXIT_USER = 2
+EXIT_PIPE = 141  # what a shell reports for a command that SIGPIPE ended (128 + 13)
+LONG_LISTING = 40  # inspect groups names by pattern beyond this many (--all lists each)
+SHOWN_TIES = 10  # tie lines a report prints before "and N more"
+SHOWN_ENTRIES = 20  # a training checkpoint's entries left out, listed before "and N more"
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null: the flush at exit must not fail again on the closed pipe."""
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
 
 
 class _Group(click.Group):
@@ -48,6 +61,9 @@ class _Group(click.Group):
             ctx.exit(EXIT_USER)
         except (click.exceptions.Exit, click.ClickException, click.Abort):
             raise
+        except BrokenPipeError:  # the reader went away (`tiesafe ... | head`): end quietly, as on SIGPIPE
+            _silence_stdout()
+            ctx.exit(EXIT_PIPE)
         except KeyboardInterrupt:
             click.echo("tiesafe: interrupted; no partial output was left", err=True)
             ctx.exit(130)
@@ -93,8 +109,16 @@ class _Lines:
         click.echo(self._MARKUP.sub(styled, protected).replace("\x00", "["))
 
 
-def _names(names: Any) -> str:
-    return ", ".join(_shown(n) for n in names)
+def _names(names: Any, shown_at_most: int | None = None) -> str:
+    """A list of names for a report line: the first few, then "and N more" (``--json`` has them all)."""
+    from .listing import SHOWN, cut
+
+    shown, more = cut(list(names), shown_at_most or SHOWN)
+    return ", ".join(_shown(n) for n in shown) + (f" and {more} more" if more else "")
+
+
+def _more_lines(total: int, shown: int, what: str) -> str | None:
+    return f"  ... and {total - shown} more {what} (--json lists them all)" if total > shown else None
 
 
 def _console(**options: Any) -> Console:
@@ -111,8 +135,10 @@ def _render_conversion(report: ConversionReport, console: Console | _Lines) -> N
         f"{len(report.aliases)} aliases, {len(report.views)} views"
         + (f", {len(report.materialized)} views written as tensors" if report.materialized else "")
     )
-    for alias, stored in report.aliases.items():
+    for alias, stored in list(report.aliases.items())[:SHOWN_TIES]:
         console.print(f"  tied: {_shown(alias)} = {_shown(stored)}")
+    if more := _more_lines(len(report.aliases), SHOWN_TIES, "ties"):
+        console.print(more)
     if report.views:
         console.print(
             "  restored only by tiesafe (plain loaders skip them; --materialize-views writes them): "
@@ -130,8 +156,8 @@ def _render_reading(
         console.print(f"  weights: the state dict under {_shown(wrapper)}")
     for line in prefixes_removed:
         console.print(f"  names: removed prefix {_shown(line)}")
-    if skipped:
-        console.print(f"  not converted: {_names(skipped)}")
+    if skipped:  # a training checkpoint's other entries, each described: a longer list is useful
+        console.print(f"  not converted: {_names(skipped, SHOWN_ENTRIES)}")
 
 
 def _render_folder(report: FolderReport, console: Console | _Lines) -> None:
@@ -145,12 +171,16 @@ def _render_folder(report: FolderReport, console: Console | _Lines) -> None:
         console.print(f"  layout: {report.library}")
     for note in report.notes:
         console.print(f"  note: {_shown(note)}")
-    for tie in report.ties:
-        if tie.origin != "storage" or tie.kind == "alias":
-            where = f" in {_shown(tie.where)}" if tie.where else ""
-            console.print(f"  {tie.kind}: {_shown(tie.name)} = {_shown(tie.target)} ({tie.origin}){where}")
-    for group in report.identical:
+    listed = [tie for tie in report.ties if tie.origin != "storage" or tie.kind == "alias"]
+    for tie in listed[:SHOWN_TIES]:
+        where = f" in {_shown(tie.where)}" if tie.where else ""
+        console.print(f"  {tie.kind}: {_shown(tie.name)} = {_shown(tie.target)} ({tie.origin}){where}")
+    if more := _more_lines(len(listed), SHOWN_TIES, "ties"):
+        console.print(more)
+    for group in report.identical[:SHOWN_TIES]:
         console.print(f"  identical bytes, not tied (--dedup-identical stores them once): {_names(group)}")
+    if more := _more_lines(len(report.identical), SHOWN_TIES, "groups of identical tensors"):
+        console.print(more)
     for warning in report.warnings:
         console.print(f"  [yellow]warning[/]: {_shown(warning)}")
     if report.copied:
@@ -210,30 +240,58 @@ def _render_upload(report: UploadReport, console: Console) -> None:
         console.print(f"[bold red]not ready to upload[/]: {failed} failed; nothing was written or pushed")
 
 
-def _render_inspect(report: InspectReport, console: Console) -> None:
-    from rich.table import Table
+def _render_inspect(report: InspectReport, *, show_all: bool) -> None:
+    """The tensors as a table on a terminal, as plain columns elsewhere; grouped by name pattern when long."""
+    from .listing import Row, group_rows
 
+    lines = _Lines()
     if "refused" in report.globals:  # nothing of the file was read past its globals
-        console.print(f"[bold]{_shown(report.path)}[/] ({report.format})")
+        lines.print(f"[bold]{_shown(report.path)}[/] ({report.format})")
         for kind, names in report.globals.items():
-            console.print(f"  globals, {kind}: {_names(names)}")
-        console.print("  [bold red]convert refuses this file[/]: it names globals that run code (none of them ran)")
+            lines.print(f"  globals, {kind}: {_names(names)}")
+        lines.print("  [red]convert refuses this file[/]: it names globals that run code (none of them ran)")
         return
-    table = Table(title=f"{_shown(report.path)} ({report.format})")
-    for column in ("name", "dtype", "shape", "bytes", "stored as"):
-        table.add_column(column)
-    for t in report.tensors:
-        table.add_row(_shown(t.name), t.dtype, str(t.shape), human_bytes(t.nbytes), _shown(t.stored_as))
-    console.print(table)
-    for group in report.groups:
-        console.print(f"  {group.kind}: {_names(group.names)}")
-    _render_reading(report.wrapper, report.prefixes_removed, report.skipped, console)
+    grouped = not show_all and len(report.tensors) > LONG_LISTING
+    if grouped:
+        rows = group_rows((t.name, t.dtype, t.shape, t.nbytes, t.stored_as) for t in report.tensors)
+    else:
+        rows = [Row(t.name, t.dtype, t.shape, t.nbytes, t.stored_as) for t in report.tensors]
+    header = ["name", "dtype", "shape", "bytes", "stored as", *(["names"] if grouped else [])]
+    cells = [
+        [_shown(r.name), r.dtype, str(r.shape), human_bytes(r.nbytes), _shown(r.stored_as)]
+        + ([f"× {r.count:,}"] if grouped else [])
+        for r in rows
+    ]
+    title = f"{_shown(report.path)} ({report.format})"
+    if sys.stdout.isatty():
+        from rich.table import Table
+
+        table = Table(title=title)
+        for column in header:
+            table.add_column(column, justify="right" if column == "names" else "left")
+        for row in cells:
+            table.add_row(*row)
+        _console(highlight=False, soft_wrap=True).print(table)
+    else:  # plain columns for pipes and files: no box drawing, no markup
+        widths = [max(len(c) for c in column) for column in zip(header, *cells, strict=True)]
+        text = [title] + [
+            "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in [header, *cells]
+        ]
+        click.echo("\n".join(text).replace("\\[", "["))
+    for group in report.groups[:SHOWN_TIES]:
+        lines.print(f"  {group.kind}: {_names(group.names)}")
+    if more := _more_lines(len(report.groups), SHOWN_TIES, "groups of names that share bytes"):
+        lines.print(more)
+    _render_reading(report.wrapper, report.prefixes_removed, report.skipped, lines)
     for kind, names in report.globals.items():
-        console.print(f"  globals, {kind}: {_names(names)}")
-    console.print(
+        lines.print(f"  globals, {kind}: {_names(names)}")
+    summary = (
         f"  {len(report.tensors)} names, {human_bytes(report.bytes_stored)} stored for "
         f"{human_bytes(report.bytes_all_names)}: {human_bytes(report.bytes_saved)} saved by ties"
     )
+    if grouped:
+        summary += f"; names that differ only in their numbers are grouped ({len(rows)} rows; --all lists each)"
+    lines.print(summary)
 
 
 def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
@@ -492,12 +550,25 @@ def _convert_run(
 @click.argument("path", type=click.Path(dir_okay=False, path_type=str))
 @click.option("--key", help="Entry holding the weights in a training checkpoint.")
 @_with_reading_options
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def inspect_command(path: str, key: str | None, strip_prefix: tuple[str, ...], keep_names: bool, as_json: bool) -> None:
+@click.option(
+    "--all",
+    "show_all",
+    is_flag=True,
+    help=f"One row per name (beyond {LONG_LISTING} names they are grouped by pattern).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON (every name).")
+def inspect_command(
+    path: str, key: str | None, strip_prefix: tuple[str, ...], keep_names: bool, show_all: bool, as_json: bool
+) -> None:
     """List the tensors of PATH (.bin/.pt or .safetensors), their ties and bytes.
 
     For a pickle, also what is not converted and the globals it names: tensor
     machinery, inert objects, and refused globals (then convert refuses the file).
+
+    \b
+    A long listing groups names that differ only in their numbers:
+    model.layers.{0..60}.mlp.experts.{0..255}.gate_proj.weight  BF16  [32, 32]  ...  × 15,616
+    On a terminal it is a table; piped or redirected, plain columns.
     """
     from .convert import inspect
 
@@ -505,7 +576,7 @@ def inspect_command(path: str, key: str | None, strip_prefix: tuple[str, ...], k
     if as_json:
         _print_json(report.to_dict())
     else:
-        _render_inspect(report, _console(highlight=False, soft_wrap=True))
+        _render_inspect(report, show_all=show_all)
 
 
 @main.command("verify")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +22,8 @@ from .readers.unpickler import GROUPS
 from .reports import SavedBytesReport
 from .sharing import SharedGroup, SharingPlan, plan_sharing
 from .stfile import read_safetensors
-from .ties import StoredInfo, TieRecord, decode
-from .verify import VerifyReport, output_windows, verify_output
+from .ties import TieRecord
+from .verify import VerifyReport, output_record, verify_output
 from .writer import WriteProgress, write_file
 
 PICKLE_SUFFIXES = WEIGHT_SUFFIXES
@@ -169,10 +169,9 @@ def verify_file(
     """
     ckpt = read_checkpoint(src, key=key, strict=strict, strip_prefix=strip_prefix, keep_names=keep_names)
     out = read_safetensors(dst)
-    if materialize_views is None:
-        _, record = output_windows([out])
-        materialize_views = not record.views and bool(plan_sharing(ckpt.tensors).ties.views)
-    sharing = plan_sharing(ckpt.tensors, materialize_views=materialize_views)
+    sharing = plan_sharing(ckpt.tensors, materialize_views=bool(materialize_views))
+    if materialize_views is None and sharing.ties.views and not output_record([out]).views:
+        sharing = plan_sharing(ckpt.tensors, materialize_views=True)  # the output was written so
     return verify_output(ckpt, [out], sharing.ties)
 
 
@@ -207,7 +206,8 @@ class InspectReport:
         return self.bytes_all_names - self.bytes_stored
 
     def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
+        data = asdict(replace(self, tensors=[]))  # asdict deep-copies: slow over 100,000 tensors
+        data["tensors"] = [{**vars(t), "shape": list(t.shape)} for t in self.tensors]
         data["bytes_saved"] = self.bytes_saved
         return data
 
@@ -244,8 +244,7 @@ def inspect(
     path = Path(path)
     if path.suffix == ".safetensors":
         st = read_safetensors(path)
-        info = {e.name: e for e in st.entries.values()}
-        record = decode(st.metadata, {n: StoredInfo(e.dtype.code, e.shape) for n, e in info.items()})
+        info, record = st.entries, st.record
         tensors = [
             TensorInfo(e.name, e.dtype.code, list(e.shape), e.nbytes, "stored")
             for e in info.values()

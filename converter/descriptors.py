@@ -10,13 +10,35 @@ from __future__ import annotations
 
 import itertools
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Generic, TypeVar
 
 from .dtypes import DType
 from .errors import TiesafeError
 from .geometry import extent, is_contiguous, numel
+
+_T = TypeVar("_T")
+
+
+class _computed_once(Generic[_T]):
+    """A property computed on first use and kept in the instance (``functools.cached_property``
+    without its lock, which Python 3.11 takes on every first access: a quarter of a second
+    over 100,000 tensors). Writes the instance ``__dict__`` directly, so frozen dataclasses work.
+    """
+
+    def __init__(self, compute: Callable[[Any], _T]) -> None:
+        self._compute = compute
+        self._name = compute.__name__
+        self.__doc__ = compute.__doc__
+
+    def __get__(self, instance: object, owner: type | None = None) -> _T:
+        if instance is None:
+            return self  # type: ignore[return-value]
+        value = self._compute(instance)
+        instance.__dict__[self._name] = value  # later lookups find it there, not here
+        return value
 
 
 @dataclass(frozen=True)
@@ -86,21 +108,23 @@ class TensorRef:
     shape: tuple[int, ...]
     stride: tuple[int, ...]
 
-    @property
+    # Computed once each: analysis, layout, writer and verification ask them of every
+    # tensor, several times (tens of thousands of tensors in a mixture-of-experts file).
+    @_computed_once
     def numel(self) -> int:
         return numel(self.shape)
 
-    @property
+    @_computed_once
     def nbytes(self) -> int:
         return self.numel * self.dtype.itemsize
 
-    @property
+    @_computed_once
     def span(self) -> tuple[int, int]:
         """Byte range ``[start, end)`` of the storage that the tensor touches."""
         size = self.dtype.itemsize
         return self.offset * size, extent(self.offset, self.shape, self.stride) * size
 
-    @property
+    @_computed_once
     def is_contiguous(self) -> bool:
         return is_contiguous(self.shape, self.stride)
 

@@ -29,7 +29,7 @@ from .conventions import ADAPTER_CONFIG, NOT_WEIGHTS, WEIGHT_SUFFIXES, WeightNam
 from .declared import resolve_declared
 from .descriptors import Checkpoint, StorageRecord, TensorRef
 from .errors import TiesafeError, VerificationError
-from .identical import identical_groups
+from .identical import equal_bytes, identical_groups, search_is_costly
 from .layout import SetPlan, plan_shards, stored_items
 from .names import strip_prefixes
 from .readers.torchfile import read_checkpoint
@@ -257,14 +257,16 @@ def read_folder_checkpoint(
         ckpt = read_checkpoint(path, strict=strict, keep_names=True)
         formats.add(ckpt.format)
         stamps.update(ckpt.stamps)
+        # Built directly, not with dataclasses.replace: tens of thousands of tensors in an MoE shard.
         for key, record in ckpt.storages.items():
-            storages[f"{path.name}/{key}"] = dataclasses.replace(record, key=f"{path.name}/{key}")
+            own = f"{path.name}/{key}"
+            storages[own] = StorageRecord(own, record.path, record.offset, record.nbytes, record.location)
         for name, ref in ckpt.tensors.items():
             if weight_map is not None and weight_map.get(name, path.name) != path.name:
                 continue  # the index places this name in another file
             if name in tensors:
                 raise TiesafeError(f"tensor {name!r} is in more than one weight file", path=path)
-            tensors[name] = dataclasses.replace(ref, storage=f"{path.name}/{ref.storage}")
+            tensors[name] = TensorRef(f"{path.name}/{ref.storage}", ref.dtype, ref.offset, ref.shape, ref.stride)
         skipped += [f"{path.name}:{s}" for s in ckpt.skipped]
     if weight_map is not None:
         missing = [n for n in weight_map if n not in tensors]
@@ -294,12 +296,17 @@ def _apply_declared(
     groups: list[list[str]],
     ckpt: Checkpoint,
     sharing: SharingPlan,
-    identical: list[list[str]],
+    identical: list[list[str]] | None,
     allow_untied: bool,
 ) -> tuple[list[Tie], list[str], set[str]]:
-    """Store once the tensors the model declares tied, after checking their bytes agree."""
+    """Store once the tensors the model declares tied, after checking their bytes agree.
+
+    ``identical`` is None when the search for identical bytes was skipped: each declared
+    pair is then compared on its own.
+    """
     stored = {s.name for s in sharing.stored}
-    equal_to = {name: group[0] for group in identical for name in group}
+    equal_to = {name: group[0] for group in identical or [] for name in group}
+    by_name = {item.name: item for item in stored_items(ckpt, sharing)} if identical is None else {}
     order = {name: i for i, name in enumerate(ckpt.tensors)}
     ties, warnings, moved = [], [], set()
     for group in groups:
@@ -310,7 +317,11 @@ def _apply_declared(
         for name in present:
             if name == keeper:
                 continue
-            if equal_to.get(name, name) != equal_to.get(keeper, keeper):
+            if (
+                not equal_bytes(by_name[name], by_name[keeper])
+                if identical is None
+                else equal_to.get(name, name) != equal_to.get(keeper, keeper)
+            ):
                 problem = f"the model ties {name!r} to {keeper!r} but their bytes differ"
                 if not allow_untied:
                     raise TiesafeError(f"{problem}; pass --allow-untied to keep both", path=folder)
@@ -454,11 +465,18 @@ def _plan_set(component: Component, weights: WeightSet, options: _Options) -> tu
     sharing = plan_sharing(ckpt.tensors, materialize_views=options.materialize_views)
     ties = [Tie(n, t, "alias", "storage") for n, t in sharing.ties.aliases.items()]
     ties += [Tie(n, v.base, "view", "storage") for n, v in sharing.ties.views.items()]
-    identical = identical_groups(stored_items(ckpt, sharing))
+    items = stored_items(ckpt, sharing)
+    costly = 0 if options.dedup_identical else search_is_costly(items)
+    identical = [] if costly else identical_groups(items)
     declared = resolve_declared(weights.folder, list(ckpt.tensors))
     config_ties, warnings, moved = _apply_declared(
-        weights.folder, declared.groups, ckpt, sharing, identical, options.allow_untied
+        weights.folder, declared.groups, ckpt, sharing, None if costly else identical, options.allow_untied
     )
+    if costly:  # said, not silent: the report names what was not looked for
+        warnings.append(
+            f"identical bytes not searched: {costly} small tensors share a dtype and shape "
+            "(--dedup-identical searches them and stores equal ones once)"
+        )
     ties += config_ties
     identical = [g for g in identical if not set(g) & moved]
     if options.dedup_identical:

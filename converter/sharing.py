@@ -111,6 +111,9 @@ def plan_sharing(tensors: dict[str, TensorRef], *, materialize_views: bool = Fal
     placed: list[tuple[int, StoredTensor]] = []  # sorted by checkpoint position at the end
     taken = set(tensors)
     for names in by_storage.values():
+        if len(names) == 1:  # the common case: a storage of its own, nothing shared
+            placed.append((position[names[0]], StoredTensor(names[0], tensors[names[0]])))
+            continue
         clusters = overlap_clusters(names, tensors)
         if sum(1 for c in clusters if tensors[c[0]].numel) > 1:
             plan.groups.append(SharedGroup("disjoint", None, tuple(c[0] for c in clusters)))

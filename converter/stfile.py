@@ -10,17 +10,20 @@ tensors tile ``[0, data_size)`` without gaps or overlaps.
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .dtypes import BY_CODE, DType
 from .errors import CorruptFileError, TiesafeError, quoted, read_error
-from .geometry import MAX_DIMS, MAX_INT64, numel
-from .ties import StoredInfo, decode
+from .geometry import MAX_DIMS, MAX_INT64
+from .ties import StoredInfo, TieRecord, decode
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's own limit
+_INT = {int}
 _USIZE = 1 << 64  # shapes and offsets are u64 in the safetensors library: larger is no safetensors file
 
 
@@ -44,6 +47,31 @@ class SafetensorsFile:
     metadata: dict[str, str]
     data_start: int
     size: int
+    record: TieRecord = field(default_factory=TieRecord)  # the ties, validated against ``entries``
+
+
+class StoredInfos(Mapping[str, StoredInfo]):
+    """``entries`` as :func:`~converter.ties.decode` sees them, each described only when asked.
+
+    Most stored tensors are no tie's target: describing each of 100,000 would cost more
+    than the rest of reading the header.
+    """
+
+    def __init__(self, entries: Mapping[str, Entry]) -> None:
+        self._entries = entries
+
+    def __getitem__(self, name: str) -> StoredInfo:
+        entry = self._entries[name]
+        return StoredInfo(entry.dtype.code, entry.shape)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
 
 
 def _entry(name: str, spec: object, data_start: int) -> tuple[Entry, int, int]:
@@ -54,23 +82,27 @@ def _entry(name: str, spec: object, data_start: int) -> tuple[Entry, int, int]:
     if dtype is None:
         raise CorruptFileError(f"tensor {quoted(name)} has unknown dtype {quoted(spec.get('dtype'), 40)}")
     shape, offsets = spec.get("shape"), spec.get("data_offsets")
+    # Each check in C (set of types, min, max): a header may describe 100,000 tensors.
     if (
-        not isinstance(shape, list)
+        type(shape) is not list
         or len(shape) > MAX_DIMS
-        or not all(type(n) is int and 0 <= n <= MAX_INT64 for n in shape)  # u64 in the format, int64 in torch
-    ):
+        or (shape and (set(map(type, shape)) != _INT or min(shape) < 0 or max(shape) > MAX_INT64))
+    ):  # u64 in the format, int64 in torch; bool is not an int here
         raise CorruptFileError(f"tensor {quoted(name)} has an invalid shape")
     if (
-        not isinstance(offsets, list)
+        type(offsets) is not list
         or len(offsets) != 2
-        or not all(type(o) is int and 0 <= o < _USIZE for o in offsets)
-        or offsets[0] > offsets[1]
+        or type(offsets[0]) is not int
+        or type(offsets[1]) is not int
+        or not 0 <= offsets[0] <= offsets[1] < _USIZE
     ):
         raise CorruptFileError(f"tensor {quoted(name)} has invalid data_offsets")
     begin, end = offsets
-    if not _fits_usize(shape, dtype.itemsize):
+    count = math.prod(shape)
+    if count * dtype.itemsize * 8 >= _USIZE or (0 in shape and not _fits_usize(shape, dtype.itemsize)):
+        # Without a 0, the running product only grows: the total fitting is the whole check.
         raise CorruptFileError(f"tensor {quoted(name)}: its byte size overflows 64 bits")
-    needed = numel(shape) * dtype.itemsize
+    needed = count * dtype.itemsize
     if needed != end - begin:
         raise CorruptFileError(
             f"tensor {quoted(name)}: {dtype.code}{quoted(shape)} needs {needed} bytes, data_offsets give {end - begin}"
@@ -100,11 +132,13 @@ def _utf8(text: str, what: str) -> None:
 def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
     # json.loads keeps the last of two equal keys and other readers may keep the first:
     # a file that two loaders read differently is refused.
-    result: dict[str, object] = {}
-    for key, value in pairs:
-        if key in result:
-            raise CorruptFileError(f"the header names {quoted(key)} more than once")
-        result[key] = value
+    result = dict(pairs)  # one C call per object: tens of thousands of entries in a large header
+    if len(result) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise CorruptFileError(f"the header names {quoted(key)} more than once")
+            seen.add(key)
     return result
 
 
@@ -160,10 +194,10 @@ def read_safetensors(path: str | Path) -> SafetensorsFile:
         if data_start + position != size:
             raise CorruptFileError(f"data section holds {size - data_start} bytes, the header describes {position}")
         # The tie record is part of the header: a file whose record is invalid is refused here, by name.
-        decode(metadata, {e.name: StoredInfo(e.dtype.code, e.shape) for e in entries.values()})
+        record = decode(metadata, StoredInfos(entries))
     except TiesafeError as exc:
         raise type(exc)(exc.problem, path=path) from None
     except OSError as exc:
         raise read_error(exc, path, "safetensors file") from None
     ordered = dict(sorted(entries.items(), key=lambda item: item[1].start))
-    return SafetensorsFile(path, ordered, metadata, data_start, size)
+    return SafetensorsFile(path, ordered, metadata, data_start, size, record)

@@ -11,17 +11,17 @@ embedding costs one pass.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from . import ties
 from .descriptors import Checkpoint, TensorRef
-from .errors import TiesafeError, VerificationError
+from .errors import VerificationError
 from .geometry import contiguous_strides
 from .sharing import overlap_clusters
 from .stfile import SafetensorsFile
-from .windows import FileWindow, WindowComparer, source_window
+from .windows import FileWindow, PieceWindow, WindowComparer, source_window
 
 
 @dataclass
@@ -38,21 +38,15 @@ def output_windows(files: Iterable[SafetensorsFile]) -> tuple[dict[str, FileWind
 
     Hidden spans are not names of the source and are left out.
     """
+    files = list(files)
     stored: dict[str, FileWindow] = {}
-    records = []
     for f in files:
         for entry in f.entries.values():
             if entry.name in stored:
                 raise VerificationError(f"tensor {entry.name!r} is stored in two files", path=f.path)
             ref = TensorRef(entry.name, entry.dtype, 0, entry.shape, contiguous_strides(entry.shape))
             stored[entry.name] = FileWindow(f.path, entry.start, ref)
-        # Each shard's record is validated against that shard's own tensors.
-        info = {e.name: ties.StoredInfo(e.dtype.code, e.shape) for e in f.entries.values()}
-        try:
-            records.append(ties.decode(f.metadata, info))
-        except TiesafeError as exc:
-            raise type(exc)(exc.problem, path=f.path) from None
-    record = ties.merge(records)
+    record = output_record(files)
     windows = {n: w for n, w in stored.items() if n not in record.hidden}
     for name, target in (*record.aliases.items(), *record.copies.items()):
         windows[name] = stored[target]
@@ -61,6 +55,12 @@ def output_windows(files: Iterable[SafetensorsFile]) -> tuple[dict[str, FileWind
         ref = TensorRef(view.base, base.ref.dtype, view.offset, view.shape, view.stride)
         windows[name] = FileWindow(base.path, base.storage_offset, ref)
     return windows, record
+
+
+def output_record(files: Iterable[SafetensorsFile]) -> ties.TieRecord:
+    """The tie record of an output set: its shards' records, validated and merged."""
+    # Each shard's record was validated against that shard's own tensors when it was read.
+    return ties.merge([f.record for f in files])
 
 
 def verify_output(
@@ -93,24 +93,35 @@ def verify_output(
     if extra:
         raise VerificationError(f"output has a tensor the source lacks: {sorted(extra)[0]!r}", path=where)
     _check_no_false_sharing(checkpoint, record, set(declared), where)
+    # In output order: the writer's order (verification trails it), and neighbours in
+    # both files, compared in batches.
+    files_order = {f.path: i for i, f in enumerate(files)}
+    pairs = sorted(_pairs(checkpoint, windows, where), key=lambda p: (files_order[p[1].path], p[1].storage_offset))
     comparer = WindowComparer(wait)
     try:
-        for name, ref in checkpoint.tensors.items():
-            window = windows.get(name)
-            if window is None:
-                raise VerificationError(f"tensor {name!r} is missing from the output", path=where)
-            if window.ref.dtype != ref.dtype or window.ref.shape != ref.shape:
-                raise VerificationError(
-                    f"tensor {name!r} is {window.ref.dtype.code}{list(window.ref.shape)} in the output "
-                    f"but {ref.dtype.code}{list(ref.shape)} in the source",
-                    path=where,
-                )
-            source = source_window(checkpoint.storages[ref.storage], ref)
-            if not comparer.equal(window, source):
-                raise VerificationError(f"tensor {name!r} differs from the source", path=where)
+        different = comparer.first_difference(pairs)
     finally:
         comparer.close()
+    if different is not None:
+        raise VerificationError(f"tensor {different!r} differs from the source", path=where)
     return VerifyReport(len(checkpoint.tensors), comparer.bytes_compared, len(record.names()))
+
+
+def _pairs(
+    checkpoint: Checkpoint, windows: dict[str, FileWindow], where: Path
+) -> Iterator[tuple[str, FileWindow, FileWindow | PieceWindow]]:
+    """Each source name with its output window and its source window, checked for dtype and shape."""
+    for name, ref in checkpoint.tensors.items():
+        window = windows.get(name)
+        if window is None:
+            raise VerificationError(f"tensor {name!r} is missing from the output", path=where)
+        if window.ref.dtype != ref.dtype or window.ref.shape != ref.shape:
+            raise VerificationError(
+                f"tensor {name!r} is {window.ref.dtype.code}{list(window.ref.shape)} in the output "
+                f"but {ref.dtype.code}{list(ref.shape)} in the source",
+                path=where,
+            )
+        yield name, window, source_window(checkpoint.storages[ref.storage], ref)
 
 
 def _check_no_false_sharing(checkpoint: Checkpoint, record: ties.TieRecord, declared: set[str], where: Path) -> None:
@@ -119,10 +130,13 @@ def _check_no_false_sharing(checkpoint: Checkpoint, record: ties.TieRecord, decl
     by_storage: dict[str, list[str]] = {}
     for name, ref in checkpoint.tensors.items():
         by_storage.setdefault(ref.storage, []).append(name)
+    number = 0  # a number per cluster (an id() of a freed list could come back for another)
     for names in by_storage.values():
-        for cluster in overlap_clusters(names, checkpoint.tensors):
+        clusters = [names] if len(names) == 1 else overlap_clusters(names, checkpoint.tensors)
+        for cluster in clusters:
+            number += 1
             for name in cluster:
-                cluster_of[name] = id(cluster)
+                cluster_of[name] = number
     for name, view in record.views.items():
         if name in declared:
             continue

@@ -25,7 +25,7 @@ from typing import cast
 
 from .errors import WriteError
 from .layout import FilePlan
-from .windows import FileWindow, PieceWindow, gather
+from .windows import BATCH_BYTES, SMALL_GAP, FileWindow, Piece, PieceWindow, batchable, extends, gather, read_pieces
 
 TEMP_SUFFIX = ".tiesafe-tmp"  # temporary files are named .<final name>.<8 random characters>.tiesafe-tmp
 _RANDOM = 8  # length of tempfile.mkstemp's random part
@@ -209,12 +209,16 @@ class WriteProgress:
         self._written: dict[Path, int] = {}
         self._stopped = False
         self._changed = threading.Condition()
+        self._awaited: dict[Path, list[int]] = {}  # the ends readers wait for, per file
 
     def advance(self, path: Path, end: int) -> None:
         """Bytes ``[0, end)`` of ``path`` are written."""
         with self._changed:
             self._written[path] = end
-            self._changed.notify_all()
+            # Wake readers only when what one waits for has landed: thousands of small
+            # tensors would otherwise wake the verifier for each, to wait again.
+            if any(end >= awaited for awaited in self._awaited.get(path, ())):
+                self._changed.notify_all()
 
     def stop(self) -> None:
         """No more bytes will come: waiting readers raise :class:`WriteStopped`."""
@@ -225,10 +229,15 @@ class WriteProgress:
     def wait(self, path: Path, end: int) -> None:
         """Block until bytes ``[0, end)`` of ``path`` are written."""
         with self._changed:
-            while self._written.get(path, 0) < end:
-                if self._stopped:
-                    raise WriteStopped(path)
-                self._changed.wait()
+            awaited = self._awaited.setdefault(path, [])
+            awaited.append(end)
+            try:
+                while self._written.get(path, 0) < end:
+                    if self._stopped:
+                        raise WriteStopped(path)
+                    self._changed.wait()
+            finally:
+                awaited.remove(end)
 
 
 class _Checker:
@@ -446,26 +455,63 @@ def _start_plan(fd: int, plan: FilePlan) -> None:
 
 
 def _copy_tensors(fd: int, plan: FilePlan) -> Iterator[int]:
-    """Copy every tensor into place, in file order; yield the end offset of each one written."""
+    """Copy every tensor into place, in file order; yield the end offset of what is written so far.
+
+    A large range is copied inside the kernel (``copy_file_range``); runs of small ones
+    that lie close together in one source (a mixture-of-experts file holds tens of
+    thousands) are read with one ``preadv`` into a reusable buffer and written with one
+    ``pwrite``: one pair of system calls per batch instead of one call per tensor.
+    """
     sources: dict[Path, int] = {}
+    batch: list[Piece] = []
+    batch_fd, batch_start, batch_bytes = -1, 0, 0
+    buffers = (bytearray(), bytearray())  # allocated with the first batch
     try:
         base = len(plan.header)
         for tensor in plan.tensors:
             source = tensor.source
-            if isinstance(source, PieceWindow):
+            if isinstance(source, PieceWindow):  # a training run's tensor: ranges of several files
+                if batch:
+                    yield _write_batch(fd, batch_fd, batch, batch_start, buffers)
+                    batch = []
                 _copy_pieces(source, fd, base + tensor.begin, sources)
-            elif not isinstance(source, FileWindow):
-                source.write_into(fd, base + tensor.begin)
-            else:
+                yield base + tensor.end
+                continue
+            piece = None
+            if isinstance(source, FileWindow):
                 if source.path not in sources:
                     sources[source.path] = os.open(source.path, os.O_RDONLY)
                 src = sources[source.path]
+                piece = batchable(source)
+                if piece is not None:
+                    if batch and (
+                        src != batch_fd
+                        or base + tensor.begin != batch_start + batch_bytes
+                        or not extends(batch[-1], len(batch), batch_bytes, piece)
+                    ):
+                        yield _write_batch(fd, batch_fd, batch, batch_start, buffers)
+                        batch = []
+                    if not batch:
+                        batch_fd, batch_start, batch_bytes = src, base + tensor.begin, 0
+                        if not buffers[0]:
+                            buffers = (bytearray(BATCH_BYTES), bytearray(SMALL_GAP))
+                    batch.append(piece)
+                    batch_bytes += piece.nbytes
+                    continue
+            if batch:
+                yield _write_batch(fd, batch_fd, batch, batch_start, buffers)
+                batch = []
+            if not isinstance(source, FileWindow):
+                source.write_into(fd, base + tensor.begin)
+            else:
                 span = source.contiguous_range
                 if span is not None:
                     _copy_range(src, fd, span[0], base + tensor.begin, span[1])
                 else:
                     pwrite_all(fd, gather(src, source.storage_offset, source.ref), base + tensor.begin)
             yield base + tensor.end
+        if batch:
+            yield _write_batch(fd, batch_fd, batch, batch_start, buffers)
     finally:
         for src in sources.values():
             os.close(src)
@@ -483,6 +529,16 @@ def _copy_pieces(source: PieceWindow, fd: int, offset: int, sources: dict[Path, 
             sources[path] = os.open(path, os.O_RDONLY)
         _copy_range(sources[path], fd, start, offset, length)
         offset += length
+
+
+def _write_batch(fd: int, src: int, pieces: list[Piece], start: int, buffers: tuple[bytearray, bytearray]) -> int:
+    """Write ``pieces`` of ``src`` back to back at ``start``; return the end offset written."""
+    try:
+        nbytes = read_pieces(src, pieces, *buffers)
+    except EOFError as exc:
+        raise OSError(f"source ended early ({exc})") from None
+    pwrite_all(fd, memoryview(buffers[0])[:nbytes], start)
+    return start + nbytes
 
 
 def _write_plan(fd: int, plan: FilePlan) -> None:

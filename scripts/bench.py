@@ -1,6 +1,8 @@
 """tiesafe side by side with today's converters and with a durable copy.
 
-    python scripts/bench.py                  # GPT-2 124M (0.5 GB) and a Llama-3.2-1B-shaped sharded set (3 GB)
+    python scripts/bench.py                  # GPT-2 124M (0.5 GB), a Llama-3.2-1B-shaped sharded set (3 GB),
+                                             # and two mixture-of-experts files (12,288 and 46,848 tensors)
+    python scripts/bench.py --inputs moe-100k --tools tiesafe,floor   # 100,608 tensors: memory vs tensor count
     python scripts/bench.py --quick          # tiny inputs, one run each: keeps the script working (CI)
     python scripts/bench.py --huge           # adds a 30 GB input, larger than this machine's RAM
     python scripts/bench.py --json out.json  # every run, not only the medians
@@ -65,6 +67,9 @@ class InputSpec:
     build: str  # child task that builds it
     sharded: bool  # a .bin set with an index rather than one pytorch_model.bin
     warmup: str | None = None  # tiny input of the same kind, run untimed first
+    folder: bool = False  # tiesafe converts the folder (convert FOLDER OUT), even with one .bin
+    transformers: bool = True  # a transformers model (from_pretrained applies)
+    commands: bool = False  # also time inspect and verify on the output
 
 
 GPT2_TINY = InputSpec("gpt2-tiny", "tiny GPT-2 fp32, one .bin (tied)", "build-gpt2-tiny", sharded=False)
@@ -80,7 +85,45 @@ HUGE = InputSpec(
     sharded=False,
     warmup="gpt2-tiny",
 )
-SPECS = {s.name: s for s in (GPT2_TINY, LLAMA_TINY, GPT2, LLAMA, HUGE)}
+# Mixture-of-experts shape: experts x layers x {gate, up, down}, bf16, one pytorch_model.bin.
+MOE_TINY = InputSpec(
+    "moe-tiny",
+    "tiny MoE bf16, 48 tensors",
+    "build-moe-tiny",
+    sharded=False,
+    folder=True,
+    transformers=False,
+    commands=True,
+)
+MOE_12K = InputSpec(
+    "moe-12k",
+    "MoE bf16, 16 layers x 256 experts x 3: 12,288 tensors of 64 KiB (0.8 GB), convert FOLDER",
+    "build-moe-12k",
+    sharded=False,
+    warmup="moe-tiny",
+    folder=True,
+    transformers=False,
+    commands=True,
+)
+MOE_47K = InputSpec(
+    "moe-47k",
+    "MoE bf16, 61 layers x 256 experts x 3: 46,848 tensors of 2 KiB (0.1 GB), convert FILE",
+    "build-moe-47k",
+    sharded=False,
+    warmup="moe-tiny",
+    transformers=False,
+    commands=True,
+)
+MOE_100K = InputSpec(
+    "moe-100k",
+    "MoE bf16, 131 layers x 256 experts x 3: 100,608 tensors of 2 KiB (0.2 GB), convert FILE",
+    "build-moe-100k",
+    sharded=False,
+    warmup="moe-tiny",
+    transformers=False,
+    commands=True,
+)
+SPECS = {s.name: s for s in (GPT2_TINY, LLAMA_TINY, MOE_TINY, GPT2, LLAMA, MOE_12K, MOE_47K, MOE_100K, HUGE)}
 
 
 def weight_files(folder: Path) -> list[Path]:
@@ -123,11 +166,17 @@ class Tool:
     note: str = ""
 
 
+def _spec(folder: Path) -> InputSpec | None:
+    """The input a folder of the cache holds (it is named after it)."""
+    return SPECS.get(folder.name)
+
+
 def _tiesafe(verify: bool) -> Command:
     def command(src: Path, out: Path) -> list[str] | None:
         flags = [] if verify else ["--no-verify"]
         files = weight_files(src)
-        if len(files) == 1:
+        spec = _spec(src)
+        if len(files) == 1 and not (spec and spec.folder):
             return [PYTHON, "-m", "converter", "convert", str(files[0]), str(out / "model.safetensors"), *flags]
         if not folder_conversion_available():
             return None  # reported as pending: the folder conversion is not on this branch yet
@@ -147,7 +196,13 @@ def _tiesafe_per_shard(src: Path, out: Path) -> list[str] | None:
 
 
 def _child_task(task: str) -> Command:
-    return lambda src, out: [PYTHON, __file__, "child", task, str(src), str(out)]
+    def command(src: Path, out: Path) -> list[str] | None:
+        spec = _spec(src)
+        if task == "transformers" and spec is not None and not spec.transformers:
+            return None  # not a transformers model: from_pretrained does not apply
+        return [PYTHON, __file__, "child", task, str(src), str(out)]
+
+    return command
 
 
 def _floor(src: Path, out: Path) -> list[str]:
@@ -410,7 +465,7 @@ def bench_input(
     for key in tools:
         tool = TOOLS[key]
         if tool.command(folder, work) is None:
-            if key != "tiesafe-per-shard":
+            if key != "tiesafe-per-shard" and tool.kind == "tiesafe":
                 row = Row(spec.name, tool.name, tool.kind, "folder conversion not on this branch yet", status="pending")
                 rows[key] = row
             continue
@@ -487,6 +542,58 @@ def bench_load(file: Path, runs: int, repeats: int) -> dict[str, Any]:
     for mode in ("share", "clone"):
         summary[f"time_ratio_{mode}"] = summary[mode]["seconds"] / summary["safetensors"]["seconds"]
     return summary
+
+
+# --------------------------------------------------------------------------- inspect and verify
+
+
+def bench_commands(spec: InputSpec, folder: Path, runs: int, work: Path) -> list[dict[str, Any]]:
+    """``tiesafe inspect`` (output and source) and ``tiesafe verify`` on tiesafe's output of ``folder``.
+
+    The output is written once, untimed; the commands then run ``runs`` times each with
+    the files in the page cache, their stdout a pipe (inspect prints plain columns,
+    grouped by name pattern, as it does for any reader that is not a terminal).
+    """
+    out = _fresh(work / f"{spec.name}-commands")
+    argv = TOOLS["tiesafe"].command(folder, out)
+    assert argv is not None
+    subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, cwd=CHECKOUT[0], env=child_env())
+    output, source = out / "model.safetensors", weight_files(folder)[0]
+    cases = {
+        f"tiesafe inspect {output.name}": ["inspect", str(output)],
+        f"tiesafe inspect {source.name}": ["inspect", str(source)],
+        f"tiesafe verify {source.name} {output.name}": ["verify", str(source), str(output)],
+    }
+    results = []
+    for label, args in cases.items():
+        timed = [measure([PYTHON, "-m", "converter", *args], small_parent=True) for _ in range(runs)]
+        results.append(
+            {
+                "input": spec.name,
+                "command": label,
+                "wall": statistics.median(r.wall for r in timed),
+                "cpu": statistics.median(r.cpu for r in timed),
+                "peak_rss": statistics.median(r.peak_rss for r in timed),
+                "returncode": max(r.returncode for r in timed),
+                "error": next((r.error for r in timed if r.returncode), ""),
+            }
+        )
+        print(f"  {spec.name:10} {label:42} {results[-1]['wall']:7.2f} s", file=sys.stderr, flush=True)
+    shutil.rmtree(out, ignore_errors=True)
+    return results
+
+
+def commands_table(results: list[dict[str, Any]]) -> str:
+    lines = [
+        "| input | command | wall s | CPU s | peak RSS MiB |",
+        "| --- | --- | ---: | ---: | ---: |",
+    ]
+    for r in results:
+        failed = f" (exit {r['returncode']}: {r['error']})" if r["returncode"] else ""
+        lines.append(
+            f"| {r['input']} | {r['command']}{failed} | {r['wall']:.2f} | {r['cpu']:.2f} | {r['peak_rss'] / MiB:.0f} |"
+        )
+    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------- startup
@@ -769,6 +876,26 @@ def _build_huge(folder: Path) -> None:
     config.save_pretrained(folder)
 
 
+def _build_moe(folder: Path, layers: int, experts: int, shape: tuple[int, int]) -> None:
+    """A mixture-of-experts-shaped bf16 state dict: layers x experts x {gate, up, down}, each tensor its own storage.
+
+    Values are random (seeded), so no two experts hold equal bytes; one layer is in
+    memory at a time besides the state dict itself.
+    """
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    state: dict[str, Any] = {}
+    for layer in range(layers):
+        block = (torch.randn(experts * 3, *shape, generator=generator) * 0.02).to(torch.bfloat16)
+        for expert in range(experts):
+            for j, proj in enumerate(("gate_proj", "up_proj", "down_proj")):
+                state[f"model.layers.{layer}.mlp.experts.{expert}.{proj}.weight"] = block[3 * expert + j].clone()
+    torch.save(state, folder / "pytorch_model.bin")
+    config = {"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "tie_word_embeddings": False}
+    (folder / "config.json").write_text(json.dumps(config))
+
+
 def _sf_name(pt_name: str) -> str:
     return pt_name.replace("pytorch_model", "model").replace(".bin", ".safetensors")
 
@@ -869,6 +996,10 @@ def child(argv: list[str]) -> None:
         "build-llama": lambda folder: _build_llama(folder, "1b", max_shard=GB),
         "build-llama-tiny": lambda folder: _build_llama(folder, "tiny", max_shard=200_000),
         "build-huge": _build_huge,
+        "build-moe-tiny": lambda folder: _build_moe(folder, 2, 8, (4, 8)),
+        "build-moe-12k": lambda folder: _build_moe(folder, 16, 256, (128, 256)),
+        "build-moe-47k": lambda folder: _build_moe(folder, 61, 256, (32, 32)),
+        "build-moe-100k": lambda folder: _build_moe(folder, 131, 256, (32, 32)),
     }
     converters: dict[str, Callable[[Path, Path], None]] = {
         "hub-convert": _hub_convert,
@@ -893,7 +1024,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=5, help="timed runs per tool and input (medians are reported)")
     parser.add_argument("--quick", action="store_true", help="tiny inputs, one run: checks that the script works")
     parser.add_argument("--huge", action="store_true", help="add a 30 GB input, larger than this machine's RAM")
-    parser.add_argument("--inputs", help="comma-separated subset of gpt2,llama-1b (default: both)")
+    parser.add_argument(
+        "--inputs", help="comma-separated: gpt2, llama-1b, moe-12k, moe-47k (the default set), moe-100k; none"
+    )
     parser.add_argument("--tools", help=f"comma-separated subset of {','.join(TOOLS)}")
     parser.add_argument("--cache-mode", choices=["evict", "drop", "warm"], default="evict", help="see above")
     parser.add_argument("--anon-limit-gib", type=float, default=8.0, help="--huge: stop a reference past this")
@@ -936,9 +1069,12 @@ def main(argv: list[str] | None = None) -> int:
     tools = opts.tools.split(",") if opts.tools else list(TOOLS)
     if set(tools) - set(TOOLS):
         parser.error(f"unknown tools: {', '.join(sorted(set(tools) - set(TOOLS)))}")
-    specs = [GPT2_TINY, LLAMA_TINY] if opts.quick else [GPT2, LLAMA]
+    specs = [GPT2_TINY, LLAMA_TINY, MOE_TINY] if opts.quick else [GPT2, LLAMA, MOE_12K, MOE_47K]
     if opts.inputs:
-        specs = [s for s in specs if s.name in opts.inputs.split(",")]
+        names = [n for n in opts.inputs.split(",") if n and n != "none"]
+        if set(names) - set(SPECS) or HUGE.name in names:
+            parser.error(f"unknown inputs: {', '.join(sorted(set(names) - set(SPECS)))} (the 30 GB one: --huge)")
+        specs = [SPECS[n] for n in names]
     runs = 1 if opts.quick else opts.runs
     cache: Path = opts.cache.resolve()
     cache.mkdir(parents=True, exist_ok=True)
@@ -950,6 +1086,7 @@ def main(argv: list[str] | None = None) -> int:
 
     load_avg = [os.getloadavg()[0]]
     rows: list[Row] = []
+    commands: list[dict[str, Any]] = []
     warmups = [SPECS[s.warmup] for s in (*specs, *([HUGE] if opts.huge else [])) if s.warmup]
     folders = ensure_inputs([*specs, *warmups], cache)
     for spec in specs:
@@ -958,6 +1095,8 @@ def main(argv: list[str] | None = None) -> int:
             chosen = [t for t in tools if TOOLS[t].kind != "reference"]
         warmup = folders[spec.warmup] if spec.warmup else None
         rows += bench_input(spec, folders[spec.name], chosen, runs, work, cache_mode=opts.cache_mode, warmup=warmup)
+        if spec.commands and "tiesafe" in tools:
+            commands += bench_commands(spec, folders[spec.name], runs, work)
     if opts.huge:
         needed = 36 * GB
         if free_disk(cache) < needed:
@@ -997,6 +1136,9 @@ def main(argv: list[str] | None = None) -> int:
     titles = {s.name: s.title for s in SPECS.values()}
     print("; ".join(f"{name}: {titles[name]}" for name in per_input) + "\n")
     print(table(rows))
+    if commands:
+        print("\ninspect and verify of tiesafe's output (files in the page cache, stdout a pipe), medians:\n")
+        print(commands_table(commands))
     if load:
         print("\n" + load_table(load))
     if startup:
@@ -1010,9 +1152,11 @@ def main(argv: list[str] | None = None) -> int:
             "rows": [asdict(r) | {"median_wall": r.median("wall")} for r in rows],
             "load": load,
             "startup": startup,
+            "commands": commands,
         }
         opts.json.write_text(json.dumps(document, indent=2, default=str))
-    return 1 if any(r.status == "failed" and r.kind == "tiesafe" for r in rows) else 0
+    failed = any(r.status == "failed" and r.kind == "tiesafe" for r in rows) or any(c["returncode"] for c in commands)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

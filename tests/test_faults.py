@@ -25,6 +25,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -382,17 +383,21 @@ def test_a_source_that_changes_during_conversion_is_refused(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.bin"]
 
 
-def test_a_source_truncated_during_the_copy_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from converter import writer
+@pytest.mark.parametrize("copy", ["_copy_range", "read_pieces"])  # one range per call, or a batch of them
+def test_a_source_truncated_during_the_copy_is_a_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, copy: str
+) -> None:
+    from converter import windows, writer
 
     source = _checkpoint(tmp_path / "x.bin", 13)
-    real = writer._copy_range
+    monkeypatch.setattr(windows, "SMALL_RANGE", 0 if copy == "_copy_range" else 1 << 20)
+    real = getattr(writer, copy)
 
-    def truncate_then_copy(*args: int) -> None:
+    def truncate_then_copy(*args: Any) -> Any:
         os.truncate(source, 1000)
-        real(*args)
+        return real(*args)
 
-    monkeypatch.setattr(writer, "_copy_range", truncate_then_copy)
+    monkeypatch.setattr(writer, copy, truncate_then_copy)
     with pytest.raises(WriteError, match="source ended early"):
         converter.convert_file(source, tmp_path / "x.safetensors")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.bin"]

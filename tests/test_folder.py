@@ -18,6 +18,7 @@ from models import llama_tied
 from transformers import AutoModelForCausalLM
 
 import converter
+from converter import identical
 from converter.errors import TiesafeError
 
 
@@ -114,7 +115,12 @@ def test_output_is_deterministic(llama_folder, tmp_path: Path) -> None:
         assert path.read_bytes() == (two / path.name).read_bytes(), path.name
 
 
-def test_declared_tie_with_different_bytes_is_refused_or_kept(tmp_path: Path) -> None:
+@pytest.mark.parametrize("search", [True, False])  # found by the identical-bytes search, or compared alone
+def test_declared_tie_with_different_bytes_is_refused_or_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, search: bool
+) -> None:
+    if not search:
+        monkeypatch.setattr(identical, "SEARCH_AT_MOST", 2)  # the tiny Llama has more candidates: skipped
     torch.manual_seed(0)
     model = llama_tied().eval()
     folder = tmp_path / "llama"
@@ -128,8 +134,29 @@ def test_declared_tie_with_different_bytes_is_refused_or_kept(tmp_path: Path) ->
     assert not (tmp_path / "out" / "model.safetensors").exists()
     report = converter.convert_folder(folder, tmp_path / "out", allow_untied=True)
     assert report.warnings and "both kept" in report.warnings[0]
+    assert any("identical bytes not searched" in w for w in report.warnings) is not search
     plain = safetensors.torch.load_file(tmp_path / "out" / "model.safetensors")
     assert torch.equal(plain["lm_head.weight"], part["lm_head.weight"])
+
+
+def test_many_small_candidates_are_not_searched_unless_asked_and_the_report_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(identical, "SEARCH_AT_MOST", 8)
+    folder = tmp_path / "moe"
+    folder.mkdir()
+    state = {f"experts.{i}.w": torch.randn(4, 4) for i in range(12)}
+    state["experts.12.w"] = state["experts.3.w"].clone()
+    torch.save(state, folder / "pytorch_model.bin")
+    report = converter.convert_folder(folder, tmp_path / "out")
+    assert report.identical == [] and report.stored == 13
+    assert report.warnings == [
+        "identical bytes not searched: 13 small tensors share a dtype and shape "
+        "(--dedup-identical searches them and stores equal ones once)"
+    ]
+    report = converter.convert_folder(folder, tmp_path / "dedup", dedup_identical=True)
+    assert [(t.name, t.target, t.kind) for t in report.ties] == [("experts.12.w", "experts.3.w", "copy")]
+    assert report.warnings == [] and report.stored == 12
 
 
 def test_identical_bytes_are_reported_and_deduplicated_as_copies(tmp_path: Path) -> None:
@@ -300,6 +327,8 @@ def test_a_sharded_set_is_verified_while_later_shards_are_written(
     from converter import windows, writer
 
     src, _ = llama_folder
+    monkeypatch.setattr(windows, "SMALL_RANGE", 0)  # one copy and one comparison per tensor
+    monkeypatch.setattr(windows, "SMALL_COMPARE", 0)
     first_shard_read = threading.Event()
     trailed: list[bool] = []
     real_copy, real_read = writer._copy_range, windows.read_into

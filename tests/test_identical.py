@@ -47,3 +47,18 @@ def test_nothing_alike_reads_nothing_past_the_descriptors(tmp_path: Path, monkey
 
     monkeypatch.setattr(identical.WindowComparer, "equal", must_not_compare)
     assert _groups(tmp_path, {"a": torch.ones(4), "b": torch.ones(5), "c": torch.ones(2, 2).double()}) == []
+
+
+def test_many_small_candidates_are_told_apart_by_their_ends_then_in_full(tmp_path: Path) -> None:
+    """Experts of one shape: every one is a candidate. Short ones are settled by the sampled ends
+    (their whole bytes); longer ones that agree at both ends are compared in full."""
+    tensors: dict[str, torch.Tensor] = {}
+    for i in range(40):
+        tensors[f"small.{i}"] = torch.full((8, 8), float(i % 7))  # 256 bytes: the sample is the tensor
+    middle = torch.zeros(4096)  # 16 KiB: the ends are 1 KiB each
+    changed = middle.clone()
+    changed[2048] = 1.0  # differs only in the middle
+    tensors |= {"mid.a": middle.clone(), "mid.changed": changed, "mid.b": middle.clone()}
+    groups = _groups(tmp_path, tensors)
+    expected = [[f"small.{i}" for i in range(r, 40, 7)] for r in range(7)]
+    assert groups == [*expected, ["mid.a", "mid.b"]]

@@ -28,6 +28,8 @@ def _checkpoint(tmp_path: Path) -> Path:
 
 
 def test_failed_verification_leaves_nothing_behind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(windows_module, "SMALL_RANGE", 0)  # one copy and one comparison per tensor
+    monkeypatch.setattr(windows_module, "SMALL_COMPARE", 0)
     source = _checkpoint(tmp_path)
     real_equal = windows_module.WindowComparer.equal
     monkeypatch.setattr(windows_module.WindowComparer, "equal", lambda self, a, b: False)
@@ -39,6 +41,8 @@ def test_failed_verification_leaves_nothing_behind(tmp_path: Path, monkeypatch: 
 
 
 def test_an_existing_output_survives_a_failed_overwrite(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(windows_module, "SMALL_RANGE", 0)  # one copy and one comparison per tensor
+    monkeypatch.setattr(windows_module, "SMALL_COMPARE", 0)
     source = _checkpoint(tmp_path)
     output = Path(converter.convert_file(source).output)
     before = output.read_bytes()
@@ -59,6 +63,8 @@ def test_file_mode_follows_the_umask(tmp_path: Path) -> None:
 
 
 def test_no_verify_skips_the_check(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(windows_module, "SMALL_RANGE", 0)  # one copy and one comparison per tensor
+    monkeypatch.setattr(windows_module, "SMALL_COMPARE", 0)
     source = _checkpoint(tmp_path)
     monkeypatch.setattr(windows_module.WindowComparer, "equal", lambda self, a, b: False)
     report = converter.convert_file(source, verify=False)
@@ -180,6 +186,8 @@ def test_verification_trails_the_writer_and_reads_only_what_landed(
 ) -> None:
     # The first tensor is verified while the last one is still to be copied: its bytes are
     # read back while they are in the page cache. No range is read before it is written.
+    monkeypatch.setattr(windows_module, "SMALL_RANGE", 0)  # one copy and one comparison per tensor
+    monkeypatch.setattr(windows_module, "SMALL_COMPARE", 0)
     source = _many_tensors(tmp_path)
     first_verified = threading.Event()
     written: dict[str, int] = {}
@@ -219,6 +227,8 @@ def test_verification_trails_the_writer_and_reads_only_what_landed(
 
 
 def test_a_difference_found_mid_write_stops_the_writer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(windows_module, "SMALL_RANGE", 0)  # one copy and one comparison per tensor
+    monkeypatch.setattr(windows_module, "SMALL_COMPARE", 0)
     source = _many_tensors(tmp_path)
     copies: list[int] = []
     check_failed = threading.Event()
@@ -247,6 +257,8 @@ def test_a_difference_found_mid_write_stops_the_writer(tmp_path: Path, monkeypat
 
 
 def test_an_interrupted_write_releases_a_waiting_verifier(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(windows_module, "SMALL_RANGE", 0)  # one copy and one comparison per tensor
+    monkeypatch.setattr(windows_module, "SMALL_COMPARE", 0)
     source = _many_tensors(tmp_path)
     real_copy = writer_module._copy_range
     copies: list[int] = []

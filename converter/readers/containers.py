@@ -7,11 +7,14 @@ structure (built by :mod:`.unpickler`) and where each storage's bytes lie in the
 
 from __future__ import annotations
 
+import bisect
+import contextlib
 import io
+import os
 import struct
 import zipfile
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, NamedTuple
 
 from ..descriptors import StorageRecord
 from ..dtypes import BYTE, DType
@@ -20,26 +23,71 @@ from .unpickler import MAX_ELEMENTS, MAX_PICKLE_BYTES, StorageNode, UnpickleCont
 
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 LEGACY_PROTOCOL = 1001
+_LOCAL = struct.Struct("<8xH16xHH")  # a local file header: compression method, name and extra lengths
+_HEADERS_BLOCK = 64 * 1024  # local headers closer than this are read together
+_PREFETCH = 64 * 1024 * 1024  # a window of the file read ahead when it holds many headers ...
+_DENSE = 64  # ... at least this many (one per MiB on average)
 
 
 # --------------------------------------------------------------------------- zip format
 
 
-def _local_data_offset(raw: BinaryIO, info: zipfile.ZipInfo, file_size: int) -> int:
-    # The central directory does not give where data starts: the local header's
-    # extra field (torch pads it to align storages) may differ, so read it.
-    raw.seek(info.header_offset)
-    header = raw.read(30)
-    if len(header) != 30 or header[:4] != b"PK\x03\x04":
-        raise CorruptFileError(f"zip member {quoted(info.filename)} has no valid local header")
-    (method,) = struct.unpack("<H", header[8:10])
-    if method != zipfile.ZIP_STORED:  # the central directory said stored: the two disagree
-        raise CorruptFileError(f"zip member {quoted(info.filename)} is compressed; torch writes storages uncompressed")
-    name_len, extra_len = struct.unpack("<HH", header[26:30])
-    start = info.header_offset + 30 + name_len + extra_len
-    if start + info.file_size > file_size:
-        raise CorruptFileError(f"zip member {quoted(info.filename)} claims more bytes than the file holds")
-    return int(start)
+class _Member(NamedTuple):
+    """What the reader needs of a zip member's central-directory record."""
+
+    filename: str
+    header_offset: int
+    compress_type: int
+    compress_size: int
+    file_size: int
+
+
+def _local_data_offsets(raw: BinaryIO, infos: list[_Member], file_size: int) -> dict[str, int]:
+    """Where each member's data starts, from its local header.
+
+    The central directory does not give where data starts: the local header's extra
+    field (torch pads it to align storages) may differ, so each is read. Headers that
+    lie close together (a file of thousands of small storages) are read by one
+    ``pread`` for many, in file order, rather than one seek and read each.
+    """
+    fd = raw.fileno()
+    base = getattr(raw, "base_offset", 0)  # an archive inside a larger file (a DCP chunk) starts there
+    ordered = sorted(infos, key=lambda info: info.header_offset)
+    offsets = [info.header_offset for info in ordered]
+    starts: dict[str, int] = {}
+    block, block_start, advised = b"", 0, 0
+    for i, info in enumerate(ordered):
+        if info.header_offset >= advised:
+            advised = info.header_offset + _PREFETCH
+            if bisect.bisect_left(offsets, advised) - i >= _DENSE:
+                # Headers every few KiB (thousands of small storages): their reads would be
+                # thousands of small synchronous disk reads on a cold cache. Ask the kernel for
+                # the whole window at once; the copy reads these bytes next anyway.
+                with contextlib.suppress(OSError, AttributeError):
+                    os.posix_fadvise(fd, base + info.header_offset, _PREFETCH, os.POSIX_FADV_WILLNEED)
+        at = info.header_offset - block_start
+        if at < 0 or at + 30 > len(block):
+            last = i  # read through the last header within _HEADERS_BLOCK of this one
+            while (
+                last + 1 < len(ordered) and ordered[last + 1].header_offset + 30 - info.header_offset <= _HEADERS_BLOCK
+            ):
+                last += 1
+            block_start = info.header_offset
+            block = os.pread(fd, ordered[last].header_offset + 30 - block_start, base + block_start)
+            at = 0
+        header = block[at : at + 30]
+        if len(header) != 30 or header[:4] != b"PK\x03\x04":
+            raise CorruptFileError(f"zip member {quoted(info.filename)} has no valid local header")
+        method, name_len, extra_len = _LOCAL.unpack_from(header)
+        if method != zipfile.ZIP_STORED:  # the central directory said stored: the two disagree
+            raise CorruptFileError(
+                f"zip member {quoted(info.filename)} is compressed; torch writes storages uncompressed"
+            )
+        start = info.header_offset + 30 + name_len + extra_len
+        if start + info.file_size > file_size:
+            raise CorruptFileError(f"zip member {quoted(info.filename)} claims more bytes than the file holds")
+        starts[info.filename] = start
+    return starts
 
 
 def _read_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> bytes:
@@ -84,15 +132,27 @@ def read_zip(
     if pickle_info.file_size > MAX_PICKLE_BYTES:
         raise CorruptFileError(f"data.pkl claims {pickle_info.file_size} bytes: too large for a weights file")
     pickle_bytes = _read_member(archive, pickle_info)
+    # What the storages need of their records, in tuples: zipfile's ZipInfo objects (and the
+    # archive) are dropped before the pickle is unpickled, which for a file of 100,000
+    # storages holds as much memory as they do.
+    data_prefix = f"{prefix}/data/"
+    table = {
+        info.filename[len(data_prefix) :]: _Member(
+            info.filename, info.header_offset, info.compress_type, info.compress_size, info.file_size
+        )
+        for info in infos
+        if info.filename.startswith(data_prefix)
+    }
+    del archive, infos, by_name, names, pickle_info, byteorder
 
-    records: dict[str, StorageRecord] = {}
+    members: dict[str, tuple[_Member, int]] = {}  # storage key -> its record, bytes it holds
     nodes: dict[str, StorageNode] = {}
 
     def on_storage(data: tuple[object, ...]) -> StorageNode:
         storage_type, key, location, numel = storage_fields(data)
         if key in nodes:
             return nodes[key]
-        member = by_name.get(f"{prefix}/data/{key}")
+        member = table.get(key)
         if member is None:
             raise CorruptFileError(f"storage {quoted(key)} has no record in the archive")
         if member.compress_type != zipfile.ZIP_STORED or member.compress_size != member.file_size:
@@ -103,12 +163,19 @@ def read_zip(
                 f"storage {quoted(key)} should hold {numel * dtype.itemsize} bytes "
                 f"but its record has {member.file_size}"
             )
-        offset = _local_data_offset(raw, member, file_size)
-        records[key] = StorageRecord(key, path, offset, numel * dtype.itemsize, location)
+        members[key] = (member, numel * dtype.itemsize)
+        locations[key] = location
         nodes[key] = StorageNode(key, dtype, 0, storage_type.unsupported)
         return nodes[key]
 
-    return unpickle(io.BytesIO(pickle_bytes), context, on_storage), records
+    locations: dict[str, str] = {}
+    result = unpickle(io.BytesIO(pickle_bytes), context, on_storage)
+    starts = _local_data_offsets(raw, [member for member, _ in members.values()], file_size)
+    records = {
+        key: StorageRecord(key, path, starts[member.filename], nbytes, locations[key])
+        for key, (member, nbytes) in members.items()
+    }
+    return result, records
 
 
 # --------------------------------------------------------------------------- legacy format

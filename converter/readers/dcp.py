@@ -53,6 +53,10 @@ class _Slice(io.RawIOBase):
 
     def __init__(self, raw: Any, start: int, length: int) -> None:
         self._raw, self._start, self._length, self._position = raw, start, length, 0
+        self.base_offset = start  # read_zip's direct reads (pread on fileno()) add it
+
+    def fileno(self) -> int:
+        return int(self._raw.fileno())
 
     def readable(self) -> bool:
         return True

@@ -14,12 +14,19 @@ sees, all reachable from a few bytes:
   from a few hundred KB;
 - a string opcode announcing gigabytes makes the reader allocate them.
 
-So each pickle is walked once with :func:`pickletools.genops` (pure Python, no
-object built), simulating only the stack's *shape*: for each item, how deep its
-tuples nest and whether an attacker can choose its hash. The walk costs about a
-microsecond per opcode (a weights pickle has about 30 per tensor), and it stops
-at 8 million opcodes so that it cannot become the slow part itself. A real weights
-pickle never comes near any limit; a hostile one is refused by name.
+So each pickle is walked once before it is unpickled, simulating only the stack's
+*shape*: for each item, how deep its tuples nest and whether an attacker can choose
+its hash. No object is built. A real weights pickle never comes near any limit; a
+hostile one is refused by name. The walk stops at 8 million opcodes so that it
+cannot become the slow part itself.
+
+Speed: a mixture-of-experts checkpoint has tens of thousands of tensors, about 32
+opcodes each (1.5 million for 46,848 tensors). :func:`pickletools.genops` costs
+about 5 µs an opcode there, so the walk is a loop of our own over the bytes: the
+opcodes ``torch.save`` and ``pickle`` write in binary protocols are handled inline
+(an item is one int, ``depth * 2 + floodable``), and every other opcode goes
+through :mod:`pickletools`' own argument readers and stack descriptions, by the
+same rules. Hand-written because no library walks a pickle's opcodes in C.
 
 The walk also yields the pickle's exact bytes, so the caller unpickles from
 memory a stream it has already measured.
@@ -30,8 +37,9 @@ from __future__ import annotations
 import contextvars
 import io
 import pickletools
+import struct
 from collections.abc import Iterable
-from typing import IO, BinaryIO, NamedTuple, cast
+from typing import BinaryIO
 
 from ..errors import CorruptFileError, UnsafeCheckpointError
 
@@ -79,13 +87,16 @@ _SAFE = frozenset(
 )
 
 
-class _Item(NamedTuple):
-    depth: int  # how deep tuples nest inside (an upper bound)
-    floodable: bool  # hashable with a hash the pickle can choose
-
-
-_MARK = _Item(-1, False)  # stands for a MARK on the simulated stack
+_MARK = -1  # a MARK on the simulated stack; an item is ``depth * 2 + floodable`` (never negative)
+_NEED = -1  # a step needs bytes past the end of what was read so far
+_UNSET = -2  # a memo slot nothing was stored in
+_AHEAD = 9  # the longest fixed-size opcode with its argument (FRAME): inline steps read no further
+_READ = 1 << 20  # a pickle read from a file (legacy format) is read in growing blocks from this size
+_BY_CODE = {ord(op.code): op for op in pickletools.opcodes}
 _FLOODABLE_BUDGET: contextvars.ContextVar[list[int]] = contextvars.ContextVar("tiesafe_floodable_budget")
+_uint4 = struct.Struct("<I").unpack_from
+_uint2 = struct.Struct("<H").unpack_from
+_uint8 = struct.Struct("<Q").unpack_from
 
 
 def _malformed(problem: str) -> CorruptFileError:
@@ -96,43 +107,244 @@ def _small_int(value: object) -> bool:
     return type(value) is int and -_SAFE_INT < value < _SAFE_INT
 
 
-def _floodable_int(value: object) -> bool:
-    return type(value) is int and not _small_int(value)
+def _tuple(depth: int) -> int:
+    """The label of a tuple whose items nest ``depth`` deep."""
+    if depth + 1 > MAX_TUPLE_DEPTH:
+        raise CorruptFileError(f"the pickle nests tuples more than {MAX_TUPLE_DEPTH} deep")
+    return (depth + 1) * 2 + 1
 
 
-class _Scanner:
-    """One pass over the opcodes of one pickle, simulating labels instead of objects."""
+def _too_many_keys() -> CorruptFileError:
+    return CorruptFileError(
+        f"refused: the pickle inserts more than {MAX_FLOODABLE_KEYS} dict keys or set elements whose "
+        "hash it can choose (numbers, tuples): a hash-flooding attack, not a weights file"
+    )
+
+
+class _Walk:
+    """The simulated stack and memo of one pickle, walked in as many pieces as it was read in."""
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
-        self.stack: list[_Item] = []
-        self.memo: dict[int, _Item] = {}
+        self.stack: list[int] = []
+        self.marks: list[int] = []  # where the MARKs are in ``stack``, innermost last
+        self.memo: list[int] = []  # slot -> label; _UNSET where nothing was stored (a list: 8 bytes a slot)
+        self.stored = 0  # slots stored: the C unpickler's memo grows with the largest slot, bounded by this
         self.floodable_keys = 0
+        self.opcodes = 0
+        self.done = False
+        self._reader: tuple[bytes, io.BytesIO] | None = None  # for pickletools' argument readers
 
-    def _pop(self) -> _Item:
-        if not self.stack or self.stack[-1] is _MARK:
+    def run(self, data: bytes, pos: int, eof: bool) -> int:
+        """Walk ``data`` from ``pos`` until STOP or until more bytes are needed; return where it stopped.
+
+        ``eof``: ``data`` ends where the stream does (nothing more can be read).
+        """
+        stack, marks, memo, push = self.stack, self.marks, self.memo, self.stack.append
+        size = len(data)
+        safe = size if eof else size - _AHEAD
+        stored = self.stored
+        budget = MAX_OPCODES - self.opcodes
+        count = 0
+        try:
+            while pos < safe:
+                if count == budget:
+                    raise CorruptFileError(f"the pickle has more than {MAX_OPCODES} opcodes: not a weights file")
+                count += 1
+                op = data[pos]
+                # The opcodes of a torch.save state dict, most frequent first; same rules as _step.
+                if op == 0x72 or op == 0x71 or op == 0x94:  # LONG_BINPUT, BINPUT, MEMOIZE
+                    if op == 0x72:
+                        index = _uint4(data, pos + 1)[0]
+                        pos += 5
+                    elif op == 0x71:
+                        index = data[pos + 1]
+                        pos += 2
+                    else:
+                        index = stored
+                        pos += 1
+                    if index == len(memo) and index <= stored + _MEMO_SLACK and stack and stack[-1] >= 0:
+                        memo.append(stack[-1])  # the next slot, as picklers number them
+                        stored += 1
+                    else:
+                        self.stored = stored
+                        self._memoize(index)
+                        stored = self.stored
+                elif op == 0x4B:  # BININT1
+                    push(0)
+                    pos += 2
+                elif op == 0x68 or op == 0x6A:  # BINGET, LONG_BINGET
+                    if op == 0x68:
+                        index = data[pos + 1]
+                        pos += 2
+                    else:
+                        index = _uint4(data, pos + 1)[0]
+                        pos += 5
+                    label = memo[index] if index < len(memo) else _UNSET
+                    if label == _UNSET:
+                        raise _malformed(f"memo slot {index} was never stored")
+                    push(label)
+                elif op == 0x28:  # MARK
+                    marks.append(len(stack))
+                    push(_MARK)
+                    pos += 1
+                elif op == 0x58 or op == 0x8C:  # BINUNICODE, SHORT_BINUNICODE: skipped, never decoded here
+                    end = pos + 5 + _uint4(data, pos + 1)[0] if op == 0x58 else pos + 2 + data[pos + 1]
+                    if end > size:
+                        if end > self.max_bytes:
+                            raise CorruptFileError(
+                                f"the pickle is larger than {self.max_bytes} bytes: not a weights file"
+                            )
+                        if not eof:
+                            count -= 1
+                            break
+                        raise _malformed(f"a string at byte {pos} runs past the end")
+                    push(0)
+                    pos = end
+                elif op == 0x74:  # TUPLE
+                    items = self._pop_to_mark()
+                    push(_tuple(max(items) >> 1 if items else 0))
+                    pos += 1
+                elif op == 0x86:  # TUPLE2
+                    a, b = stack.pop(), stack.pop()
+                    if a < 0 or b < 0:
+                        raise _malformed("stack underflow")
+                    push(_tuple((a if a > b else b) >> 1))
+                    pos += 1
+                elif op == 0x52:  # REDUCE: the result of a call, its hash unknown
+                    a, b = stack.pop(), stack.pop()
+                    if a < 0 or b < 0:
+                        raise _malformed("stack underflow")
+                    push((a if a > b else b) | 1)
+                    pos += 1
+                elif op == 0x4D:  # BININT2
+                    push(0)
+                    pos += 3
+                elif op == 0x51:  # BINPERSID
+                    a = stack.pop()
+                    if a < 0:
+                        raise _malformed("stack underflow")
+                    push(a & ~1)
+                    pos += 1
+                elif op == 0x89 or op == 0x88 or op == 0x4E:  # NEWFALSE, NEWTRUE, NONE
+                    push(0)
+                    pos += 1
+                elif op == 0x29:  # EMPTY_TUPLE
+                    push(3)  # a tuple one deep, hashable
+                    pos += 1
+                elif op == 0x85 or op == 0x87:  # TUPLE1, TUPLE3
+                    a = stack.pop()
+                    if op == 0x87:
+                        b, c = stack.pop(), stack.pop()
+                        a = max(a, b, c) if a >= 0 and b >= 0 and c >= 0 else _MARK
+                    if a < 0:
+                        raise _malformed("stack underflow")
+                    push(_tuple(a >> 1))
+                    pos += 1
+                elif op == 0x4A:  # BININT
+                    push(0)
+                    pos += 5
+                elif op == 0x75:  # SETITEMS
+                    items = self._pop_to_mark()
+                    self._count_keys(sum(k & 1 for k in items[0::2]))
+                    target = stack.pop()
+                    if target < 0:
+                        raise _malformed("stack underflow")
+                    push((max(target, max(items)) if items else target) & ~1)
+                    pos += 1
+                elif op == 0x7D or op == 0x5D:  # EMPTY_DICT, EMPTY_LIST
+                    push(0)
+                    pos += 1
+                elif op == 0x2E:  # STOP
+                    if stack.pop() < 0:
+                        raise _malformed("stack underflow")
+                    self.done = True
+                    pos += 1
+                    break
+                elif op == 0x80:  # PROTO
+                    pos += 2
+                elif op == 0x95:  # FRAME
+                    length = _uint8(data, pos + 1)[0]
+                    if length > self.max_bytes:
+                        raise CorruptFileError(
+                            f"the pickle announces a frame of {length} bytes: too large for a weights file"
+                        )
+                    pos += 9
+                else:
+                    self.stored = stored
+                    after = self._step(data, pos, eof)
+                    stored = self.stored
+                    if after == _NEED:
+                        count -= 1
+                        break
+                    pos = after
+        except (IndexError, struct.error):
+            if pos + _AHEAD > size:
+                raise _malformed(f"it ends inside the opcode at byte {pos}") from None
+            raise _malformed("stack underflow") from None
+        finally:
+            self.opcodes += count
+            self.stored = stored
+        return pos
+
+    def _pop_to_mark(self) -> list[int]:
+        if not self.marks:
+            raise _malformed("no MARK on the stack")
+        at = self.marks.pop()
+        items = self.stack[at + 1 :]
+        del self.stack[at:]
+        return items
+
+    def _pop(self) -> int:
+        if not self.stack or self.stack[-1] == _MARK:
             raise _malformed("stack underflow")
         return self.stack.pop()
 
-    def _pop_to_mark(self) -> list[_Item]:
-        items: list[_Item] = []
-        while self.stack and self.stack[-1] is not _MARK:
-            items.append(self.stack.pop())
-        if not self.stack:
-            raise _malformed("no MARK on the stack")
-        self.stack.pop()
-        items.reverse()
-        return items
-
-    def _count_keys(self, keys: Iterable[_Item]) -> None:
-        self.floodable_keys += sum(1 for k in keys if k.floodable)
+    def _count_keys(self, floodable: int) -> None:
+        self.floodable_keys += floodable
         if self.floodable_keys > MAX_FLOODABLE_KEYS:
-            raise CorruptFileError(
-                f"refused: the pickle inserts more than {MAX_FLOODABLE_KEYS} dict keys or set elements whose "
-                "hash it can choose (numbers, tuples): a hash-flooding attack, not a weights file"
-            )
+            raise _too_many_keys()
 
-    def step(self, opcode: pickletools.OpcodeInfo, arg: object) -> None:
+    def _memoize(self, index: object) -> None:
+        if not isinstance(index, int) or index > self.stored + _MEMO_SLACK:
+            raise CorruptFileError(f"the pickle stores memo slot {index} far out of order: a memory bomb")
+        if index < 0:
+            raise _malformed(f"negative memo slot {index}")
+        if not self.stack or self.stack[-1] == _MARK:
+            raise _malformed("nothing to store in the memo")
+        if index >= len(self.memo):
+            self.memo.extend([_UNSET] * (index + 1 - len(self.memo)))
+        if self.memo[index] == _UNSET:
+            self.stored += 1
+        self.memo[index] = self.stack[-1]
+
+    def _step(self, data: bytes, pos: int, eof: bool) -> int:
+        """Any opcode, read by pickletools' own argument reader; its position after, or _NEED."""
+        opcode = _BY_CODE.get(data[pos])
+        if opcode is None:
+            raise _malformed(f"unknown opcode {bytes([data[pos]])!r} at byte {pos}")
+        arg: object = None
+        after = pos + 1
+        if opcode.arg is not None:
+            if self._reader is None or self._reader[0] is not data:
+                self._reader = (data, io.BytesIO(data))  # shares the bytes, no copy
+            reader = self._reader[1]
+            reader.seek(after)
+            try:
+                arg = opcode.arg.reader(reader)
+            except UnicodeDecodeError as exc:
+                raise _malformed(f"{type(exc).__name__}: {str(exc)[:120]}") from None
+            except (ValueError, TypeError, EOFError, OverflowError) as exc:
+                if not eof:
+                    return _NEED  # the argument may go on past what was read so far
+                raise _malformed(f"{type(exc).__name__}: {str(exc)[:120]}") from None
+            after = reader.tell()
+        self._apply(opcode, arg)
+        if opcode.name == "STOP":
+            self.done = True
+        return after
+
+    def _apply(self, opcode: pickletools.OpcodeInfo, arg: object) -> None:
         name, before = opcode.name, opcode.stack_before
         if name in ("EXT1", "EXT2", "EXT4"):
             raise UnsafeCheckpointError(
@@ -142,15 +354,16 @@ class _Scanner:
         if name == "FRAME" and isinstance(arg, int) and arg > self.max_bytes:
             raise CorruptFileError(f"the pickle announces a frame of {arg} bytes: too large for a weights file")
         if name in ("PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"):
-            self._memoize(len(self.memo) if name == "MEMOIZE" else arg)
+            self._memoize(self.stored if name == "MEMOIZE" else arg)
             return
         if name in ("GET", "BINGET", "LONG_BINGET"):
-            if not isinstance(arg, int) or arg not in self.memo:
+            if not isinstance(arg, int) or not 0 <= arg < len(self.memo) or self.memo[arg] == _UNSET:
                 raise _malformed(f"memo slot {arg} was never stored")
             self.stack.append(self.memo[arg])
             return
-        if name == "POP" and self.stack and self.stack[-1] is _MARK:
+        if name == "POP" and self.stack and self.stack[-1] == _MARK:
             self.stack.pop()  # as the C unpickler does: POP on a MARK drops the MARK
+            self.marks.pop()
             return
 
         # Take what the opcode consumes, as pickletools describes it.
@@ -158,68 +371,33 @@ class _Scanner:
             sliced = self._pop_to_mark()
             consumed = [self._pop() for _ in range(before.index(pickletools.markobject))] + sliced
             if name in ("SETITEMS", "DICT"):
-                self._count_keys(sliced[0::2])
+                self._count_keys(sum(k & 1 for k in sliced[0::2]))
             elif name in ("ADDITEMS", "FROZENSET"):
-                self._count_keys(sliced)
+                self._count_keys(sum(k & 1 for k in sliced))
         else:
             consumed = [self._pop() for _ in before]  # in pop order: the top of the stack first
             if name == "SETITEM":
-                self._count_keys(consumed[1:2])  # value, key, dict
+                self._count_keys(consumed[1] & 1)  # value, key, dict
 
         # Push a label for what it produces.
         if not opcode.stack_after or name == "READONLY_BUFFER":
             if name == "READONLY_BUFFER":
                 self.stack.append(consumed[0])
             return
-        depth = max((item.depth for item in consumed), default=0)
+        depth = max(consumed, default=0) >> 1
         if name == "MARK":
+            self.marks.append(len(self.stack))
             self.stack.append(_MARK)
         elif name == "DUP":
             self.stack.extend([consumed[0], consumed[0]])
         elif name == "BUILD":
-            self.stack.append(_Item(depth, consumed[1].floodable))  # the object, with its new state
+            self.stack.append(depth * 2 + (consumed[1] & 1))  # the object, with its new state
         elif name in _TUPLES:
-            if depth + 1 > MAX_TUPLE_DEPTH:
-                raise CorruptFileError(f"the pickle nests tuples more than {MAX_TUPLE_DEPTH} deep")
-            self.stack.append(_Item(depth + 1, True))
+            self.stack.append(_tuple(depth))
         elif name in _INTS:
-            self.stack.append(_Item(0, _floodable_int(arg)))
+            self.stack.append(0 if _small_int(arg) else 1)
         else:  # scalars, containers, and the results of calls (unknown, so floodable)
-            self.stack.append(_Item(depth, name not in _SAFE))
-
-    def _memoize(self, index: object) -> None:
-        if not isinstance(index, int) or index > len(self.memo) + _MEMO_SLACK:
-            raise CorruptFileError(f"the pickle stores memo slot {index} far out of order: a memory bomb")
-        if not self.stack or self.stack[-1] is _MARK:
-            raise _malformed("nothing to store in the memo")
-        self.memo[index] = self.stack[-1]
-
-
-class _Bounded:
-    """Reads through to ``raw`` and keeps the bytes, refusing to go past ``limit`` of them."""
-
-    def __init__(self, raw: BinaryIO, limit: int) -> None:
-        self._raw, self._limit = raw, limit
-        self.taken = bytearray()
-
-    def _check(self, n: int) -> None:
-        if len(self.taken) + n > self._limit:
-            raise CorruptFileError(f"the pickle is larger than {self._limit} bytes: not a weights file")
-
-    def tell(self) -> int:
-        return len(self.taken)
-
-    def read(self, n: int) -> bytes:
-        self._check(n)  # before reading: a string may announce any length
-        data = self._raw.read(n)
-        self.taken += data
-        return data
-
-    def readline(self) -> bytes:
-        data = self._raw.readline(self._limit - len(self.taken) + 1)
-        self._check(len(data))
-        self.taken += data
-        return data
+            self.stack.append(depth * 2 + (name not in _SAFE))
 
 
 def scan(stream: BinaryIO, *, max_bytes: int) -> bytes:
@@ -234,26 +412,33 @@ def scan(stream: BinaryIO, *, max_bytes: int) -> bytes:
         >>> scan(io.BytesIO(b"\\x80\\x02}q\\x00."), max_bytes=100)
         b'\\x80\\x02}q\\x00.'
     """
-    # In memory (a zip member, already size-checked) the bytes are sliced; a file is read through a bound.
-    in_memory = isinstance(stream, io.BytesIO)
-    source: BinaryIO | _Bounded = stream if in_memory else _Bounded(stream, max_bytes)
     start = stream.tell()
-    scanner = _Scanner(max_bytes)
+    walk = _Walk(max_bytes)
+    if isinstance(stream, io.BytesIO):  # in memory (a zip member, already size-checked)
+        data, eof = stream.getbuffer()[start:].tobytes(), True
+    else:  # a file (the legacy format): read in growing blocks, at most max_bytes
+        data = stream.read(min(_READ, max_bytes))
+        eof = len(data) < min(_READ, max_bytes)
+    pos = 0
     try:
-        for count, (opcode, arg, _) in enumerate(pickletools.genops(cast(IO[bytes], source))):
-            if count == MAX_OPCODES:
-                raise CorruptFileError(f"the pickle has more than {MAX_OPCODES} opcodes: not a weights file")
-            scanner.step(opcode, arg)
-    except (CorruptFileError, UnsafeCheckpointError):
-        raise
-    except (ValueError, TypeError, EOFError, OverflowError, UnicodeDecodeError) as exc:
-        raise _malformed(f"{type(exc).__name__}: {str(exc)[:120]}") from None
+        while True:
+            pos = walk.run(data, pos, eof)
+            if walk.done:
+                break
+            if eof:
+                if len(data) >= max_bytes:
+                    raise CorruptFileError(f"the pickle is larger than {max_bytes} bytes: not a weights file")
+                raise _malformed("the stream ends before its STOP opcode")
+            want = min(len(data), max_bytes - len(data))
+            more = stream.read(want)
+            data += more
+            eof = len(more) < want or len(data) >= max_bytes
     except MemoryError:
         raise CorruptFileError("the pickle needs more memory than a weights file can") from None
-    _FLOODABLE_BUDGET.set([MAX_FLOODABLE_KEYS - scanner.floodable_keys])
-    if isinstance(source, _Bounded):
-        return bytes(source.taken)
-    return cast(io.BytesIO, stream).getbuffer()[start : stream.tell()].tobytes()
+    finally:
+        stream.seek(start + pos)
+    _FLOODABLE_BUDGET.set([MAX_FLOODABLE_KEYS - walk.floodable_keys])
+    return data[:pos]
 
 
 def charge_floodable(items: Iterable[object], *, safe: tuple[type, ...]) -> None:
