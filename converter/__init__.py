@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from .loader import load_file
     from .readers.torchfile import read_checkpoint
     from .retie import LoadReport, load_model
+    from .run import convert_run, read_run
 
     __version__: str
 
@@ -55,6 +56,8 @@ _EXPORTS = {
     "LoadReport": "retie",
     "load_model": "retie",
     "read_checkpoint": "readers.torchfile",
+    "convert_run": "run",
+    "read_run": "run",
 }
 
 
@@ -99,6 +102,7 @@ __all__ = [
     "UploadReport",
     "convert_file",
     "convert_folder",
+    "convert_run",
     "convert_tree",
     "dask_client",
     "inspect",
@@ -107,6 +111,7 @@ __all__ = [
     "prepare_upload",
     "push",
     "read_checkpoint",
+    "read_run",
     "save_file",
     "save_model",
     "verify_file",

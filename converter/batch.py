@@ -31,6 +31,7 @@ from .convert import convert_file, default_output
 from .errors import TiesafeError
 from .folder import convert_folder, plan_folder
 from .readers.torchfile import read_checkpoint
+from .run import convert_run, is_training_run, plan_run
 from .sharing import plan_sharing
 from .writer import TEMP_SUFFIX
 
@@ -57,7 +58,7 @@ _START_POLL_SECONDS = 0.2  # how soon an item an executor takes from its queue s
 class BatchItem:
     """One unit of work: a model folder or a loose checkpoint file."""
 
-    kind: str  # "folder" or "file"
+    kind: str  # "folder", "file" or "run" (a DeepSpeed or DCP training checkpoint)
     source: Path
     output: Path  # a folder for folder items, a .safetensors file for file items
     key: str  # path relative to the root, the item's name in the manifest
@@ -140,6 +141,11 @@ def discover(root: str | Path, out: str | Path | None = None, *, in_place: bool 
         here = Path(folder)
         dirs[:] = sorted(d for d in dirs if not d.startswith(".") and (here / d).resolve() != skip)
         relative = here.relative_to(root)
+        if is_training_run(here):
+            dirs[:] = []  # global_stepN folders belong to the run
+            size = sum(p.stat().st_size for p in here.rglob("*") if p.is_file())
+            items.append(BatchItem("run", here, target / relative, relative.as_posix(), size))
+            continue
         is_model, loose, whole = _weight_files(here)
         if whole:
             dirs[:] = [d for d in dirs if d in _not_components(here)]  # its components are part of the item
@@ -160,11 +166,13 @@ def _signature(item: BatchItem) -> dict[str, list[int]]:
     """Size and mtime of every source file of the item: what "unchanged" means."""
     if item.kind == "file":
         files = [item.source]
+    elif item.kind == "run":  # the rank files lie in a step folder below
+        files = [p for p in item.source.rglob("*") if p.is_file() and not p.name.startswith(".")]
     elif item.recursive:  # the model's own files and its components' (not a training run beside them)
         files = [item.source / name for name in model_files(item.source, _components(item.source))]
     else:
         files = [p for p in item.source.iterdir() if p.is_file() and not p.name.startswith(".")]
-    base = item.source if item.kind == "folder" else item.source.parent
+    base = item.source if item.kind in ("folder", "run") else item.source.parent
     return {p.relative_to(base).as_posix(): [st.st_size, st.st_mtime_ns] for p in sorted(files) if (st := p.stat())}
 
 
@@ -209,7 +217,8 @@ def _clean_stale_temporaries(item: BatchItem) -> None:
     its own: loose checkpoints of one folder share their output folder, and
     another worker may be writing there at this moment.
     """
-    folder, prefix = (item.output, ".") if item.kind == "folder" else (item.output.parent, f".{item.output.name}.")
+    whole = item.kind in ("folder", "run")
+    folder, prefix = (item.output, ".") if whole else (item.output.parent, f".{item.output.name}.")
     if folder.is_dir():
         # A multi-component model writes into its component folders too.
         for path in folder.rglob(f"{prefix}*") if item.recursive else folder.iterdir():
@@ -231,7 +240,11 @@ def run_item(item: BatchItem, options: dict[str, Any], dry_run: bool = False) ->
             report = _plan_item(item, options)
         else:
             _clean_stale_temporaries(item)
-            if item.kind == "folder":
+            if item.kind == "run":
+                run_options = {k: v for k, v in options.items() if k in ("max_shard_size", "verify", "allow_untied")}
+                report = convert_run(item.source, item.output, overwrite=True, **run_options).to_dict()
+                written = {name: item.output / name for name in report["files"]}
+            elif item.kind == "folder":
                 report = convert_folder(item.source, item.output, overwrite=True, **options).to_dict()
                 written = {name: item.output / name for name in report["files"]}  # relative to the item's output
             else:
@@ -252,6 +265,9 @@ def run_item(item: BatchItem, options: dict[str, Any], dry_run: bool = False) ->
 
 
 def _plan_item(item: BatchItem, options: dict[str, Any]) -> dict[str, Any]:
+    if item.kind == "run":
+        run_plan = plan_run(item.source, max_shard_size=options.get("max_shard_size", "5GB"))
+        return run_plan.report(item.output, run_plan.written_names, verified=False, seconds=0.0).to_dict()
     if item.kind == "folder":
         planning = {k: v for k, v in options.items() if k != "verify"}
         plan = plan_folder(item.source, **planning)
@@ -286,7 +302,7 @@ class Manifest:
         entry = self.done.get(item.key)
         if entry is None or entry.get("options") != options or entry.get("sources") != _signature(item):
             return False
-        folder = item.output if item.kind == "folder" else item.output.parent
+        folder = item.output if item.kind in ("folder", "run") else item.output.parent
         outputs = entry.get("outputs", {})
         return bool(outputs) and all(
             (folder / name).is_file() and (folder / name).stat().st_size == meta.get("size")

@@ -381,8 +381,30 @@ def _conversion_options(command: Callable[..., None]) -> Callable[..., None]:
 @click.argument("src", type=click.Path(path_type=str))
 @click.argument("dst", required=False, type=click.Path(path_type=str))
 @_conversion_options
-@click.option("--key", help="Entry holding the weights in a training checkpoint, e.g. 'model/ema' (files only).")
+@click.option(
+    "--key", help="Entry holding the weights in a training checkpoint, e.g. 'model/ema' (files, DCP folders)."
+)
 @click.option("--delete-source", is_flag=True, help="Folders: remove the pickles once the output verified.")
+@click.option(
+    "--dtype",
+    type=click.Choice(["bf16", "fp16", "fp32"]),
+    help="Training runs: cast floating tensors while streaming (as tensor.to(dtype) rounds). Default: as saved.",
+)
+@click.option(
+    "--config",
+    type=click.Path(dir_okay=False, path_type=str),
+    help="Training runs: the model's config.json (ties it declares; copied to DST). Default: the run folder's.",
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    help="Training runs: output shards written in parallel by N processes (each shard one task).",
+)
+@click.option(
+    "--scheduler",
+    metavar="ADDRESS",
+    help="Training runs: write the shards on a Dask cluster (tcp://host:8786, or local:N). Needs tiesafe[dask].",
+)
 @click.option("--overwrite", is_flag=True, help="Replace an existing output.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def convert_command(
@@ -398,17 +420,50 @@ def convert_command(
     keep_names: bool,
     strict: bool,
     delete_source: bool,
+    dtype: str | None,
+    config: str | None,
+    workers: int | None,
+    scheduler: str | None,
     overwrite: bool,
     as_json: bool,
 ) -> None:
-    """Convert checkpoint SRC (a .bin/.pt/.pth/.ckpt file or a model folder) to safetensors.
+    """Convert checkpoint SRC (a .bin/.pt/.pth/.ckpt file, a model folder or a training run) to safetensors.
 
     \b
     A file: DST defaults to SRC's folder, pytorch_model.bin -> model.safetensors, x.pt -> x.safetensors.
     A folder: the names its library loads (model[.VARIANT].safetensors, diffusion_pytorch_model...,
     adapter_model..., shards + index), written in DST (default: SRC itself), with every other file
     of SRC copied; a diffusers pipeline or sentence-transformers model is converted whole.
+    A training run (DeepSpeed ZeRO folder with 'latest' or a global_stepN folder; a
+    torch.distributed.checkpoint folder): the gathered weights, laid out as a folder (default:
+    the run folder), with config.json and tokenizer files carried over.
     """
+    run_only = {"--dtype": dtype, "--config": config, "--workers": workers, "--scheduler": scheduler}
+    from .run import is_training_run
+
+    if Path(src).is_dir() and is_training_run(Path(src)):
+        if delete_source:
+            raise click.UsageError("--delete-source does not apply to training runs (their files are not weights only)")
+        if workers is not None and scheduler is not None:
+            raise click.UsageError("give --workers or --scheduler, not both")
+        _convert_run(
+            src,
+            dst,
+            no_verify,
+            key,
+            max_shard_size,
+            allow_untied,
+            dtype,
+            config,
+            workers,
+            scheduler,
+            overwrite,
+            as_json,
+        )
+        return
+    given = [name for name, value in run_only.items() if value is not None]
+    if given:
+        raise click.UsageError(f"{given[0]} applies to training runs (DeepSpeed or DCP folders) only")
     if Path(src).is_dir():
         from .folder import convert_folder
 
@@ -448,6 +503,47 @@ def convert_command(
         _print_json(report.to_dict())
     else:
         _render_conversion(report, _Lines())
+
+
+def _convert_run(
+    src: str,
+    dst: str | None,
+    no_verify: bool,
+    key: str | None,
+    max_shard_size: str,
+    allow_untied: bool,
+    dtype: str | None,
+    config: str | None,
+    workers: int | None,
+    scheduler: str | None,
+    overwrite: bool,
+    as_json: bool,
+) -> None:
+    from .run import convert_run
+
+    with contextlib.ExitStack() as stack:
+        executor = None
+        if scheduler is not None:
+            from .dask_executor import DaskExecutor, dask_client
+
+            executor = DaskExecutor(stack.enter_context(dask_client(scheduler)))
+        report = convert_run(
+            src,
+            dst,
+            max_shard_size=max_shard_size,
+            dtype=dtype,
+            key=key,
+            config=config,
+            verify=not no_verify,
+            allow_untied=allow_untied,
+            overwrite=overwrite,
+            workers=workers,
+            executor=executor,
+        )
+    if as_json:
+        _print_json(report.to_dict())
+    else:
+        _render_folder(report, _Lines())
 
 
 @main.command("inspect")

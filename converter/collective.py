@@ -44,7 +44,7 @@ from .export import Prepared, Verifier, _host_bytes, _unsupported, describe, pre
 from .folder import remove_stale_set
 from .geometry import contiguous_strides
 from .pieces import Chunk, Piece, chunks, run_shape, tiling_problem
-from .windows import FileWindow, read_exact
+from .windows import FileWindow, PieceWindow, read_exact
 from .writer import StagedWrites, _write_error, pwrite_all
 
 if TYPE_CHECKING:
@@ -643,5 +643,5 @@ def _write_plain(fds: dict[str, int], job: _Job) -> None:
     """Rank 0: the tensors that are no DTensor (buffers, replicated state), from its own copy."""
     for fname, plan in job.prepared.outputs.files.items():
         for planned in plan.tensors:
-            if not isinstance(planned.source, (_DistSource, FileWindow)):
+            if not isinstance(planned.source, (_DistSource, FileWindow, PieceWindow)):
                 planned.source.write_into(fds[fname], len(plan.header) + planned.begin)

@@ -8,8 +8,9 @@ storage, and a :class:`StorageRecord` says where that storage's bytes lie in a f
 
 from __future__ import annotations
 
+import itertools
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, TypeVar
@@ -41,14 +42,60 @@ class _computed_once(Generic[_T]):
 
 
 @dataclass(frozen=True)
+class Piece:
+    """Bytes of a storage that lie in one file: runs of ``length`` bytes from ``offset`` of ``path``.
+
+    The first run lands at byte ``at`` of the storage. ``grid`` repeats it: each
+    ``(count, step)``, outermost first, places ``count`` blocks ``step`` storage bytes
+    apart, while the runs follow each other in the file. A ZeRO partition is one
+    run; a DCP chunk of columns ``[:, 4:8]`` of a 3 x 8 fp32 tensor is
+    ``Piece(path, offset, 16, 16, ((3, 32),))``.
+
+    Example:
+        >>> Piece(Path("__0_0.distcp"), 0, 16, 16, ((3, 32),)).nbytes
+        48
+    """
+
+    path: Path
+    offset: int
+    length: int
+    at: int
+    grid: tuple[tuple[int, int], ...] = ()
+
+    @property
+    def nbytes(self) -> int:
+        return self.length * numel(tuple(count for count, _ in self.grid))
+
+    def runs(self) -> Iterator[tuple[int, int, int]]:
+        """``(storage byte, file offset, length)`` of each run, in storage order."""
+        if not self.grid:
+            yield self.at, self.offset, self.length
+            return
+        position = self.offset
+        for index in itertools.product(*(range(count) for count, _ in self.grid)):
+            yield self.at + sum(i * step for i, (_, step) in zip(index, self.grid, strict=True)), position, self.length
+            position += self.length
+
+
+@dataclass(frozen=True)
 class StorageRecord:
-    """Where one storage's bytes lie in the checkpoint file."""
+    """Where one storage's bytes lie: one range of a file, or pieces of several files.
+
+    A pickle's storage is the ``nbytes`` at ``offset`` of ``path``. A training run's
+    (a ZeRO parameter gathered from every rank's partition, a DCP tensor from its
+    chunks) is ``pieces`` that tile its ``nbytes`` exactly; ``path`` then names the
+    checkpoint (for messages) and ``offset`` is unused. With ``cast_from`` the bytes
+    in the files hold that dtype and each element is converted to the tensor's dtype
+    as it is read (``--dtype``; offsets still count elements).
+    """
 
     key: str
     path: Path  # the file holding the bytes (a sharded set has several)
     offset: int  # byte offset of the first byte in the file
-    nbytes: int
+    nbytes: int  # in the files' dtype
     location: str  # device it was saved from ("cpu", "cuda:0", ...): recorded, never needed
+    pieces: tuple[Piece, ...] = ()
+    cast_from: DType | None = None
 
 
 @dataclass(frozen=True)
@@ -95,6 +142,7 @@ class Checkpoint:
     stamps: dict[Path, tuple[int, ...]] = field(default_factory=dict)  # each file as it was read
     prefixes_removed: list[str] = field(default_factory=list)  # prefixes removed from the names, for the report
     globals: dict[str, str] = field(default_factory=dict)  # globals the file names -> group (inspect)
+    notes: list[str] = field(default_factory=list)  # what the reader wants the user told (report warnings)
 
     def check_unchanged(self) -> None:
         """Raise if a file this checkpoint was read from has changed since (size, mtime, inode).

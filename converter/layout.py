@@ -18,7 +18,7 @@ from .descriptors import Checkpoint
 from .dtypes import DType
 from .geometry import numel
 from .sharing import SharingPlan
-from .windows import FileWindow
+from .windows import FileWindow, PieceWindow, source_window
 
 FORMAT_METADATA = {"format": "pt"}
 _JSON = json.JSONEncoder(
@@ -39,7 +39,7 @@ class PlannedTensor:
     shape: tuple[int, ...]
     begin: int  # offset in the data section
     end: int
-    source: FileWindow | TensorSource  # a FileWindow is copied by the kernel
+    source: FileWindow | PieceWindow | TensorSource  # file ranges are copied by the kernel
 
 
 @dataclass
@@ -85,7 +85,7 @@ class StoredItem:
     name: str
     dtype: DType
     shape: tuple[int, ...]
-    source: FileWindow | TensorSource
+    source: FileWindow | PieceWindow | TensorSource
 
     @property
     def nbytes(self) -> int:
@@ -112,8 +112,8 @@ def stored_items(checkpoint: Checkpoint, sharing: SharingPlan) -> list[StoredIte
     """The stored tensors of ``sharing`` with their bytes located in the checkpoint's files."""
     items = []
     for s in sharing.stored:
-        storage = checkpoint.storages[s.ref.storage]
-        items.append(StoredItem(s.name, s.ref.dtype, s.ref.shape, FileWindow(storage.path, storage.offset, s.ref)))
+        source = source_window(checkpoint.storages[s.ref.storage], s.ref)
+        items.append(StoredItem(s.name, s.ref.dtype, s.ref.shape, source))
     return items
 
 

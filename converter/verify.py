@@ -21,7 +21,7 @@ from .errors import VerificationError
 from .geometry import contiguous_strides
 from .sharing import overlap_clusters
 from .stfile import SafetensorsFile
-from .windows import FileWindow, WindowComparer
+from .windows import FileWindow, PieceWindow, WindowComparer, source_window
 
 
 @dataclass
@@ -109,7 +109,7 @@ def verify_output(
 
 def _pairs(
     checkpoint: Checkpoint, windows: dict[str, FileWindow], where: Path
-) -> Iterator[tuple[str, FileWindow, FileWindow]]:
+) -> Iterator[tuple[str, FileWindow, FileWindow | PieceWindow]]:
     """Each source name with its output window and its source window, checked for dtype and shape."""
     for name, ref in checkpoint.tensors.items():
         window = windows.get(name)
@@ -121,8 +121,7 @@ def _pairs(
                 f"but {ref.dtype.code}{list(ref.shape)} in the source",
                 path=where,
             )
-        storage = checkpoint.storages[ref.storage]
-        yield name, window, FileWindow(storage.path, storage.offset, ref)
+        yield name, window, source_window(checkpoint.storages[ref.storage], ref)
 
 
 def _check_no_false_sharing(checkpoint: Checkpoint, record: ties.TieRecord, declared: set[str], where: Path) -> None:

@@ -10,14 +10,17 @@ without such tensors convert without paying for it.
 
 from __future__ import annotations
 
+import heapq
 import itertools
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .descriptors import TensorRef
+from .descriptors import Piece as FilePiece
+from .descriptors import StorageRecord, TensorRef
+from .errors import CorruptFileError, quoted
 
 # Element sizes to an integer dtype of the same width: moving bytes never needs
 # the real dtype (float8, bool, ... all travel as raw integers).
@@ -52,6 +55,135 @@ class FileWindow:
         if not self.ref.is_contiguous:
             return None
         return self.storage_offset + self.ref.span[0], self.ref.nbytes
+
+
+@dataclass(frozen=True)
+class PieceWindow:
+    """A tensor on a storage made of pieces of files (a training run), perhaps cast on the way.
+
+    The readers build these tensors contiguous (a ZeRO parameter, a DCP tensor
+    assembled from its chunks), so the tensor's bytes are one span of the storage:
+    :meth:`runs` gives the file ranges that make it up, in order, and :meth:`blocks`
+    its bytes (converted to ``ref.dtype`` when the storage is cast).
+    """
+
+    record: StorageRecord
+    ref: TensorRef
+
+    @property
+    def disk_itemsize(self) -> int:
+        return (self.record.cast_from or self.ref.dtype).itemsize
+
+    def runs(self) -> Iterator[tuple[Path, int, int]]:
+        """``(path, file offset, length)`` of the tensor's bytes as they lie in the files, in order.
+
+        Raises :class:`CorruptFileError` where the pieces leave a gap or overlap.
+        """
+        if not self.ref.is_contiguous:  # readers of runs never build one; refuse rather than guess
+            raise CorruptFileError(f"tensor on storage {quoted(self.record.key)} is not contiguous")
+        size = self.disk_itemsize
+        if self.ref.numel == 0:
+            return
+        start = self.ref.offset * size
+        end = start + self.ref.numel * size
+        position = start
+        pieces = self.record.pieces or (FilePiece(self.record.path, self.record.offset, self.record.nbytes, 0),)
+        wanted = [p for p in pieces if p.at < end and p.at + _piece_extent(p) > start]
+        for at, offset, length, path in heapq.merge(*(_located_runs(p) for p in wanted)):
+            if at + length <= start:
+                continue  # before the tensor (its storage holds other tensors too)
+            if at > position or (at < position and position > start):
+                problem = "leave a gap" if at > position else "overlap"
+                raise CorruptFileError(f"the pieces of storage {quoted(self.record.key)} {problem} at byte {position}")
+            skip = position - at
+            take = min(length - skip, end - position)
+            yield path, offset + skip, take
+            position += take
+            if position >= end:
+                return
+        if position < end:
+            raise CorruptFileError(f"storage {quoted(self.record.key)} has no bytes for byte {position}")
+
+    def blocks(self, block: int = 8 * 1024 * 1024) -> Iterator[bytes]:
+        """The tensor's row-major bytes in ``ref.dtype``, at most ``block`` source bytes at a time."""
+        from .cast import cast_bytes
+
+        fds: dict[Path, int] = {}
+        buffer = bytearray(block - block % self.disk_itemsize)
+        view = memoryview(buffer)
+        filled = 0
+        try:
+            for path, offset, length in self.runs():
+                if path not in fds:
+                    fds[path] = os.open(path, os.O_RDONLY)
+                while length:
+                    take = min(length, len(buffer) - filled)
+                    read_into(fds[path], view[filled : filled + take], offset)
+                    filled, offset, length = filled + take, offset + take, length - take
+                    if filled == len(buffer):
+                        yield self._converted(view[:filled], cast_bytes)
+                        filled = 0
+            if filled:
+                yield self._converted(view[:filled], cast_bytes)
+        finally:
+            for fd in fds.values():
+                os.close(fd)
+
+    def _converted(self, data: memoryview, cast_bytes: Callable[..., bytes]) -> bytes:
+        if self.record.cast_from is None:
+            return bytes(data)
+        return cast_bytes(data, self.record.cast_from, self.ref.dtype)
+
+
+def _piece_extent(piece: FilePiece) -> int:
+    """Storage bytes from a piece's first byte to its last one, gaps between its blocks included."""
+    return piece.length + sum((count - 1) * step for count, step in piece.grid)
+
+
+def _located_runs(piece: FilePiece) -> Iterator[tuple[int, int, int, Path]]:
+    for at, offset, length in piece.runs():
+        yield at, offset, length, piece.path
+
+
+def source_window(record: StorageRecord, ref: TensorRef) -> FileWindow | PieceWindow:
+    """Where the bytes of ``ref`` lie: a window on one file, or on pieces of several.
+
+    Example:
+        >>> source_window(ckpt.storages[ref.storage], ref)  # doctest: +SKIP
+        FileWindow(path=PosixPath('pytorch_model.bin'), storage_offset=1024, ref=...)
+    """
+    if record.pieces or record.cast_from is not None:
+        return PieceWindow(record, ref)
+    return FileWindow(record.path, record.offset, ref)
+
+
+def same_bytes(a: FileWindow | PieceWindow, b: FileWindow | PieceWindow) -> bool:
+    """Whether two contiguous windows give the same bytes, streamed block by block (False if a file ends early).
+
+    Example:
+        >>> same_bytes(source_window(rec, embed), source_window(rec2, head))  # doctest: +SKIP
+        True
+    """
+    if a.ref.dtype != b.ref.dtype or a.ref.shape != b.ref.shape:
+        return False
+    first, second = _as_pieces(a), _as_pieces(b)
+    # Blocks of equal source bytes give equal output blocks (a cast keeps the element count).
+    elements = _BLOCK // max(first.disk_itemsize, second.disk_itemsize)
+    try:
+        blocks = zip(
+            first.blocks(elements * first.disk_itemsize), second.blocks(elements * second.disk_itemsize), strict=True
+        )
+        return all(x == y for x, y in blocks)
+    except (ValueError, EOFError):
+        return False
+
+
+def _as_pieces(window: FileWindow | PieceWindow) -> PieceWindow:
+    if isinstance(window, PieceWindow):
+        return window
+    stop = window.ref.span[1]
+    record = StorageRecord("", window.path, 0, stop, "", (FilePiece(window.path, window.storage_offset, stop, 0),))
+    return PieceWindow(record, window.ref)
 
 
 def read_exact(fd: int, offset: int, nbytes: int) -> bytes:
@@ -232,7 +364,7 @@ class WindowComparer:
             self._fds[path] = os.open(path, os.O_RDONLY)
         return self._fds[path]
 
-    def equal(self, out: FileWindow, src: FileWindow) -> bool:
+    def equal(self, out: FileWindow, src: FileWindow | PieceWindow) -> bool:
         """Whether the two windows hold the same bytes (False if a file ends early).
 
         Example:
@@ -242,6 +374,8 @@ class WindowComparer:
         """
         if self._wait is not None:
             self._wait(out.path, out.storage_offset + out.ref.span[1])
+        if isinstance(src, PieceWindow):
+            return self._equal_pieces(out, src)
         out_range, src_range = out.contiguous_range, src.contiguous_range
         if out_range is None or src_range is None:
             self.bytes_compared += 2 * src.ref.nbytes
@@ -269,7 +403,7 @@ class WindowComparer:
         proven.append((o, n))
         return True
 
-    def first_difference(self, pairs: Iterable[tuple[str, FileWindow, FileWindow]]) -> str | None:
+    def first_difference(self, pairs: Iterable[tuple[str, FileWindow, FileWindow | PieceWindow]]) -> str | None:
         """The first name whose output window (first) differs from its source window, else None.
 
         Runs of small windows that lie close together in both files are read with one
@@ -283,12 +417,14 @@ class WindowComparer:
         run: list[tuple[str, FileWindow, FileWindow, Piece, Piece]] = []
         total = 0
         for name, out, src in pairs:
-            out_piece, src_piece = batchable(out, SMALL_COMPARE), batchable(src, SMALL_COMPARE)
+            out_piece = batchable(out, SMALL_COMPARE)
+            src_piece = batchable(src, SMALL_COMPARE) if isinstance(src, FileWindow) else None  # pieces: on its own
             if out_piece is None or src_piece is None or out_piece.nbytes != src_piece.nbytes:
                 out_piece = src_piece = None  # compared on its own
             if run and not (
                 out_piece is not None
                 and src_piece is not None
+                and isinstance(src, FileWindow)
                 and out.path == run[-1][1].path
                 and src.path == run[-1][2].path
                 and extends(run[-1][3], len(run), total, out_piece)
@@ -298,7 +434,7 @@ class WindowComparer:
                 if different is not None:
                     return different
                 run, total = [], 0
-            if out_piece is not None and src_piece is not None:
+            if out_piece is not None and src_piece is not None and isinstance(src, FileWindow):
                 run.append((name, out, src, out_piece, src_piece))
                 total += out_piece.nbytes
             elif not self.equal(out, src):
@@ -318,3 +454,49 @@ class WindowComparer:
         except EOFError:
             pass  # a file shorter than its header says: found below, name by name
         return next((name for name, out, src, _, _ in run if not self.equal(out, src)), None)
+
+    def _equal_pieces(self, out: FileWindow, src: PieceWindow) -> bool:
+        """Stream the pieces (cast if the storage is) against the output's range."""
+        out_range = out.contiguous_range
+        if out_range is None:  # outputs are written row-major: a strided output window is a view
+            out_bytes = gather(self._fd(out.path), out.storage_offset, out.ref)
+            return bytes(out_bytes) == b"".join(src.blocks())
+        position, size = out_range
+        fo = self._fd(out.path)
+        out_view = memoryview(self._out)
+        if src.record.cast_from is None:  # plain bytes: range against range, no allocation
+            return self._equal_runs(fo, position, size, src)
+        done = 0
+        for block in src.blocks(_BLOCK):
+            n = len(block)
+            if done + n > size:
+                return False
+            try:
+                read_into(fo, out_view[:n], position + done)
+            except EOFError:
+                return False
+            if not self._out.startswith(block):
+                return False
+            done += n
+        self.bytes_compared += 2 * done
+        return done == size
+
+    def _equal_runs(self, fo: int, position: int, size: int, src: PieceWindow) -> bool:
+        out_view, src_view = memoryview(self._out), memoryview(self._src)
+        done = 0
+        for path, offset, length in src.runs():
+            fs = self._fd(path)
+            while length:
+                n = min(_BLOCK, length)
+                if done + n > size:
+                    return False
+                try:
+                    read_into(fo, out_view[:n], position + done)
+                    read_into(fs, src_view[:n], offset)
+                except EOFError:
+                    return False
+                if not self._out.startswith(src_view[:n]):
+                    return False
+                done, offset, length = done + n, offset + n, length - n
+        self.bytes_compared += 2 * done
+        return done == size

@@ -25,7 +25,7 @@ from typing import cast
 
 from .errors import WriteError
 from .layout import FilePlan
-from .windows import BATCH_BYTES, SMALL_GAP, FileWindow, Piece, batchable, extends, gather, read_pieces
+from .windows import BATCH_BYTES, SMALL_GAP, FileWindow, Piece, PieceWindow, batchable, extends, gather, read_pieces
 
 TEMP_SUFFIX = ".tiesafe-tmp"  # temporary files are named .<final name>.<8 random characters>.tiesafe-tmp
 _RANDOM = 8  # length of tempfile.mkstemp's random part
@@ -470,6 +470,13 @@ def _copy_tensors(fd: int, plan: FilePlan) -> Iterator[int]:
         base = len(plan.header)
         for tensor in plan.tensors:
             source = tensor.source
+            if isinstance(source, PieceWindow):  # a training run's tensor: ranges of several files
+                if batch:
+                    yield _write_batch(fd, batch_fd, batch, batch_start, buffers)
+                    batch = []
+                _copy_pieces(source, fd, base + tensor.begin, sources)
+                yield base + tensor.end
+                continue
             piece = None
             if isinstance(source, FileWindow):
                 if source.path not in sources:
@@ -508,6 +515,20 @@ def _copy_tensors(fd: int, plan: FilePlan) -> Iterator[int]:
     finally:
         for src in sources.values():
             os.close(src)
+
+
+def _copy_pieces(source: PieceWindow, fd: int, offset: int, sources: dict[Path, int]) -> None:
+    """A tensor gathered from pieces of several files: each range by the kernel, or cast block by block."""
+    if source.record.cast_from is not None:
+        for block in source.blocks():
+            pwrite_all(fd, block, offset)
+            offset += len(block)
+        return
+    for path, start, length in source.runs():
+        if path not in sources:
+            sources[path] = os.open(path, os.O_RDONLY)
+        _copy_range(sources[path], fd, start, offset, length)
+        offset += length
 
 
 def _write_batch(fd: int, src: int, pieces: list[Piece], start: int, buffers: tuple[bytearray, bytearray]) -> int:

@@ -1068,7 +1068,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--export", action="store_true", help="only the export benchmark: memory of save_model vs safetensors'"
     )
+    parser.add_argument(
+        "--training",
+        action="store_true",
+        help="only the training-run benchmark: ZeRO-3 and DCP checkpoints vs zero_to_fp32.py and dcp_to_torch_save",
+    )
     opts = parser.parse_args(argv)
+    if opts.training:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import bench_runs
+
+        size = ["--size-mb", "20"] if opts.quick else []
+        return int(bench_runs.main(["--runs", str(1 if opts.quick else opts.runs), "--cache", str(opts.cache), *size]))
     if opts.export:
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         import bench_export

@@ -76,3 +76,15 @@ def test_export_of_a_local_model_does_not_import_the_distributed_machinery(tmp_p
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "[]"
+
+
+def test_training_run_conversion_imports_neither_deepspeed_nor_torch_distributed(tmp_path: Path) -> None:
+    import subprocess as sp
+
+    code = (
+        "import sys, converter.run, converter.readers.deepspeed, converter.readers.dcp, converter.cast; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('deepspeed', 'torch')))"
+    )
+    result = sp.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "[]"

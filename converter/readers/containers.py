@@ -51,6 +51,7 @@ def _local_data_offsets(raw: BinaryIO, infos: list[_Member], file_size: int) -> 
     ``pread`` for many, in file order, rather than one seek and read each.
     """
     fd = raw.fileno()
+    base = getattr(raw, "base_offset", 0)  # an archive inside a larger file (a DCP chunk) starts there
     ordered = sorted(infos, key=lambda info: info.header_offset)
     offsets = [info.header_offset for info in ordered]
     starts: dict[str, int] = {}
@@ -63,7 +64,7 @@ def _local_data_offsets(raw: BinaryIO, infos: list[_Member], file_size: int) -> 
                 # thousands of small synchronous disk reads on a cold cache. Ask the kernel for
                 # the whole window at once; the copy reads these bytes next anyway.
                 with contextlib.suppress(OSError, AttributeError):
-                    os.posix_fadvise(fd, info.header_offset, _PREFETCH, os.POSIX_FADV_WILLNEED)
+                    os.posix_fadvise(fd, base + info.header_offset, _PREFETCH, os.POSIX_FADV_WILLNEED)
         at = info.header_offset - block_start
         if at < 0 or at + 30 > len(block):
             last = i  # read through the last header within _HEADERS_BLOCK of this one
@@ -72,7 +73,7 @@ def _local_data_offsets(raw: BinaryIO, infos: list[_Member], file_size: int) -> 
             ):
                 last += 1
             block_start = info.header_offset
-            block = os.pread(fd, ordered[last].header_offset + 30 - block_start, block_start)
+            block = os.pread(fd, ordered[last].header_offset + 30 - block_start, base + block_start)
             at = 0
         header = block[at : at + 30]
         if len(header) != 30 or header[:4] != b"PK\x03\x04":
