@@ -34,10 +34,17 @@ def test_quick_benchmark_runs_every_tool(tmp_path: Path) -> None:
         assert run["returncode"] == 0 and run["wall"] > 0 and run["peak_rss"] > 0 and run["written"] > 0, row
     assert {r["kind"] for r in ran} == {"tiesafe", "reference", "floor"}
     assert len({r["tool"] for r in ran if r["kind"] == "reference"}) == 3
-    assert {r["input"] for r in ran if r["kind"] == "tiesafe"} == {"gpt2-tiny", "llama-tiny", "moe-tiny"}
-    # inspect and verify of the MoE-shaped output, each timed and successful
-    commands = {c["command"].split()[1] for c in doc["commands"] if c["input"] == "moe-tiny"}
-    assert commands == {"inspect", "verify"} and len(doc["commands"]) == 3
+    assert {r["input"] for r in ran if r["kind"] == "tiesafe"} == {
+        "gpt2-tiny",
+        "llama-tiny",
+        "moe-tiny",
+        "strided-legacy",
+    }
+    # inspect and verify of the MoE-shaped and the strided outputs, each timed and successful
+    for name in ("moe-tiny", "strided-legacy"):
+        commands = {c["command"].split()[1] for c in doc["commands"] if c["input"] == name}
+        assert commands == {"inspect", "verify"}, name
+    assert len(doc["commands"]) == 6
     assert all(c["returncode"] == 0 and c["wall"] > 0 and c["peak_rss"] > 0 for c in doc["commands"])
 
     load = doc["load"]
