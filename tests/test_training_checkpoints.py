@@ -328,3 +328,19 @@ def test_nested_dicts_megatron_style_ask_for_key_then_flatten(tmp_path: Path) ->
     )
     assert all(same_bits(loaded[f"language_model.encoder.{n}"], t) for n, t in encoder.items())
     assert len(loaded) == 5 and "rng_state: RNG state" in report.skipped
+
+
+def test_a_trainers_optimizer_and_rng_files_are_not_weights(tmp_path: Path) -> None:
+    """transformers' Trainer writes optimizer.pt and rng_state.pth beside the weights, with its own save calls."""
+    import random
+
+    model = TinyLM()
+    optimizer = _trained(model)
+    torch.save(optimizer.state_dict(), tmp_path / "optimizer.pt")  # Trainer._save_optimizer_and_scheduler
+    rng = {"python": random.getstate(), "numpy": np.random.get_state(), "cpu": torch.random.get_rng_state()}
+    torch.save(rng, tmp_path / "rng_state.pth")  # Trainer._save_rng_state
+    with pytest.raises(TiesafeError, match="optimizer's state"):
+        converter.convert_file(tmp_path / "optimizer.pt")
+    with pytest.raises(TiesafeError, match="saved RNG state"):
+        converter.convert_file(tmp_path / "rng_state.pth")
+    assert not list(tmp_path.glob("*.safetensors"))

@@ -235,6 +235,19 @@ def _deepspeed_placeholders(root: Any) -> None:
         )
 
 
+def _training_state_file(root: Any) -> None:
+    """Refuse a file that is all training state: an optimizer's or RNG state_dict holds no weights.
+
+    A Trainer's checkpoint folder has ``optimizer.pt`` and ``rng_state.pth`` beside the
+    weights; their tensors (Adam moments, the CPU generator's bytes) must never be written as
+    if they were a model's.
+    """
+    if _is_optimizer_state(root):
+        raise TiesafeError("this is an optimizer's state (state, param_groups), not model weights")
+    if isinstance(root, dict) and isinstance(root.get("cpu"), TensorNode) and {"python", "numpy"} & set(root):
+        raise TiesafeError("this is a saved RNG state (python, numpy, cpu generators), not model weights")
+
+
 def choose_weights(root: Any, key: str | None) -> Choice:
     """Pick the state dict in ``root`` (or the one ``key`` names) and list what is left out.
 
@@ -251,6 +264,7 @@ def choose_weights(root: Any, key: str | None) -> Choice:
             weights = flattened(weights)  # a dict of dicts (Megatron's model): names joined with dots
         return Choice(weights, key, _skipped_along(root, path, weights))
     _deepspeed_placeholders(root)
+    _training_state_file(root)
     candidates = sorted(_candidates(root), key=lambda c: (-c.nbytes, -c.tensors))
     if not candidates:
         raise TiesafeError(_nothing_found(root))
