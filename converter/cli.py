@@ -444,6 +444,11 @@ def convert_command(
     if Path(src).is_dir() and is_training_run(Path(src)):
         if delete_source:
             raise click.UsageError("--delete-source does not apply to training runs (their files are not weights only)")
+        if strip_prefix or keep_names or strict:
+            raise click.UsageError(
+                "--strip-prefix, --keep-names and --strict apply to pickle checkpoints and folders, "
+                "not to training runs (their names are the model's own)"
+            )
         if workers is not None and scheduler is not None:
             raise click.UsageError("give --workers or --scheduler, not both")
         _convert_run(

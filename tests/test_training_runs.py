@@ -167,6 +167,8 @@ def test_cli_converts_a_run_folder_and_a_step_folder(runs: dict[str, Path], tmp_
     assert result.exit_code == 0, result.output
     result = runner.invoke(main, ["convert", str(runs["dcp-cols"]), str(tmp_path / "d"), "--key", "model"])
     assert result.exit_code == 2 and "no tensors under 'model'" in result.output
+    result = runner.invoke(main, ["convert", str(runs["ds-z2-w1"]), str(tmp_path / "e"), "--strip-prefix", "x"])
+    assert result.exit_code == 2 and "not to training runs" in result.output and not (tmp_path / "e").exists()
 
 
 def test_zero3_model_states_file_alone_is_refused(runs: dict[str, Path], tmp_path: Path) -> None:
