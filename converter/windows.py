@@ -21,6 +21,7 @@ from typing import Any
 from .descriptors import Piece as FilePiece
 from .descriptors import StorageRecord, TensorRef
 from .errors import CorruptFileError, quoted
+from .geometry import numel
 
 # Element sizes to an integer dtype of the same width: moving bytes never needs
 # the real dtype (float8, bool, ... all travel as raw integers).
@@ -225,7 +226,7 @@ def gather(fd: int, storage_offset: int, ref: TensorRef) -> memoryview:
     itemsize = ref.dtype.itemsize
     shape, stride = merged_dims(ref.shape, ref.stride)
     offset = ref.offset - start // itemsize
-    if numel_of(shape[:-1]) <= _PYTHON_GATHER_ROWS:
+    if numel(shape[:-1]) <= _PYTHON_GATHER_ROWS:
         return memoryview(_gather_rows(raw, itemsize, offset, shape, stride))
     import numpy as np  # lazily: only tensors with many strided rows need it
 
@@ -256,18 +257,11 @@ def merged_dims(shape: tuple[int, ...], stride: tuple[int, ...]) -> tuple[tuple[
     return tuple(n for n, _ in merged), tuple(s for _, s in merged)
 
 
-def numel_of(shape: tuple[int, ...]) -> int:
-    count = 1
-    for n in shape:
-        count *= n
-    return count
-
-
 def _gather_rows(raw: bytes, itemsize: int, offset: int, shape: tuple[int, ...], stride: tuple[int, ...]) -> bytearray:
     """Row by row: a contiguous row is one slice, a strided one a slice per byte of an element."""
     row_len, row_step = shape[-1], stride[-1]
     row_bytes = row_len * itemsize
-    out = bytearray(numel_of(shape) * itemsize)
+    out = bytearray(numel(shape) * itemsize)
     pos = 0
     for index in itertools.product(*(range(n) for n in shape[:-1])):
         base = (offset + sum(i * s for i, s in zip(index, stride, strict=False))) * itemsize

@@ -30,7 +30,8 @@ RUNS = {
 MiB = 2**20
 
 
-def _status(key: str) -> int:
+def proc_status(key: str) -> int:
+    """A byte count from /proc/self/status (VmRSS:, VmHWM:, ...)."""
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith(key):
@@ -52,14 +53,14 @@ def _child(code: str, folder: str, tiny: bool) -> None:
     model = GPT2LMHeadModel(config).eval()
     gc.collect()
     out = Path(folder)
-    baseline = _status("VmRSS:")
+    baseline = proc_status("VmRSS:")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # the peak counter (VmHWM) starts again here: building the model does not count
     started = time.perf_counter()
     exec(code, {"converter": converter, "safetensors": safetensors, "model": model, "out": out})
     seconds = time.perf_counter() - started
     size = sum(p.stat().st_size for p in out.iterdir())
-    print(json.dumps({"above": _status("VmHWM:") - baseline, "seconds": seconds, "bytes": size}))
+    print(json.dumps({"above": proc_status("VmHWM:") - baseline, "seconds": seconds, "bytes": size}))
 
 
 def main(argv: list[str] | None = None) -> int:

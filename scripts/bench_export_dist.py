@@ -32,18 +32,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench_export import proc_status  # beside this script (scripts/ is on sys.path)
+
 MiB = 2**20
 TOOLS = ("tiesafe save_model", "tiesafe save_model(parallel=True)", "get_model_state_dict + safetensors save_file")
 FULL = {"vocab_size": 32000, "hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 12}
 TINY = {"vocab_size": 256, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2}
-
-
-def _status(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key):
-                return int(line.split()[1]) * 1024
-    raise KeyError(key)
 
 
 def _build(shape: dict[str, int]) -> Any:
@@ -109,7 +103,7 @@ def _rank(rank: int, world: int, port: int, tools: list[str], folder: str, quick
         out.mkdir(parents=True, exist_ok=True)
         gc.collect()
         dist.barrier()
-        baseline = _status("VmRSS:")
+        baseline = proc_status("VmRSS:")
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # the peak counter (VmHWM) starts again here: building the model does not count
         started = time.perf_counter()
@@ -120,9 +114,9 @@ def _rank(rank: int, world: int, port: int, tools: list[str], folder: str, quick
         results.append(
             {
                 "tool": tool,
-                "above": _status("VmHWM:") - baseline,
+                "above": proc_status("VmHWM:") - baseline,
                 "baseline": baseline,
-                "peak": _status("VmHWM:"),
+                "peak": proc_status("VmHWM:"),
                 "seconds": seconds,
                 "bytes": size,
                 "output": str(out),
