@@ -16,7 +16,7 @@ import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from .descriptors import Piece as FilePiece
 from .descriptors import StorageRecord, TensorRef
@@ -42,20 +42,54 @@ SMALL_GAP = 64 * 1024  # bytes between two ranges of a batch (zip headers, stora
 _MAX_PIECES = 500  # ranges per batch: with the gaps between them, below Linux's IOV_MAX (1024)
 
 
-@dataclass(frozen=True)
-class FileWindow:
-    """A tensor in a file: its storage starts at byte ``storage_offset`` of ``path``."""
+class Piece(NamedTuple):
+    """``nbytes`` at ``offset`` of one file (what ``read_pieces`` reads back to back)."""
 
+    offset: int
+    nbytes: int
+
+
+class FileWindow:
+    """A tensor in a file: its storage starts at byte ``storage_offset`` of ``path``.
+
+    Treated as immutable. A slotted class rather than a frozen dataclass, which takes three
+    times as long to build: the writer and verification build one or two per tensor, and a
+    mixture-of-experts file holds tens of thousands. ``contiguous_range`` is computed once,
+    here: the layout, the writer, verification and the identical-bytes search all ask it.
+
+    Example:
+        >>> FileWindow(Path("pytorch_model.bin"), 1024, ref).contiguous_range  # doctest: +SKIP
+        Piece(offset=1024, nbytes=4096)
+    """
+
+    __slots__ = ("contiguous_range", "path", "ref", "storage_offset")
     path: Path
     storage_offset: int
     ref: TensorRef
+    contiguous_range: Piece | None  # (file offset, length) when the bytes are one range, else None
 
-    @property
-    def contiguous_range(self) -> tuple[int, int] | None:
-        """``(file offset, length)`` when the bytes are one range, else None."""
-        if not self.ref.is_contiguous:
-            return None
-        return self.storage_offset + self.ref.span[0], self.ref.nbytes
+    def __init__(self, path: Path, storage_offset: int, ref: TensorRef) -> None:
+        self.path = path
+        self.storage_offset = storage_offset
+        self.ref = ref
+        self.contiguous_range = (
+            Piece(storage_offset + ref.offset * ref.dtype.itemsize, ref.nbytes) if ref.is_contiguous else None
+        )
+
+    def _key(self) -> tuple[Path, int, TensorRef]:
+        return self.path, self.storage_offset, self.ref
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, FileWindow) and self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __repr__(self) -> str:
+        return f"FileWindow(path={self.path!r}, storage_offset={self.storage_offset!r}, ref={self.ref!r})"
+
+    def __reduce__(self) -> tuple[type[FileWindow], tuple[Path, int, TensorRef]]:
+        return FileWindow, self._key()
 
 
 @dataclass(frozen=True)
@@ -278,50 +312,62 @@ def _gather_rows(raw: bytes, itemsize: int, offset: int, shape: tuple[int, ...],
     return out
 
 
-@dataclass(frozen=True)
-class Piece:
-    """``nbytes`` at ``offset`` of one file (what ``read_pieces`` reads back to back)."""
-
-    offset: int
-    nbytes: int
-
-
 def batchable(window: FileWindow, limit: int | None = None) -> Piece | None:
     """The window's byte range when it is shorter than ``limit`` (SMALL_RANGE), else None."""
     span = window.contiguous_range
     if span is None or span[1] >= (SMALL_RANGE if limit is None else limit):
         return None
-    return Piece(*span)
+    return span
 
 
 def extends(last: Piece, count: int, total: int, piece: Piece, gap_limit: int = SMALL_GAP) -> bool:
     """Whether ``piece`` can join a batch of ``count`` pieces and ``total`` bytes ending with ``last``."""
-    gap = piece.offset - (last.offset + last.nbytes)
-    return 0 <= gap <= gap_limit and count < _MAX_PIECES and total + piece.nbytes <= BATCH_BYTES
+    gap = piece[0] - last[0] - last[1]
+    return 0 <= gap <= gap_limit and count < _MAX_PIECES and total + piece[1] <= BATCH_BYTES
 
 
 def read_pieces(fd: int, pieces: list[Piece], buffer: bytearray, scratch: bytearray) -> int:
     """Read ``pieces`` (increasing, close together) back to back into ``buffer``; return their size.
 
-    One ``preadv`` reads the whole span: the pieces land in ``buffer``, the bytes between
-    them in ``scratch`` (at least ``SMALL_GAP`` bytes long), which is overwritten. Raises
-    EOFError when the file ends first.
+    One ``preadv`` reads the whole span: the pieces land in ``buffer`` (neighbours that
+    touch as one vector), the bytes between them in ``scratch``, which is overwritten.
+    Pieces further apart than ``scratch`` holds (or out of order) start another
+    ``preadv``. Raises EOFError when the file ends first.
     """
     view, junk = memoryview(buffer), memoryview(scratch)
     vectors: list[memoryview] = []
-    filled, position = 0, pieces[0].offset
-    for piece in pieces:
-        if piece.offset > position:
-            vectors.append(junk[: piece.offset - position])
-        vectors.append(view[filled : filled + piece.nbytes])
-        filled += piece.nbytes
-        position = piece.offset + piece.nbytes
-    if os.preadv(fd, vectors, pieces[0].offset) < position - pieces[0].offset:
+    first = position = pieces[0][0]
+    start = filled = 0  # the vector being extended is buffer[start:filled]
+    complete = True
+    for offset, nbytes in pieces:
+        if offset != position:
+            vectors.append(view[start:filled])
+            start = filled
+            if 0 < offset - position <= len(junk):
+                vectors.append(junk[: offset - position])
+            else:  # far apart: read what is gathered, and go on from ``offset``
+                complete = complete and os.preadv(fd, vectors, first) == position - first
+                vectors, first = [], offset
+        filled += nbytes
+        position = offset + nbytes
+    vectors.append(view[start:filled])
+    if not (complete and os.preadv(fd, vectors, first) == position - first):
         filled = 0  # a short read (a signal, or the end of the file): piece by piece, retrying
-        for piece in pieces:
-            read_into(fd, view[filled : filled + piece.nbytes], piece.offset)
-            filled += piece.nbytes
+        for offset, nbytes in pieces:
+            read_into(fd, view[filled : filled + nbytes], offset)
+            filled += nbytes
     return filled
+
+
+def read_span(fd: int, start: int, stop: int, buffer: bytearray) -> memoryview:
+    """Bytes ``[start, stop)`` of ``fd`` in the head of ``buffer`` (one ``preadv``); EOFError if the file ends first."""
+    view = memoryview(buffer)[: stop - start]
+    read_into(fd, view, start)
+    return view
+
+
+_Pair = tuple[str, FileWindow, "FileWindow | PieceWindow"]
+_Small = tuple[str, FileWindow, FileWindow, Piece, Piece]  # a pair in a run, with its two ranges
 
 
 class WindowComparer:
@@ -397,57 +443,75 @@ class WindowComparer:
         proven.append((o, n))
         return True
 
-    def first_difference(self, pairs: Iterable[tuple[str, FileWindow, FileWindow | PieceWindow]]) -> str | None:
+    def first_difference(self, pairs: Iterable[_Pair]) -> str | None:
         """The first name whose output window (first) differs from its source window, else None.
 
         Runs of small windows that lie close together in both files are read with one
-        ``preadv`` per file and compared at once (one ``memcmp``); only when a run
-        differs are its names compared one by one, to name the first that differs.
+        ``preadv`` per file (the output's run and the source's span, the bytes between its
+        tensors included) and compared tensor by tensor with ``memcmp``. The source is read
+        as one range here, not gathered as the writer gathers it, so that a slip in either
+        way of reading cannot hide itself.
 
         Example:
             >>> with contextlib.closing(WindowComparer()) as comparer:  # doctest: +SKIP
             ...     comparer.first_difference([("w", output_window, source_window)])
         """
-        run: list[tuple[str, FileWindow, FileWindow, Piece, Piece]] = []
-        total = 0
+        # Read once, not per tensor (and at call time: tests lower them).
+        limit, gap_limit, span_limit, most = SMALL_COMPARE, SMALL_GAP, min(BATCH_BYTES, len(self._src)), _MAX_PIECES
+        run: list[_Small] = []
+        out_path: Path | None = None
+        src_path: Path | None = None
+        src_start = out_end = src_end = 0
         for name, out, src in pairs:
-            out_piece = batchable(out, SMALL_COMPARE)
-            src_piece = batchable(src, SMALL_COMPARE) if isinstance(src, FileWindow) else None  # pieces: on its own
-            if out_piece is None or src_piece is None or out_piece.nbytes != src_piece.nbytes:
-                out_piece = src_piece = None  # compared on its own
-            if run and not (
-                out_piece is not None
-                and src_piece is not None
-                and isinstance(src, FileWindow)
-                and out.path == run[-1][1].path
-                and src.path == run[-1][2].path
-                and extends(run[-1][3], len(run), total, out_piece)
-                and extends(run[-1][4], len(run), total, src_piece)
-            ):
+            o = out.contiguous_range
+            s = src.contiguous_range if isinstance(src, FileWindow) else None  # pieces: compared on their own
+            if o is not None and s is not None and isinstance(src, FileWindow) and o[1] < limit and o[1] == s[1]:
+                if run:
+                    if (
+                        (out.path is out_path or out.path == out_path)
+                        and (src.path is src_path or src.path == src_path)
+                        and 0 <= o[0] - out_end <= gap_limit
+                        and 0 <= s[0] - src_end <= gap_limit
+                        and s[0] + s[1] - src_start <= span_limit
+                        and len(run) < most
+                    ):
+                        run.append((name, out, src, o, s))
+                        out_end, src_end = o[0] + o[1], s[0] + s[1]
+                        continue
+                    different = self._first_in_run(run)
+                    if different is not None:
+                        return different
+                run = [(name, out, src, o, s)]
+                out_path, src_path = out.path, src.path
+                src_start, out_end, src_end = s[0], o[0] + o[1], s[0] + s[1]
+                continue
+            if run:
                 different = self._first_in_run(run)
                 if different is not None:
                     return different
-                run, total = [], 0
-            if out_piece is not None and src_piece is not None and isinstance(src, FileWindow):
-                run.append((name, out, src, out_piece, src_piece))
-                total += out_piece.nbytes
-            elif not self.equal(out, src):
+                run = []
+            if not self.equal(out, src):
                 return name
         return self._first_in_run(run) if run else None
 
-    def _first_in_run(self, run: list[tuple[str, FileWindow, FileWindow, Piece, Piece]]) -> str | None:
+    def _first_in_run(self, run: list[_Small]) -> str | None:
+        """Compare a run of small contiguous windows: two reads, one ``memcmp`` per tensor."""
         out_path, last = run[0][1].path, run[-1][3]
         if self._wait is not None:
-            self._wait(out_path, last.offset + last.nbytes)
+            self._wait(out_path, last[0] + last[1])
+        start, end = run[0][4][0], run[-1][4][0] + run[-1][4][1]
         try:
             nbytes = read_pieces(self._fd(out_path), [r[3] for r in run], self._out, self._gaps)
-            read_pieces(self._fd(run[0][2].path), [r[4] for r in run], self._src, self._gaps)
-            if self._out.startswith(memoryview(self._src)[:nbytes]):  # memcmp
-                self.bytes_compared += 2 * nbytes
-                return None
-        except EOFError:
-            pass  # a file shorter than its header says: found below, name by name
-        return next((name for name, out, src, _, _ in run if not self.equal(out, src)), None)
+            source = read_span(self._fd(run[0][2].path), start, end, self._src)
+        except EOFError:  # a file shorter than its header says: found name by name
+            return next((name for name, out, src, _, _ in run if not self.equal(out, src)), None)
+        output, at = self._out, 0
+        for name, _, _, _, (offset, size) in run:
+            if not output.startswith(source[offset - start : offset - start + size], at):  # memcmp
+                return name
+            at += size
+        self.bytes_compared += 2 * nbytes
+        return None
 
     def _equal_pieces(self, out: FileWindow, src: PieceWindow) -> bool:
         """Stream the pieces (cast if the storage is) against the output's range."""

@@ -23,9 +23,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import cast
 
+from . import windows
 from .errors import WriteError
 from .layout import FilePlan
-from .windows import BATCH_BYTES, SMALL_GAP, FileWindow, Piece, PieceWindow, batchable, extends, gather, read_pieces
+from .windows import FileWindow, Piece, PieceWindow, gather, read_pieces
 
 TEMP_SUFFIX = ".tiesafe-tmp"  # temporary files are named .<final name>.<8 random characters>.tiesafe-tmp
 _RANDOM = 8  # length of tempfile.mkstemp's random part
@@ -460,61 +461,75 @@ def _copy_tensors(fd: int, plan: FilePlan) -> Iterator[int]:
     A large range is copied inside the kernel (``copy_file_range``); runs of small ones
     that lie close together in one source (a mixture-of-experts file holds tens of
     thousands) are read with one ``preadv`` into a reusable buffer and written with one
-    ``pwrite``: one pair of system calls per batch instead of one call per tensor.
+    ``pwrite``: one pair of system calls per batch instead of one call per tensor. The
+    loop does a handful of comparisons per small tensor: its range was computed once,
+    with its window.
     """
+    # Read at call time (tests lower them), once per file rather than once per tensor.
+    small, gap_limit, cap, most = windows.SMALL_RANGE, windows.SMALL_GAP, windows.BATCH_BYTES, windows._MAX_PIECES
     sources: dict[Path, int] = {}
     batch: list[Piece] = []
-    batch_fd, batch_start, batch_bytes = -1, 0, 0
+    batch_path: Path | None = None
+    batch_fd = batch_start = batch_end = source_end = total = 0
     buffers = (bytearray(), bytearray())  # allocated with the first batch
     try:
         base = len(plan.header)
         for tensor in plan.tensors:
             source = tensor.source
-            if isinstance(source, PieceWindow):  # a training run's tensor: ranges of several files
-                if batch:
-                    yield _write_batch(fd, batch_fd, batch, batch_start, buffers)
-                    batch = []
-                _copy_pieces(source, fd, base + tensor.begin, sources)
-                yield base + tensor.end
-                continue
-            piece = None
             if isinstance(source, FileWindow):
-                if source.path not in sources:
-                    sources[source.path] = os.open(source.path, os.O_RDONLY)
-                src = sources[source.path]
-                piece = batchable(source)
-                if piece is not None:
-                    if batch and (
-                        src != batch_fd
-                        or base + tensor.begin != batch_start + batch_bytes
-                        or not extends(batch[-1], len(batch), batch_bytes, piece)
-                    ):
+                piece = source.contiguous_range
+                if piece is not None and piece[1] < small:
+                    path, begin = source.path, base + tensor.begin
+                    if batch:
+                        if (
+                            (path is batch_path or path == batch_path)
+                            and begin == batch_end
+                            and 0 <= piece[0] - source_end <= gap_limit
+                            and len(batch) < most
+                            and total + piece[1] <= cap
+                        ):
+                            batch.append(piece)
+                            total += piece[1]
+                            batch_end += piece[1]
+                            source_end = piece[0] + piece[1]
+                            continue
                         yield _write_batch(fd, batch_fd, batch, batch_start, buffers)
-                        batch = []
-                    if not batch:
-                        batch_fd, batch_start, batch_bytes = src, base + tensor.begin, 0
-                        if not buffers[0]:
-                            buffers = (bytearray(BATCH_BYTES), bytearray(SMALL_GAP))
-                    batch.append(piece)
-                    batch_bytes += piece.nbytes
+                    if path is not batch_path:
+                        batch_fd, batch_path = _source_fd(sources, path), path
+                    if not buffers[0]:
+                        buffers = (bytearray(cap), bytearray(gap_limit))
+                    batch = [piece]
+                    batch_start, total = begin, piece[1]
+                    batch_end, source_end = begin + piece[1], piece[0] + piece[1]
                     continue
             if batch:
                 yield _write_batch(fd, batch_fd, batch, batch_start, buffers)
                 batch = []
-            if not isinstance(source, FileWindow):
-                source.write_into(fd, base + tensor.begin)
-            else:
+            if isinstance(source, PieceWindow):  # a training run's tensor: ranges of several files
+                _copy_pieces(source, fd, base + tensor.begin, sources)
+            elif isinstance(source, FileWindow):
+                src = _source_fd(sources, source.path)
                 span = source.contiguous_range
                 if span is not None:
                     _copy_range(src, fd, span[0], base + tensor.begin, span[1])
                 else:
                     pwrite_all(fd, gather(src, source.storage_offset, source.ref), base + tensor.begin)
+            else:
+                source.write_into(fd, base + tensor.begin)
             yield base + tensor.end
         if batch:
             yield _write_batch(fd, batch_fd, batch, batch_start, buffers)
     finally:
         for src in sources.values():
             os.close(src)
+
+
+def _source_fd(sources: dict[Path, int], path: Path) -> int:
+    """The descriptor of a source file, opened on first use."""
+    fd = sources.get(path)
+    if fd is None:
+        fd = sources[path] = os.open(path, os.O_RDONLY)
+    return fd
 
 
 def _copy_pieces(source: PieceWindow, fd: int, offset: int, sources: dict[Path, int]) -> None:
@@ -525,9 +540,7 @@ def _copy_pieces(source: PieceWindow, fd: int, offset: int, sources: dict[Path, 
             offset += len(block)
         return
     for path, start, length in source.runs():
-        if path not in sources:
-            sources[path] = os.open(path, os.O_RDONLY)
-        _copy_range(sources[path], fd, start, offset, length)
+        _copy_range(_source_fd(sources, path), fd, start, offset, length)
         offset += length
 
 
