@@ -11,7 +11,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from . import conventions, ties
 from .descriptors import Checkpoint
@@ -24,6 +24,8 @@ FORMAT_METADATA = {"format": "pt"}
 _JSON = json.JSONEncoder(
     separators=(",", ":"), ensure_ascii=False
 ).encode  # transformers refuses safetensors files without it
+# What _JSON does with a string (ensure_ascii=False), called without the encoder's dispatch.
+_JSON_STRING: Callable[[str], str] = json.encoder.encode_basestring
 
 
 class TensorSource(Protocol):
@@ -32,8 +34,10 @@ class TensorSource(Protocol):
     def write_into(self, fd: int, offset: int) -> None: ...
 
 
-@dataclass(frozen=True)
-class PlannedTensor:
+class PlannedTensor(NamedTuple):
+    """A tensor's place in an output file. A named tuple: one per stored tensor, tens of
+    thousands in a mixture-of-experts file, built several times faster than a dataclass."""
+
     name: str
     dtype: str
     shape: tuple[int, ...]
@@ -66,21 +70,24 @@ def encode_header(tensors: list[PlannedTensor], metadata: dict[str, str]) -> byt
     so that every tensor's data stays aligned to its element size.
     """
     # The same bytes json.dumps gives for the document as one dict, written entry by
-    # entry: no dict and two lists per tensor (tens of thousands in a mixture-of-experts file).
+    # entry: no dict and two lists per tensor (tens of thousands in a mixture-of-experts
+    # file), and each distinct dtype and shape encoded once.
     parts = [f'"__metadata__":{_JSON(metadata)}'] if metadata else []
-    for t in tensors:
-        shape = ",".join(map(str, t.shape))
-        parts.append(
-            f'{_JSON(t.name)}:{{"dtype":{_JSON(t.dtype)},"shape":[{shape}],"data_offsets":[{t.begin},{t.end}]}}'
-        )
+    append, name_json = parts.append, _JSON_STRING
+    middles: dict[tuple[str, tuple[int, ...]], str] = {}
+    for name, dtype, shape, begin, end, _ in tensors:
+        middle = middles.get((dtype, shape))
+        if middle is None:
+            middle = middles[dtype, shape] = f'{{"dtype":{_JSON(dtype)},"shape":[{",".join(map(str, shape))}],'
+        append(f'{name_json(name)}:{middle}"data_offsets":[{begin},{end}]}}')
     text = ("{" + ",".join(parts) + "}").encode("utf-8")
     text += b" " * (-len(text) % 8)
     return len(text).to_bytes(8, "little") + text
 
 
-@dataclass(frozen=True)
-class StoredItem:
-    """A tensor to store under its own name, and where its bytes come from."""
+class StoredItem(NamedTuple):
+    """A tensor to store under its own name, and where its bytes come from (a named tuple, as
+    :class:`PlannedTensor`)."""
 
     name: str
     dtype: DType
@@ -110,28 +117,33 @@ class SetPlan:
 
 def stored_items(checkpoint: Checkpoint, sharing: SharingPlan) -> list[StoredItem]:
     """The stored tensors of ``sharing`` with their bytes located in the checkpoint's files."""
-    items = []
-    for s in sharing.stored:
-        source = source_window(checkpoint.storages[s.ref.storage], s.ref)
-        items.append(StoredItem(s.name, s.ref.dtype, s.ref.shape, source))
-    return items
+    storages = checkpoint.storages
+    return [
+        StoredItem(s.name, s.ref.dtype, s.ref.shape, source_window(storages[s.ref.storage], s.ref))
+        for s in sharing.stored
+    ]
 
 
-def _source_order(items: list[StoredItem]) -> Callable[[StoredItem], tuple[int, int, int]]:
-    """Sort key: larger elements first, then by file (in order of appearance) and byte offset."""
+def _source_order(items: list[StoredItem]) -> list[int]:
+    """Indices of ``items`` by element size (largest first), then file (in order of appearance) and byte offset.
+
+    Bytes not in a file (a live tensor) keep the given order, before those in files.
+    """
     files: dict[Path, int] = {}
-    for item in items:
-        if isinstance(item.source, FileWindow):
-            files.setdefault(item.source.path, len(files))
-    index = {id(item): i for i, item in enumerate(items)}
-
-    def key(item: StoredItem) -> tuple[int, int, int]:
-        source = item.source
+    last_path, last_index = None, -1
+    keys: list[tuple[int, int, int, int]] = []
+    for i, (_, dtype, _, source) in enumerate(items):
         if isinstance(source, FileWindow):
-            return -item.dtype.itemsize, files[source.path], source.storage_offset + source.ref.span[0]
-        return -item.dtype.itemsize, -1, index[id(item)]  # bytes not in a file (export): given order
-
-    return key
+            path = source.path
+            if path is not last_path:
+                last_index = files.setdefault(path, len(files))
+                last_path = path
+            ref = source.ref
+            keys.append((-dtype.itemsize, last_index, source.storage_offset + ref.offset * ref.dtype.itemsize, i))
+        else:
+            keys.append((-dtype.itemsize, -1, i, i))
+    keys.sort()  # the index last: a stable order for equal places
+    return [key[3] for key in keys]
 
 
 def plan_file(items: list[StoredItem], record: ties.TieRecord, *, metadata: dict[str, str] | None = None) -> FilePlan:
@@ -148,14 +160,14 @@ def plan_file(items: list[StoredItem], record: ties.TieRecord, *, metadata: dict
         >>> plan.header[8:9]
         b'{'
     """
-    ordered = sorted(items, key=_source_order(items))
     tensors: list[PlannedTensor] = []
+    append = tensors.append
     position = 0
-    for item in ordered:
-        tensors.append(
-            PlannedTensor(item.name, item.dtype.code, item.shape, position, position + item.nbytes, item.source)
-        )
-        position += item.nbytes
+    for i in _source_order(items):
+        name, dtype, shape, source = items[i]
+        end = position + numel(shape) * dtype.itemsize
+        append(PlannedTensor(name, dtype.code, shape, position, end, source))
+        position = end
     entries = {**(metadata or {}), **FORMAT_METADATA, **ties.encode(record)}
     return FilePlan(tensors, entries, encode_header(tensors, entries))
 
