@@ -15,6 +15,7 @@ from typing import Any
 from .conventions import WEIGHT_SUFFIXES, converted_name
 from .descriptors import Checkpoint
 from .errors import TiesafeError
+from .gcpause import collection_paused
 from .geometry import numel
 from .layout import plan_file, stored_items
 from .readers.torchfile import checkpoint_from_tree, read_checkpoint, read_tree
@@ -132,17 +133,18 @@ def convert_file(
     src = Path(src)
     ckpt = read_checkpoint(src, key=key, strict=strict, strip_prefix=strip_prefix, keep_names=keep_names)
     out = _resolve_output(src, dst, overwrite)
-    sharing = plan_sharing(ckpt.tensors, materialize_views=materialize_views)
-    plan = plan_file(stored_items(ckpt, sharing), sharing.ties, metadata=metadata)
 
     def check(tmp: Path, progress: WriteProgress) -> None:
         verify_output(ckpt, [read_safetensors(tmp)], sharing.ties, wait=progress.wait)
         ckpt.check_unchanged()  # the bytes just verified are those of the file that was read
 
-    try:
-        write_file(plan, out, check=check if verify else None)
-    except TiesafeError as exc:
-        raise type(exc)(exc.problem, path=out) from None
+    with collection_paused():  # per-tensor bookkeeping of a large checkpoint: see gcpause
+        sharing = plan_sharing(ckpt.tensors, materialize_views=materialize_views)
+        plan = plan_file(stored_items(ckpt, sharing), sharing.ties, metadata=metadata)
+        try:
+            write_file(plan, out, check=check if verify else None)
+        except TiesafeError as exc:
+            raise type(exc)(exc.problem, path=out) from None
     report = _report(ckpt, sharing, out, plan.file_size, plan.data_size, verify)
     report.seconds = time.perf_counter() - started
     return report

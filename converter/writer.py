@@ -25,6 +25,7 @@ from typing import cast
 
 from . import windows
 from .errors import WriteError
+from .gcpause import collection_paused
 from .layout import FilePlan
 from .windows import FileWindow, Piece, PieceWindow, gather, read_pieces
 
@@ -333,6 +334,12 @@ class StagedWrites:
         An error of ``check`` stops the writing and is raised here. Returns the
         temporary paths, readable until the block ends.
         """
+        with collection_paused():  # tens of thousands of tensors: see gcpause
+            return self._write_set(plans, check)
+
+    def _write_set(
+        self, plans: dict[Path, FilePlan], check: Callable[[list[Path], WriteProgress], None] | None
+    ) -> list[Path]:
         opened = []
         for dst, plan in plans.items():
             fd, tmp = self.open(dst)
