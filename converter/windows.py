@@ -13,7 +13,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -42,8 +42,11 @@ SMALL_GAP = 64 * 1024  # bytes between two ranges of a batch (zip headers, stora
 _MAX_PIECES = 500  # ranges per batch: with the gaps between them, below Linux's IOV_MAX (1024)
 
 
+Range = tuple[int, int]  # (file offset, length): a plain tuple, one per window
+
+
 class Piece(NamedTuple):
-    """``nbytes`` at ``offset`` of one file (what ``read_pieces`` reads back to back)."""
+    """``nbytes`` at ``offset`` of one file (what ``read_pieces`` reads back to back); a :data:`Range`."""
 
     offset: int
     nbytes: int
@@ -59,21 +62,21 @@ class FileWindow:
 
     Example:
         >>> FileWindow(Path("pytorch_model.bin"), 1024, ref).contiguous_range  # doctest: +SKIP
-        Piece(offset=1024, nbytes=4096)
+        (1024, 4096)
     """
 
     __slots__ = ("contiguous_range", "path", "ref", "storage_offset")
     path: Path
     storage_offset: int
     ref: TensorRef
-    contiguous_range: Piece | None  # (file offset, length) when the bytes are one range, else None
+    contiguous_range: Range | None  # (file offset, length) when the bytes are one range, else None
 
     def __init__(self, path: Path, storage_offset: int, ref: TensorRef) -> None:
         self.path = path
         self.storage_offset = storage_offset
         self.ref = ref
         self.contiguous_range = (
-            Piece(storage_offset + ref.offset * ref.dtype.itemsize, ref.nbytes) if ref.is_contiguous else None
+            (storage_offset + ref.offset * ref.dtype.itemsize, ref.nbytes) if ref.is_contiguous else None
         )
 
     def _key(self) -> tuple[Path, int, TensorRef]:
@@ -312,7 +315,7 @@ def _gather_rows(raw: bytes, itemsize: int, offset: int, shape: tuple[int, ...],
     return out
 
 
-def batchable(window: FileWindow, limit: int | None = None) -> Piece | None:
+def batchable(window: FileWindow, limit: int | None = None) -> Range | None:
     """The window's byte range when it is shorter than ``limit`` (SMALL_RANGE), else None."""
     span = window.contiguous_range
     if span is None or span[1] >= (SMALL_RANGE if limit is None else limit):
@@ -320,13 +323,13 @@ def batchable(window: FileWindow, limit: int | None = None) -> Piece | None:
     return span
 
 
-def extends(last: Piece, count: int, total: int, piece: Piece, gap_limit: int = SMALL_GAP) -> bool:
+def extends(last: Range, count: int, total: int, piece: Range, gap_limit: int = SMALL_GAP) -> bool:
     """Whether ``piece`` can join a batch of ``count`` pieces and ``total`` bytes ending with ``last``."""
     gap = piece[0] - last[0] - last[1]
     return 0 <= gap <= gap_limit and count < _MAX_PIECES and total + piece[1] <= BATCH_BYTES
 
 
-def read_pieces(fd: int, pieces: list[Piece], buffer: bytearray, scratch: bytearray) -> int:
+def read_pieces(fd: int, pieces: Sequence[Range], buffer: bytearray, scratch: bytearray) -> int:
     """Read ``pieces`` (increasing, close together) back to back into ``buffer``; return their size.
 
     One ``preadv`` reads the whole span: the pieces land in ``buffer`` (neighbours that
@@ -367,7 +370,7 @@ def read_span(fd: int, start: int, stop: int, buffer: bytearray) -> memoryview:
 
 
 _Pair = tuple[str, FileWindow, "FileWindow | PieceWindow"]
-_Small = tuple[str, FileWindow, FileWindow, Piece, Piece]  # a pair in a run, with its two ranges
+_Small = tuple[str, FileWindow, FileWindow, Range, Range]  # a pair in a run, with its two ranges
 
 
 class WindowComparer:

@@ -27,7 +27,7 @@ from . import windows
 from .errors import WriteError
 from .gcpause import collection_paused
 from .layout import FilePlan
-from .windows import FileWindow, Piece, PieceWindow, gather, read_pieces
+from .windows import FileWindow, PieceWindow, Range, gather, read_pieces
 
 TEMP_SUFFIX = ".tiesafe-tmp"  # temporary files are named .<final name>.<8 random characters>.tiesafe-tmp
 _RANDOM = 8  # length of tempfile.mkstemp's random part
@@ -475,7 +475,7 @@ def _copy_tensors(fd: int, plan: FilePlan) -> Iterator[int]:
     # Read at call time (tests lower them), once per file rather than once per tensor.
     small, gap_limit, cap, most = windows.SMALL_RANGE, windows.SMALL_GAP, windows.BATCH_BYTES, windows._MAX_PIECES
     sources: dict[Path, int] = {}
-    batch: list[Piece] = []
+    batch: list[Range] = []
     batch_path: Path | None = None
     batch_fd = batch_start = batch_end = source_end = total = 0
     buffers = (bytearray(), bytearray())  # allocated with the first batch
@@ -551,7 +551,7 @@ def _copy_pieces(source: PieceWindow, fd: int, offset: int, sources: dict[Path, 
         offset += length
 
 
-def _write_batch(fd: int, src: int, pieces: list[Piece], start: int, buffers: tuple[bytearray, bytearray]) -> int:
+def _write_batch(fd: int, src: int, pieces: list[Range], start: int, buffers: tuple[bytearray, bytearray]) -> int:
     """Write ``pieces`` of ``src`` back to back at ``start``; return the end offset written."""
     try:
         nbytes = read_pieces(src, pieces, *buffers)

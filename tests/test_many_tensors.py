@@ -49,7 +49,7 @@ def test_small_tensors_are_copied_in_batches_bit_for_bit(
     copies: list[int] = []
     real_read, real_copy = writer.read_pieces, writer._copy_range
 
-    def read(fd: int, pieces: list[windows.Piece], *buffers: bytearray) -> int:
+    def read(fd: int, pieces: list[windows.Range], *buffers: bytearray) -> int:
         batches.append(len(pieces))
         return real_read(fd, pieces, *buffers)
 
@@ -95,12 +95,13 @@ def test_batched_verification_reads_only_what_landed(
         written[str(path)] = end
         real_advance(self, path, end)
 
-    def read(fd: int, pieces: list[windows.Piece], *buffers: bytearray) -> int:
+    def read(fd: int, pieces: list[windows.Range], *buffers: bytearray) -> int:
         path = os.readlink(f"/proc/self/fd/{fd}")
         if path.endswith(writer.TEMP_SUFFIX):
             compared.set()
-            if written.get(path, 0) < pieces[-1].offset + pieces[-1].nbytes:
-                early.append((path, pieces[-1].offset))
+            offset, nbytes = pieces[-1]
+            if written.get(path, 0) < offset + nbytes:
+                early.append((path, offset))
         return real_read(fd, pieces, *buffers)
 
     monkeypatch.setattr(writer.WriteProgress, "advance", advance)
