@@ -6,17 +6,22 @@ batches break on size, on gaps, on dtype order and at the large tensors between 
 
 from __future__ import annotations
 
+import gc
 import os
+import tempfile
 import threading
 from pathlib import Path
 
 import pytest
 import torch
 from helpers import same_bits
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import converter
 from converter import windows, writer
 from converter.errors import VerificationError
+from converter.gcpause import collection_paused
 from converter.stfile import read_safetensors
 
 
@@ -108,3 +113,70 @@ def test_batched_verification_reads_only_what_landed(
     monkeypatch.setattr(windows, "read_pieces", read)
     assert converter.convert_file(tmp_path / "moe.bin", tmp_path / "moe.safetensors").verified
     assert compared.is_set() and early == []
+
+
+def test_a_slip_in_the_writers_gather_is_caught_by_verification(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, small_batches: None
+) -> None:
+    """Verification reads a run's source as one span, not through the gather the writer uses:
+    a gather that misplaces bytes (here: ignores the bytes between storages) cannot vouch for itself."""
+    _experts(tmp_path / "moe.bin")
+
+    def gather_without_gaps(fd: int, pieces: list[windows.Range], buffer: bytearray, scratch: bytearray) -> int:
+        nbytes = sum(n for _, n in pieces)
+        windows.read_into(fd, memoryview(buffer)[:nbytes], pieces[0][0])
+        return nbytes
+
+    monkeypatch.setattr(writer, "read_pieces", gather_without_gaps)
+    monkeypatch.setattr(windows, "read_pieces", gather_without_gaps)  # wherever verification might use it
+    with pytest.raises(converter.TiesafeError, match="differs from the source"):
+        converter.convert_file(tmp_path / "moe.bin", tmp_path / "moe.safetensors")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["moe.bin"]
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    spans=st.lists(st.tuples(st.integers(0, 5000), st.integers(0, 300)), min_size=1, max_size=30),
+    scratch=st.sampled_from([1, 64, 4096]),
+)
+def test_read_pieces_reads_any_pieces_in_place(spans: list[tuple[int, int]], scratch: int) -> None:
+    """Pieces close together, far apart (beyond the scratch buffer) or out of order: each lands in place."""
+    data = os.urandom(5400)
+    with tempfile.TemporaryFile() as f:
+        f.write(data)
+        f.flush()
+        buffer = bytearray(sum(n for _, n in spans))
+        assert windows.read_pieces(f.fileno(), spans, buffer, bytearray(scratch)) == len(buffer)
+    assert bytes(buffer) == b"".join(data[o : o + n] for o, n in spans)
+
+
+def test_the_collector_is_paused_inside_nested_and_threaded_blocks() -> None:
+    assert gc.isenabled()
+    inside = threading.Event()
+    leave = threading.Event()
+    seen: list[bool] = []
+
+    def other() -> None:
+        with collection_paused():
+            inside.set()
+            leave.wait(10)
+            seen.append(gc.isenabled())
+
+    thread = threading.Thread(target=other)
+    with collection_paused():
+        thread.start()
+        inside.wait(10)
+        with collection_paused():
+            assert not gc.isenabled()
+        assert not gc.isenabled()
+    assert not gc.isenabled()  # the other thread's block is still open
+    leave.set()
+    thread.join()
+    assert seen == [False] and gc.isenabled()
+    gc.disable()
+    try:
+        with collection_paused():
+            pass
+        assert not gc.isenabled()  # off before: left off
+    finally:
+        gc.enable()
