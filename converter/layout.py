@@ -119,8 +119,8 @@ def stored_items(checkpoint: Checkpoint, sharing: SharingPlan) -> list[StoredIte
     """The stored tensors of ``sharing`` with their bytes located in the checkpoint's files."""
     storages = checkpoint.storages
     return [
-        StoredItem(s.name, s.ref.dtype, s.ref.shape, source_window(storages[s.ref.storage], s.ref))
-        for s in sharing.stored
+        StoredItem(name, ref.dtype, ref.shape, source_window(storages[ref.storage], ref))
+        for name, ref, _ in sharing.stored
     ]
 
 
