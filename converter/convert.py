@@ -131,14 +131,14 @@ def convert_file(
     """
     started = time.perf_counter()
     src = Path(src)
-    ckpt = read_checkpoint(src, key=key, strict=strict, strip_prefix=strip_prefix, keep_names=keep_names)
-    out = _resolve_output(src, dst, overwrite)
 
     def check(tmp: Path, progress: WriteProgress) -> None:
         verify_output(ckpt, [read_safetensors(tmp)], sharing.ties, wait=progress.wait)
         ckpt.check_unchanged()  # the bytes just verified are those of the file that was read
 
     with collection_paused():  # per-tensor bookkeeping of a large checkpoint: see gcpause
+        ckpt = read_checkpoint(src, key=key, strict=strict, strip_prefix=strip_prefix, keep_names=keep_names)
+        out = _resolve_output(src, dst, overwrite)
         sharing = plan_sharing(ckpt.tensors, materialize_views=materialize_views)
         plan = plan_file(stored_items(ckpt, sharing), sharing.ties, metadata=metadata)
         try:
