@@ -169,12 +169,13 @@ def verify_file(
         >>> verify_file("pytorch_model.bin", "model.safetensors").names  # doctest: +SKIP
         149
     """
-    ckpt = read_checkpoint(src, key=key, strict=strict, strip_prefix=strip_prefix, keep_names=keep_names)
-    out = read_safetensors(dst)
-    sharing = plan_sharing(ckpt.tensors, materialize_views=bool(materialize_views))
-    if materialize_views is None and sharing.ties.views and not output_record([out]).views:
-        sharing = plan_sharing(ckpt.tensors, materialize_views=True)  # the output was written so
-    return verify_output(ckpt, [out], sharing.ties)
+    with collection_paused():  # per-tensor bookkeeping of a large checkpoint: see gcpause
+        ckpt = read_checkpoint(src, key=key, strict=strict, strip_prefix=strip_prefix, keep_names=keep_names)
+        out = read_safetensors(dst)
+        sharing = plan_sharing(ckpt.tensors, materialize_views=bool(materialize_views))
+        if materialize_views is None and sharing.ties.views and not output_record([out]).views:
+            sharing = plan_sharing(ckpt.tensors, materialize_views=True)  # the output was written so
+        return verify_output(ckpt, [out], sharing.ties)
 
 
 @dataclass
