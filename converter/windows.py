@@ -463,7 +463,8 @@ class WindowComparer:
             ...     comparer.first_difference([("w", output_window, source_window)])
         """
         # Read once, not per tensor (and at call time: tests lower them).
-        limit, gap_limit, span_limit, most = SMALL_COMPARE, SMALL_GAP, min(BATCH_BYTES, len(self._src)), _MAX_PIECES
+        span_limit = min(BATCH_BYTES, len(self._src))  # a run's source span fits the buffer
+        limit, gap_limit, most = min(SMALL_COMPARE, span_limit), SMALL_GAP, _MAX_PIECES
         run: list[_Small] = []
         out_path: Path | None = None
         src_path: Path | None = None

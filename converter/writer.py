@@ -473,7 +473,8 @@ def _copy_tensors(fd: int, plan: FilePlan) -> Iterator[int]:
     with its window.
     """
     # Read at call time (tests lower them), once per file rather than once per tensor.
-    small, gap_limit, cap, most = windows.SMALL_RANGE, windows.SMALL_GAP, windows.BATCH_BYTES, windows._MAX_PIECES
+    gap_limit, cap, most = windows.SMALL_GAP, windows.BATCH_BYTES, windows._MAX_PIECES
+    small = min(windows.SMALL_RANGE, cap)  # a batchable range always fits the buffer
     sources: dict[Path, int] = {}
     batch: list[Range] = []
     batch_path: Path | None = None
