@@ -18,6 +18,7 @@ from typing import Any, BinaryIO
 from ..descriptors import StorageRecord
 from ..dtypes import BYTE, DType
 from ..errors import CorruptFileError, UnsupportedError, quoted
+from .flat_state_dict import read_flat_state_dict
 from .unpickler import MAX_ELEMENTS, MAX_PICKLE_BYTES, StorageNode, UnpickleContext, storage_fields, unpickle
 from .zipdir import STORED, Member, read_directory, read_member
 
@@ -139,7 +140,9 @@ def read_zip(
         return nodes[key]
 
     locations: dict[str, str] = {}
-    result = unpickle(io.BytesIO(pickle_bytes), context, on_storage)
+    result = read_flat_state_dict(pickle_bytes, context, on_storage)  # the common shape, at MoE scale
+    if result is None:
+        result = unpickle(io.BytesIO(pickle_bytes), context, on_storage)
     starts = _local_data_offsets(raw, [member for member, _ in members.values()], file_size)
     records = {
         key: StorageRecord(key, path, starts[member.filename], nbytes, locations[key])
