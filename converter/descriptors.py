@@ -55,7 +55,7 @@ class Piece:
             position += self.length
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class StorageRecord:
     """Where one storage's bytes lie: one range of a file, or pieces of several files.
 
@@ -74,6 +74,11 @@ class StorageRecord:
     location: str  # device it was saved from ("cpu", "cuda:0", ...): recorded, never needed
     pieces: tuple[Piece, ...] = ()
     cast_from: DType | None = None
+
+    def __reduce__(self) -> tuple[type[StorageRecord], tuple[object, ...]]:
+        # Explicit (Dask ships records to workers): frozen slotted dataclasses do not unpickle on 3.10.
+        fields = (self.key, self.path, self.offset, self.nbytes, self.location, self.pieces, self.cast_from)
+        return StorageRecord, fields
 
 
 @dataclass(frozen=True, slots=True)

@@ -46,7 +46,14 @@ MAX_ELEMENTS = 1 << 56
 
 
 class _Sealed:
-    """Refuses ``BUILD`` (``__setstate__``), the one hook a pickle has on our descriptor objects."""
+    """Refuses ``BUILD`` (``__setstate__``), the one hook a pickle has on our descriptor objects.
+
+    Subclasses are slotted dataclasses (no ``__dict__``: one is made a tensor) and repeat
+    ``__setstate__ = _Sealed.__setstate__`` in their own body: a frozen slotted dataclass
+    otherwise gets a ``__setstate__`` of its own that *accepts* state.
+    """
+
+    __slots__ = ()
 
     def __setstate__(self, state: object) -> None:
         raise UnsafeCheckpointError(f"refused: the pickle tries to set the state of {self._what()}")
@@ -55,13 +62,15 @@ class _Sealed:
         return "a tensor descriptor"
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True, eq=False, slots=True)
 class _Builder(_Sealed):
     """One of our functions, as the pickle sees it: callable, and nothing else.
 
     A bare Python function would let ``BUILD`` set its ``__defaults__`` or
     ``__dict__`` for every later file read in the process.
     """
+
+    __setstate__ = _Sealed.__setstate__
 
     name: str
     func: Callable[..., object]
@@ -73,35 +82,40 @@ class _Builder(_Sealed):
         return self.name
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True, eq=False, slots=True)
 class StorageType(_Sealed):
+    __setstate__ = _Sealed.__setstate__
     name: str
     dtype: DType | None  # None: unsupported (see ``unsupported``)
     unsupported: str | None = None
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True, eq=False, slots=True)
 class _DTypeMarker(_Sealed):
+    __setstate__ = _Sealed.__setstate__
     dtype: DType | None
     name: str
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True, eq=False, slots=True)
 class StorageNode(_Sealed):
+    __setstate__ = _Sealed.__setstate__
     key: str
     dtype: DType
     element_offset: int  # legacy storage views start inside their root storage
     unsupported: str | None
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True, eq=False, slots=True)
 class TensorNode(_Sealed):
+    __setstate__ = _Sealed.__setstate__
     ref: TensorRef | None
     unsupported: str | None = None
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True, eq=False, slots=True)
 class _TypeMarker(_Sealed):
+    __setstate__ = _Sealed.__setstate__
     name: str
 
 
