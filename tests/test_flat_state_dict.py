@@ -84,7 +84,10 @@ def _state_dicts() -> dict[str, Any]:
         "cpu": torch.ones(1),  # ... and a location
     }
     same = torch.ones(2)
+    model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Sequential(torch.nn.Linear(3, 1)))
+    model.register_buffer("counter", torch.zeros((), dtype=torch.int64))
     return {
+        "model.state_dict() (with _metadata)": model.state_dict(),
         "tied": tied,
         "views": views,
         "many (long memo, batches)": many,
@@ -106,7 +109,6 @@ def test_torch_save_pickles_read_alike(case: str) -> None:
 def test_what_the_fast_reader_leaves_to_the_general_path() -> None:
     model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Linear(3, 1))
     others = {
-        "state_dict() with _metadata": model.state_dict(),
         "parameters": dict(model.named_parameters()),
         "nested": {"model": {"w": torch.ones(2)}},
         "a number beside": {"w": torch.ones(2), "step": 3},

@@ -129,6 +129,9 @@ _STEADY = re.compile(
     re.DOTALL,
 )
 _NAME_START = (0x58, 0x68, 0x6A)  # BINUNICODE, or a memo read (BINGET, LONG_BINGET) of a string
+_METADATA = b"X\t\x00\x00\x00_metadata"
+# One module's entry of _metadata: {"version": N}, the key new or read back.
+_VERSION = re.compile(rb"\}(q.|r....)(?:X\x07\x00\x00\x00(version)(q.|r....)|(h.|j....))(K.|M..|J....)s", re.DOTALL)
 _CACHED = 4096  # distinct int and tuple tokens kept decoded (shapes repeat across experts)
 _ONE_INT = re.compile(_ANY_INT, re.DOTALL)
 _OPEN_DICT = b"\x80\x02}"
@@ -257,25 +260,82 @@ class _Reader:
             pos = self.put_at(pos + 2)
         else:
             return None
-        end = len(data) - 1
-        while pos < end:
-            if data[pos] == 0x28:  # MARK: a batch of up to 1,000 entries, closed by SETITEMS
+        pos = self.items(pos, lambda at: self.entry(at, root))
+        if isinstance(root, OrderedDict) and data[pos] == 0x7D:  # EMPTY_DICT: the state BUILD sets
+            pos = self.metadata(pos)
+        if pos != len(data) - 1 or data[pos] != 0x2E:  # STOP, and nothing after it
+            raise _NotTemplate
+        return root
+
+    def items(self, pos: int, entry: Callable[[int], int]) -> int:
+        """A dict's items as the pickler batches them: MARK ... SETITEMS, or one item and SETITEM."""
+        data = self.data
+        while True:
+            if data[pos] == 0x28:  # MARK: a batch of up to 1,000 items, closed by SETITEMS
                 pos += 1
                 while data[pos] in _NAME_START:
-                    pos = self.entry(pos, root)
+                    pos = entry(pos)
                 if data[pos] != 0x75:
                     raise _NotTemplate
                 pos += 1
-            elif data[pos] in _NAME_START:  # one entry alone, closed by SETITEM
-                pos = self.entry(pos, root)
+            elif data[pos] in _NAME_START:  # one item alone, closed by SETITEM
+                pos = entry(pos)
                 if data[pos] != 0x73:
                     raise _NotTemplate
                 pos += 1
             else:
-                raise _NotTemplate
-        if pos != end or data[end] != 0x2E:  # STOP, and nothing after it
+                return pos
+
+    def metadata(self, pos: int) -> int:
+        """``model.state_dict()``'s ``_metadata`` (each module's version), set by BUILD: checked, dropped.
+
+        ``{"_metadata": OrderedDict(prefix -> {"version": int})}``: nothing reads it, but it is
+        read to the end so that the whole pickle is the template.
+        """
+        data = self.data
+        pos = self.put_at(pos + 1)  # the state dict
+        if data[pos : pos + len(_METADATA)] != _METADATA:
             raise _NotTemplate
-        return root
+        pos = self.put_at(pos + len(_METADATA))
+        token = data[pos : pos + (2 if data[pos] == 0x68 else 5)]
+        if self.back[token] is not _ORDERED_DICT or data[pos + len(token) : pos + len(token) + 2] != b")R":
+            raise _NotTemplate
+        pos = self.put_at(pos + len(token) + 2)
+        pos = self.items(pos, self.module_version)
+        if data[pos : pos + 2] != b"sb":  # SETITEM into the state, BUILD
+            raise _NotTemplate
+        return pos + 2
+
+    def module_version(self, pos: int) -> int:
+        pos = self.name(pos)[1]
+        match = _VERSION.match(self.data, pos)
+        if match is None:
+            raise _NotTemplate
+        dict_slot, new_key, key_slot, known_key, _ = match.groups()
+        self.write_slot(dict_slot)
+        if new_key is not None:
+            self.memo[self.slots] = new_key.decode("ascii")
+            self.write_slot(key_slot)
+        elif type(self.back[known_key]) is not str:
+            raise _NotTemplate
+        return match.end()
+
+    def name(self, pos: int) -> tuple[str, int]:
+        """A dict key: a new string (BINUNICODE, then its memo write) or one read back; and where it ends."""
+        data = self.data
+        if data[pos] == 0x58:
+            size = int.from_bytes(data[pos + 1 : pos + 5], "little")
+            start = pos + 5
+            if start + size > len(data):
+                raise _NotTemplate
+            name = data[start : start + size].decode("utf-8", "surrogatepass")  # as BINUNICODE decodes
+            return name, self.put_at(start + size, name)
+        # A string seen before: a storage key "0", the location "cpu", a module's name.
+        token = data[pos : pos + (2 if data[pos] == 0x68 else 5)]
+        known = self.back[token]
+        if type(known) is not str:
+            raise _NotTemplate
+        return known, pos + len(token)
 
     def write_slot(self, token: bytes | None) -> None:
         """A memo write of the steady template: it must take the next slot."""
@@ -337,19 +397,7 @@ class _Reader:
 
     def entry(self, pos: int, root: dict[str, TensorNode]) -> int:
         data = self.data
-        if data[pos] == 0x58:  # BINUNICODE, then its memo write
-            size = int.from_bytes(data[pos + 1 : pos + 5], "little")
-            start = pos + 5
-            if start + size > len(data):
-                raise _NotTemplate
-            name = data[start : start + size].decode("utf-8", "surrogatepass")  # as BINUNICODE decodes
-            pos = self.put_at(start + size)
-        else:  # a name that is a string seen before (a storage key "0", the location "cpu")
-            token = data[pos : pos + (2 if data[pos] == 0x68 else 5)]
-            known = self.back[token]
-            if type(known) is not str:
-                raise _NotTemplate
-            name, pos = known, pos + len(token)
+        name, pos = self.name(pos)
         match = _STEADY.match(data, pos)
         if match is not None:
             slots, memo_size = self.slots, len(self.memo)
