@@ -361,21 +361,21 @@ class _Reader:
             or key_size[0] != len(key_text)
         ):
             return False
-        key = key_text.decode("ascii")
-        self.memo[self.slots] = key
-        self.write_slot(key_slot)
-        self.write_slot(pid)
-        storage = self.on_storage((storage_type, key, location, self.number(numel)))
         shape_value, stride_value = self.ints(shape), self.ints(stride)
         if (shape_slot is None) == bool(shape_value) or (stride_slot is None) == bool(stride_value):
             raise _NotTemplate  # a non-empty tuple is memoized, the empty one not
-        self.write_slot(shape_slot)
-        self.write_slot(stride_slot)
-        self.write_slot(hooks)
-        self.write_slot(args)
+        first = slot = self.slots
+        for token in (key_slot, pid, shape_slot, stride_slot, hooks, args, tensor):  # each the next slot
+            if token is not None:
+                if (token[1] if len(token) == 2 else int.from_bytes(token[1:], "little")) != slot:
+                    raise _NotTemplate
+                slot += 1
+        self.slots = slot
+        key = key_text.decode("ascii")
+        self.memo[first] = key
+        storage = self.on_storage((storage_type, key, location, self.number(numel)))
         node = _tensor(storage, self.number(offset), shape_value, stride_value)
-        self.memo[self.slots] = node
-        self.write_slot(tensor)
+        self.memo[slot - 1] = node
         root[name] = node
         return True
 
