@@ -37,8 +37,9 @@ from __future__ import annotations
 import contextvars
 import io
 import pickletools
+import re
 import struct
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import BinaryIO
 
 from ..errors import CorruptFileError, UnsafeCheckpointError
@@ -121,11 +122,125 @@ def _too_many_keys() -> CorruptFileError:
     )
 
 
+# Replaying torch.save's tensor entries (see _Walk.run and the module docstring).
+_SHORT_TEXT = 24  # the longest free string in an entry: a storage key (15 digits in the legacy format), a device
+_MAX_TEMPLATES = 16  # entry shapes kept at once (a model has a few: weight, bias, norm, embedding...)
+_MAX_LESSONS = 64  # entry shapes learnt per pickle, so that a pickle of ever-new shapes costs no more than today
+
+
+def _hex(raw: bytes) -> bytes:
+    return b"".join(b"\\x%02x" % byte for byte in raw)
+
+
+def _text(op: int) -> bytes:
+    """A BINUNICODE (``X``) or SHORT_BINUNICODE string of at most _SHORT_TEXT bytes, any content."""
+    if op == 0x58:
+        lengths = [_hex(struct.pack("<I", n)) + b".{%d}" % n for n in range(_SHORT_TEXT + 1)]
+        return b"X(?:" + b"|".join(lengths) + b")"
+    return b"\\x8c(?:" + b"|".join(_hex(bytes([n])) + b".{%d}" % n for n in range(_SHORT_TEXT + 1)) + b")"
+
+
+_PUT = rb"(?:q.|r.{4}|\x94)"
+_GET = rb"(?:h.|j.{4})"
+# BININT1, BININT2, BININT, LONG1 of at most 7 bytes: every one below 2**55, so never a floodable int.
+_INTEGER = rb"(?:K.|M.{2}|J.{4}|" + b"|".join(b"\\x8a" + _hex(bytes([n])) + b".{%d}" % n for n in range(8)) + b")"
+_ATOM = b"(?:%s|(?:%s|%s)%s|%s|N)" % (_GET, _text(0x58), _text(0x8C), _PUT, _INTEGER)
+_SIZES = b"(?:\\)|%s\\x85|%s{2}\\x86|%s{3}\\x87|\\(%s*t)%s?" % (_INTEGER, _INTEGER, _INTEGER, _INTEGER, _PUT)
+# A torch.save state-dict entry after its key string: the key's store, then
+# _rebuild_tensor_v2(persistent_load(('storage', type, key, location, numel[, None])), offset,
+# shape, stride, requires_grad, OrderedDict()) with every result stored. Each item of the
+# persistent id is fetched from the memo, a short string (stored), an int or None. The grammar is
+# what makes an entry safe to replay: it pushes the key's and the tensor's labels and pops nothing
+# it did not push (every MARK closed inside), and it holds no dict insertion.
+_ENTRY = re.compile(
+    b"".join(
+        [
+            _PUT + _GET + b"\\(\\(",
+            _ATOM * 5 + _ATOM + b"?",
+            b"t" + _PUT + b"Q" + _INTEGER + _SIZES + _SIZES + b"[\\x88\\x89]",
+            _GET + b"\\)R" + _PUT + b"t" + _PUT + b"R" + _PUT,
+        ]
+    ),
+    re.DOTALL,
+)
+_WIDTH = {0x71: 1, 0x72: 4, 0x94: 0, 0x68: 1, 0x6A: 4, 0x4B: 1, 0x4D: 2, 0x4A: 4}  # argument bytes
+_PUTS = frozenset({0x71, 0x72, 0x94})  # BINPUT, LONG_BINPUT, MEMOIZE
+
+
+class _Template:
+    """A tensor entry the opcode loop has walked, replayed on entries that differ only where it cannot matter.
+
+    Literal in ``match``: every opcode, the memo slots fetched, every string but the first, the
+    kind of each int. Free: the slots of the stores (checked by the caller to be the next free
+    ones, which is when the loop appends), the value of each int (all below 2**55: never
+    floodable, always labelled 0), the first string's length (at most _SHORT_TEXT) and content (a
+    string is labelled 0). What the loop did is then what it would do again: append ``labels`` to
+    the memo, push ``result``, count ``ops`` opcodes.
+    """
+
+    __slots__ = ("head", "labels", "match", "memoize", "ops", "result", "stores", "tail", "tail_size")
+
+    def __init__(self, block: bytes, ops: int, labels: tuple[int, ...], result: int) -> None:
+        pieces: list[bytes] = []
+        puts: list[list[tuple[int, int]]] = [[], []]  # (offset in its segment, opcode): before/after the free string
+        size = segment = 0
+        kinds: set[int] = set()
+        i = 0
+        while i < len(block):
+            op = block[i]
+            width = _WIDTH.get(op, 0)
+            free = 0  # how many argument bytes after the literal part are free
+            if op in _PUTS:
+                kinds.add(op)
+                puts[segment].append((size + 1, op))
+                free = width
+            elif op in (0x4B, 0x4D, 0x4A):
+                free = width
+            elif op == 0x8A:  # LONG1
+                width = 1 + block[i + 1]
+                free = width - 1 if width <= 8 else 0
+            elif op in (0x58, 0x8C):
+                length = _uint4(block, i + 1)[0] if op == 0x58 else block[i + 1]
+                width = length + (4 if op == 0x58 else 1)
+                if segment == 0 and length <= _SHORT_TEXT:
+                    pieces.append(_text(op))
+                    i += 1 + width
+                    size, segment = 0, 1  # offsets after it count from its end
+                    continue
+            literal = block[i : i + 1 + width - free]
+            pieces.append(_hex(literal) + (b".{%d}" % free if free else b""))
+            size += 1 + width
+            i += 1 + width
+        if len(kinds) != 1 or sum(map(len, puts)) != len(labels):
+            raise ValueError("not one way of numbering stores")
+        self.match = re.compile(b"".join(pieces), re.DOTALL).match
+        self.memoize = kinds == {0x94}
+        self.head = self._unpack(puts[0])
+        self.tail = self._unpack(puts[1]) if puts[1] else None
+        self.tail_size = size if segment else 0
+        self.stores, self.ops, self.labels, self.result = len(labels), ops, labels, result
+
+    @staticmethod
+    def _unpack(puts: list[tuple[int, int]]) -> Callable[[bytes, int], tuple[int, ...]]:
+        """Reads the slot numbers of ``puts`` from a segment at once (pad bytes skip everything else)."""
+        fmt, at = "<", 0
+        for offset, op in puts:
+            width = _WIDTH[op]
+            if width:
+                fmt += f"{offset - at}x{'B' if width == 1 else 'I'}"
+                at = offset + width
+        return struct.Struct(fmt).unpack_from
+
+
 class _Walk:
     """The simulated stack and memo of one pickle, walked in as many pieces as it was read in."""
 
-    def __init__(self, max_bytes: int) -> None:
+    def __init__(self, max_bytes: int, *, fast: bool = True) -> None:
         self.max_bytes = max_bytes
+        self.fast = fast  # replay tensor entries seen before (off: every opcode through the loop, for tests)
+        self.templates: list[_Template] = []  # most recently used first
+        self.lessons = 0  # templates learnt
+        self.rewritten = False  # a store went through _memoize (not the next free slot): templates are stale
         self.stack: list[int] = []
         self.marks: list[int] = []  # where the MARKs are in ``stack``, innermost last
         self.memo: list[int] = []  # slot -> label; _UNSET where nothing was stored (a list: 8 bytes a slot)
@@ -135,14 +250,18 @@ class _Walk:
         self.done = False
         self._reader: tuple[bytes, io.BytesIO] | None = None  # for pickletools' argument readers
 
-    def run(self, data: bytes, pos: int, eof: bool) -> int:
+    def run(self, data: bytes, pos: int, eof: bool, stop: int | None = None) -> int:
         """Walk ``data`` from ``pos`` until STOP or until more bytes are needed; return where it stopped.
 
-        ``eof``: ``data`` ends where the stream does (nothing more can be read).
+        ``eof``: ``data`` ends where the stream does (nothing more can be read). ``stop``: walk
+        no further than this position (an opcode boundary).
         """
         stack, marks, memo, push = self.stack, self.marks, self.memo, self.stack.append
+        templates, fast = self.templates, self.fast
         size = len(data)
         safe = size if eof else size - _AHEAD
+        if stop is not None and stop < safe:
+            safe = stop
         stored = self.stored
         budget = MAX_OPCODES - self.opcodes
         count = 0
@@ -201,6 +320,33 @@ class _Walk:
                         raise _malformed(f"a string at byte {pos} runs past the end")
                     push(0)
                     pos = end
+                    if fast and end < size:  # a state-dict key: is a tensor entry seen before next?
+                        for i, template in enumerate(templates):
+                            match = template.match(data, end)
+                            if match is not None:
+                                n = len(memo)
+                                if template.memoize:
+                                    fits = n == stored
+                                else:
+                                    slots = template.head(data, end)
+                                    if template.tail is not None:
+                                        slots += template.tail(data, match.end() - template.tail_size)
+                                    fits = n <= stored + _MEMO_SLACK and slots == tuple(range(n, n + template.stores))
+                                if fits and template.ops <= budget - count:
+                                    memo += template.labels
+                                    push(template.result)
+                                    stored += template.stores
+                                    count += template.ops
+                                    pos = match.end()
+                                    if i:
+                                        templates.insert(0, templates.pop(i))
+                                break
+                        else:
+                            if self.lessons < _MAX_LESSONS and (entry := _ENTRY.match(data, end)) is not None:
+                                self.opcodes += count
+                                self.stored, count = stored, 0
+                                pos = self._learn(data, end, entry.end(), eof)
+                                budget, stored = MAX_OPCODES - self.opcodes, self.stored
                 elif op == 0x74:  # TUPLE
                     items = self._pop_to_mark()
                     push(_tuple(max(items) >> 1 if items else 0))
@@ -305,7 +451,28 @@ class _Walk:
         if self.floodable_keys > MAX_FLOODABLE_KEYS:
             raise _too_many_keys()
 
+    def _learn(self, data: bytes, start: int, stop: int, eof: bool) -> int:
+        """Walk the tensor entry ``data[start:stop]`` through the opcode loop and keep what it did as a template."""
+        memo, stack = self.memo, self.stack
+        slots, depth, opcodes = len(memo), len(stack), self.opcodes
+        self.fast, self.rewritten = False, False
+        try:
+            pos = self.run(data, start, eof, stop)
+        finally:
+            self.fast = True
+        if pos == stop and not self.rewritten and len(stack) == depth + 1:
+            self.lessons += 1
+            try:
+                template = _Template(data[start:stop], self.opcodes - opcodes, tuple(memo[slots:]), stack[-1])
+            except ValueError:  # stores numbered two ways (BINPUT up to 255, LONG_BINPUT after)
+                return pos
+            self.templates.insert(0, template)
+            del self.templates[_MAX_TEMPLATES:]
+        return pos
+
     def _memoize(self, index: object) -> None:
+        self.rewritten = True
+        self.templates.clear()  # a template's fetched slots may hold another label now
         if not isinstance(index, int) or index > self.stored + _MEMO_SLACK:
             raise CorruptFileError(f"the pickle stores memo slot {index} far out of order: a memory bomb")
         if index < 0:
