@@ -156,6 +156,11 @@ def build_seeds(root: Path, sentinels: Path, *, corpus: bool = True) -> list[See
             "best_val_loss": torch.tensor(2.5),
         },
         "strided": {"w": torch.randn(5, 6)[:, ::2], "e": torch.randn(4, 4).expand(2, 4, 4)},
+        # Many alike entries (mixture-of-experts shape), past 256 memo slots: the scan replays them.
+        "experts": {
+            f"layers.{i // 12}.experts.{i // 3 % 4}.{proj}.weight": torch.randn(2, 3).bfloat16()
+            for i, proj in enumerate(["gate", "up", "down"] * 12)
+        },
     }
     seeds: list[Seed] = []
     for name, state in states.items():

@@ -291,6 +291,16 @@ def test_a_store_far_out_of_order_inside_an_entry_is_refused(plain: bytes, key: 
     _refused_alike(hostile, CorruptFileError, "far out of order: a memory bomb")
 
 
+def test_a_stop_inside_what_looks_like_an_entry_ends_the_walk_alike(plain: bytes) -> None:
+    """A STOP right after a storage key string: the pickle ends there, wherever the replay thought the entry ended."""
+    entry = _entry_ops(plain, "w200")
+    pos = next(pos for name, _, pos in entry[1:] if name == "BINUNICODE")  # the storage key
+    after = pos + 5 + struct.unpack_from("<I", plain, pos + 1)[0]
+    cut = plain[:after] + b"." + plain[after:]
+    verdict = _same_walks(cut)
+    assert verdict[:3] == ("walked", after + 1, True)
+
+
 def test_an_extension_code_inside_an_entry_is_refused(plain: bytes) -> None:
     entry = _entry_ops(plain, "w200")
     pos = next(pos for name, _, pos in entry if name == "NEWFALSE")
