@@ -32,17 +32,20 @@ That loop still costs about 0.4 µs an opcode, and ``torch.save`` writes every
 tensor of a state dict with the same few dozen opcodes. So tensor entries are
 *replayed*: the first entry of each shape goes through the loop, opcode by opcode,
 and what the loop did (the labels it appended to the memo, the label it pushed,
-the opcodes it counted) is kept with a regular expression of the entry's bytes in
-which only what cannot change the outcome is left free: the memo slots it stores
+the opcodes it counted) is kept as a template: the entry's bytes, compared under
+a mask that frees only what cannot change the outcome: the memo slots it stores
 to (then checked to be the next free ones, the case in which the loop appends),
-the values of its ints (all below 2**55, never floodable) and one short string
-(the storage key). A later entry that matches, and whose slots check, gets the
-same effect while ``re`` walks its bytes in C: about 2 µs an entry instead of 13.
-Everything else goes through the loop: another shape, an entry that a FRAME
-splits, a fetch of another slot, a store out of order; a store that rewrites a
-slot drops every template (their fetched labels may have changed). An entry is
-only replayed where the loop would do exactly the same again, so no rule is
-skipped; tests compare the two walks on real and mutated pickles.
+the values of its ints (all below 2**55, never floodable) and one string (the
+storage key; strings are never decoded here). A later entry whose bytes fit, and
+whose slots check, gets the same effect for a few big-int and struct operations
+in C: about 2 µs an entry instead of 13. Everything else goes through the loop:
+another shape, an entry that a FRAME splits, a fetch of another slot, a store out
+of order; a store that rewrites a slot drops every template (their fetched labels
+may have changed). A template is only made from opcodes that push and pop within
+the entry, so an entry is only replayed where the loop would do exactly the same
+again, and no rule is skipped; tests compare the two walks on real, mutated and
+hostile pickles. Hand-written (a compiled ``re`` finds where an entry may end;
+the rest is ours) because no library replays a pickle's opcodes.
 
 The walk also yields the pickle's exact bytes, so the caller unpickles from
 memory a stream it has already measured.
@@ -540,7 +543,7 @@ class _Walk:
             pos = self.run(data, start, eof, stop)
         finally:
             self.fast = True
-        if pos == stop and not self.rewritten and len(stack) == depth + 1:
+        if pos == stop and not self.done and not self.rewritten and len(stack) == depth + 1:
             try:
                 template = _Template(data[start:stop], self.opcodes - opcodes, tuple(memo[slots:]), stack[-1])
             except ValueError:  # not an entry after all, or stores numbered two ways (BINPUT up to 255, then LONG)
