@@ -4,7 +4,9 @@
 docstring). Each test walks the same bytes twice, with the replay and without it
 (``_Walk(fast=False)``, ``_REPLAY = False``), and requires the same verdict (the
 same error type and message) and, when both accept, the same final memo, stack,
-MARK positions, stored-slot count, floodable-key count and opcode count. The inputs
+MARK positions, stored-slot count, floodable-key count and opcode count; on real
+pickles, the same state after every entry too (a wrong label pushed by a replayed
+entry could be hidden in the final state by the dict that takes it). The inputs
 are real ``torch.save`` pickles (protocols 2-5, zip and legacy, 300 to 1,100 entries:
 past 256 memo slots and past one SETITEMS batch), re-encoded ones, randomly mutated
 ones, and hostile ones hidden inside entries the replay would otherwise match.
@@ -18,6 +20,7 @@ import pickletools
 import random
 import struct
 import zipfile
+from collections.abc import Collection
 
 import pytest
 import torch
@@ -92,6 +95,20 @@ def _same_walks(data: bytes) -> tuple[object, ...]:
     return slow
 
 
+def _trace(data: bytes, keys: Collection[str], *, fast: bool) -> list[tuple[object, ...]]:
+    """The walk's state at each of the state dict's ``keys``: each replayed entry checked alone."""
+    stops = [pos for op, arg, pos in pickletools.genops(data) if "UNICODE" in op.name and arg in keys]
+    assert len(stops) == len(keys)
+    walk = pickle_guard._Walk(len(data), fast=fast)
+    trace: list[tuple[object, ...]] = []
+    pos = 0
+    for stop in [*stops, len(data)]:
+        pos = walk.run(data, pos, True, stop)
+        trace.append((pos, tuple(walk.stack), tuple(walk.marks), len(walk.memo), walk.stored, walk.opcodes))
+    trace.append((walk.done, tuple(walk.memo), walk.floodable_keys))
+    return trace
+
+
 def _scan(data: bytes, *, replay: bool, monkeypatch: pytest.MonkeyPatch) -> tuple[object, ...]:
     """Scan through a file-like stream read in 4 KiB blocks, as the legacy format is read."""
     monkeypatch.setattr(pickle_guard, "_REPLAY", replay)
@@ -122,6 +139,7 @@ def test_the_replay_walks_torch_save_pickles_like_the_loop(
     data = _saved(state, protocol, legacy)
     verdict = _same_walks(data)
     assert verdict[0] == "walked" and verdict[2] is True  # accepted, up to its STOP
+    assert _trace(data, state, fast=True) == _trace(data, state, fast=False)  # and alike after every entry
     replayed = _replayed(data)
     assert replayed > 100, replayed  # most entries went through the replay, not the loop
     # Through a stream read in blocks: entries cut by a block's end.
@@ -135,6 +153,7 @@ def test_the_replay_walks_a_thousand_entry_state_dict_like_the_loop() -> None:
     for protocol in (2, 4):
         data = _saved(state, protocol, legacy=False)
         assert _same_walks(data)[0] == "walked"
+        assert _trace(data, state, fast=True) == _trace(data, state, fast=False)
         assert _replayed(data) > 1_000
 
 
@@ -171,6 +190,7 @@ def test_entries_with_long1_ints_are_replayed_like_the_loop() -> None:
     data = _reencode(_saved(state, 2, legacy=False), long1=True)
     assert b"\x8a\x05" in data
     assert _same_walks(data)[0] == "walked"
+    assert _trace(data, state, fast=True) == _trace(data, state, fast=False)
     assert _replayed(data) > 150
 
 
