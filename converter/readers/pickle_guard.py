@@ -38,7 +38,7 @@ to (then checked to be the next free ones, the case in which the loop appends),
 the values of its ints (all below 2**55, never floodable) and one string (the
 storage key; strings are never decoded here). A later entry whose bytes fit, and
 whose slots check, gets the same effect for a few big-int and struct operations
-in C: about 2 µs an entry instead of 13. Everything else goes through the loop:
+in C: about 2.5 µs an entry instead of 13. Everything else goes through the loop:
 another shape, an entry that a FRAME splits, a fetch of another slot, a store out
 of order; a store that rewrites a slot drops every template (their fetched labels
 may have changed). A template is only made from opcodes that push and pop within
