@@ -10,35 +10,13 @@ from __future__ import annotations
 
 import itertools
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Generic, TypeVar
 
 from .dtypes import DType
 from .errors import TiesafeError
 from .geometry import extent, is_contiguous, numel
-
-_T = TypeVar("_T")
-
-
-class _computed_once(Generic[_T]):
-    """A property computed on first use and kept in the instance (``functools.cached_property``
-    without its lock, which Python 3.11 takes on every first access: a quarter of a second
-    over 100,000 tensors). Writes the instance ``__dict__`` directly, so frozen dataclasses work.
-    """
-
-    def __init__(self, compute: Callable[[Any], _T]) -> None:
-        self._compute = compute
-        self._name = compute.__name__
-        self.__doc__ = compute.__doc__
-
-    def __get__(self, instance: object, owner: type | None = None) -> _T:
-        if instance is None:
-            return self  # type: ignore[return-value]
-        value = self._compute(instance)
-        instance.__dict__[self._name] = value  # later lookups find it there, not here
-        return value
 
 
 @dataclass(frozen=True)
@@ -77,7 +55,7 @@ class Piece:
             position += self.length
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class StorageRecord:
     """Where one storage's bytes lie: one range of a file, or pieces of several files.
 
@@ -97,36 +75,48 @@ class StorageRecord:
     pieces: tuple[Piece, ...] = ()
     cast_from: DType | None = None
 
+    def __reduce__(self) -> tuple[type[StorageRecord], tuple[object, ...]]:
+        # Explicit (Dask ships records to workers): frozen slotted dataclasses do not unpickle on 3.10.
+        fields = (self.key, self.path, self.offset, self.nbytes, self.location, self.pieces, self.cast_from)
+        return StorageRecord, fields
 
-@dataclass(frozen=True)
+
+@dataclass(frozen=True, slots=True)
 class TensorRef:
-    """A tensor as a window on a storage: no data, only geometry."""
+    """A tensor as a window on a storage: no data, only geometry.
+
+    Its element count, byte size, byte span and contiguity are computed once, when it
+    is made: analysis, layout, writer and verification ask them of every tensor, several
+    times, and a mixture-of-experts file has 100,000 tensors (slots, not a ``__dict__``:
+    a quarter of the memory a tensor's description takes).
+
+    Example:
+        >>> TensorRef("0", BY_CODE["BF16"], 4, (2, 3), (3, 1)).span
+        (8, 20)
+    """
 
     storage: str
     dtype: DType
     offset: int  # in elements of ``dtype``
     shape: tuple[int, ...]
     stride: tuple[int, ...]
+    numel: int = field(init=False, repr=False, compare=False)
+    nbytes: int = field(init=False, repr=False, compare=False)
+    span: tuple[int, int] = field(init=False, repr=False, compare=False)  # byte range [start, end) it touches
+    is_contiguous: bool = field(init=False, repr=False, compare=False)
 
-    # Computed once each: analysis, layout, writer and verification ask them of every
-    # tensor, several times (tens of thousands of tensors in a mixture-of-experts file).
-    @_computed_once
-    def numel(self) -> int:
-        return numel(self.shape)
-
-    @_computed_once
-    def nbytes(self) -> int:
-        return self.numel * self.dtype.itemsize
-
-    @_computed_once
-    def span(self) -> tuple[int, int]:
-        """Byte range ``[start, end)`` of the storage that the tensor touches."""
+    def __post_init__(self) -> None:
         size = self.dtype.itemsize
-        return self.offset * size, extent(self.offset, self.shape, self.stride) * size
+        count = numel(self.shape)
+        setter = object.__setattr__  # frozen: the one way to fill the derived fields
+        setter(self, "numel", count)
+        setter(self, "nbytes", count * size)
+        setter(self, "span", (self.offset * size, extent(self.offset, self.shape, self.stride) * size))
+        setter(self, "is_contiguous", is_contiguous(self.shape, self.stride))
 
-    @_computed_once
-    def is_contiguous(self) -> bool:
-        return is_contiguous(self.shape, self.stride)
+    def __reduce__(self) -> tuple[type[TensorRef], tuple[str, DType, int, tuple[int, ...], tuple[int, ...]]]:
+        # Explicit: frozen dataclasses with slots do not unpickle on Python 3.10.
+        return TensorRef, (self.storage, self.dtype, self.offset, self.shape, self.stride)
 
 
 @dataclass

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from math import prod
 
 # Untrusted shapes are refused beyond this many dimensions (torch sets no limit; real
 # tensors have a handful), which keeps arithmetic on them cheap whatever the file says.
@@ -17,17 +18,16 @@ MAX_INT64 = (1 << 63) - 1
 
 def numel(shape: Sequence[int]) -> int:
     """Number of elements of a shape (1 for a 0-dim tensor)."""
-    n = 1
-    for s in shape:
-        n *= s
-    return n
+    return prod(shape)
 
 
 def extent(offset: int, shape: Sequence[int], stride: Sequence[int]) -> int:
     """One past the last element a strided window touches (``offset`` if it is empty)."""
-    if numel(shape) == 0:
+    if not shape:
+        return offset + 1
+    if not prod(shape):
         return offset
-    return offset + sum((n - 1) * s for n, s in zip(shape, stride, strict=True)) + 1
+    return offset + 1 + sum([(n - 1) * s for n, s in zip(shape, stride, strict=True)])
 
 
 def contiguous_strides(shape: Sequence[int]) -> tuple[int, ...]:

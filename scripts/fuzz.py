@@ -16,6 +16,10 @@ The only allowed outcomes for an input are:
   ``torch.load(weights_only=True)`` also accepts the input, equal it bit for bit;
 - a :class:`converter.TiesafeError` (one of ours).
 
+Whatever the outcome, the opcode scan must walk each pickle of a checkpoint input
+the same with its replay of tensor entries and without it (same verdict, same
+error, same final memo, stack and counts).
+
 Anything else is a finding: another exception type, a worker that takes longer
 than ``--timeout`` seconds (killed), dies (a segfault, the memory limit), or a
 sentinel file written by a payload. Each input runs in a worker process with
@@ -156,6 +160,11 @@ def build_seeds(root: Path, sentinels: Path, *, corpus: bool = True) -> list[See
             "best_val_loss": torch.tensor(2.5),
         },
         "strided": {"w": torch.randn(5, 6)[:, ::2], "e": torch.randn(4, 4).expand(2, 4, 4)},
+        # Many alike entries (mixture-of-experts shape), past 256 memo slots: the scan replays them.
+        "experts": {
+            f"layers.{i // 12}.experts.{i // 3 % 4}.{proj}.weight": torch.randn(2, 3).bfloat16()
+            for i, proj in enumerate(["gate", "up", "down"] * 12)
+        },
     }
     seeds: list[Seed] = []
     for name, state in states.items():
@@ -448,6 +457,7 @@ def _check_checkpoint(path: Path, differential: bool) -> None:
     import converter
     from converter.readers.torchfile import read_checkpoint
 
+    _replay_alike(path)
     converter.inspect(path)
     out = path.with_name("out.safetensors")
     converter.convert_file(path, out, overwrite=True)  # verifies bit for bit before the rename
@@ -461,6 +471,37 @@ def _check_checkpoint(path: Path, differential: bool) -> None:
             raise AssertionError(f"{name!r} loads as {loaded[name].dtype}{tuple(loaded[name].shape)}")
     if differential:
         _against_torch(path, loaded)
+
+
+def _replay_alike(path: Path) -> None:
+    """The scan walks each pickle of the input alike with and without replaying tensor entries."""
+    from converter.readers import pickle_guard
+
+    raw = path.read_bytes()
+    try:
+        with zipfile.ZipFile(io.BytesIO(raw)) as archive:
+            pickles = [archive.read(name) for name in archive.namelist() if name.endswith(".pkl")]
+    except Exception:  # a legacy file (its pickles one after another), or an archive the readers will judge
+        pickles = [raw]
+
+    def walk(data: bytes, pos: int, fast: bool) -> tuple[object, ...]:
+        state = pickle_guard._Walk(len(data), fast=fast)
+        try:
+            end = state.run(data, pos, True)
+        except Exception as exc:
+            return ("refused", type(exc).__name__, str(exc))
+        counts = (state.stored, state.floodable_keys, state.opcodes)
+        return (end, state.done, state.stack, state.marks, state.memo, *counts)
+
+    for data in pickles:
+        pos = 0
+        for _ in range(5):  # a legacy file: magic number, protocol, system info, the weights, the storage keys
+            slow = walk(data, pos, False)
+            if walk(data, pos, True) != slow:
+                raise AssertionError(f"the scan's replay walks a pickle at byte {pos} unlike its opcode loop")
+            if slow[0] == "refused" or not slow[1]:
+                break
+            pos = int(slow[0])  # type: ignore[call-overload]
 
 
 def _against_torch(path: Path, loaded: dict[str, Any]) -> None:

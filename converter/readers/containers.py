@@ -12,14 +12,15 @@ import contextlib
 import io
 import os
 import struct
-import zipfile
 from pathlib import Path
-from typing import Any, BinaryIO, NamedTuple
+from typing import Any, BinaryIO
 
 from ..descriptors import StorageRecord
 from ..dtypes import BYTE, DType
 from ..errors import CorruptFileError, UnsupportedError, quoted
+from .flat_state_dict import read_flat_state_dict
 from .unpickler import MAX_ELEMENTS, MAX_PICKLE_BYTES, StorageNode, UnpickleContext, storage_fields, unpickle
+from .zipdir import STORED, Member, read_directory, read_member
 
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 LEGACY_PROTOCOL = 1001
@@ -32,17 +33,7 @@ _DENSE = 64  # ... at least this many (one per MiB on average)
 # --------------------------------------------------------------------------- zip format
 
 
-class _Member(NamedTuple):
-    """What the reader needs of a zip member's central-directory record."""
-
-    filename: str
-    header_offset: int
-    compress_type: int
-    compress_size: int
-    file_size: int
-
-
-def _local_data_offsets(raw: BinaryIO, infos: list[_Member], file_size: int) -> dict[str, int]:
+def _local_data_offsets(raw: BinaryIO, infos: list[Member], file_size: int) -> dict[str, int]:
     """Where each member's data starts, from its local header.
 
     The central directory does not give where data starts: the local header's extra
@@ -79,7 +70,7 @@ def _local_data_offsets(raw: BinaryIO, infos: list[_Member], file_size: int) -> 
         if len(header) != 30 or header[:4] != b"PK\x03\x04":
             raise CorruptFileError(f"zip member {quoted(info.filename)} has no valid local header")
         method, name_len, extra_len = _LOCAL.unpack_from(header)
-        if method != zipfile.ZIP_STORED:  # the central directory said stored: the two disagree
+        if method != STORED:  # the central directory said stored: the two disagree
             raise CorruptFileError(
                 f"zip member {quoted(info.filename)} is compressed; torch writes storages uncompressed"
             )
@@ -90,21 +81,10 @@ def _local_data_offsets(raw: BinaryIO, infos: list[_Member], file_size: int) -> 
     return starts
 
 
-def _read_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> bytes:
-    try:
-        return archive.read(info)
-    except Exception as exc:  # zipfile's decoders raise zlib.error, RuntimeError, NotImplementedError, ...
-        raise CorruptFileError(f"cannot read {quoted(info.filename)} ({str(exc)[:120]})") from None
-
-
 def read_zip(
     path: Path, raw: BinaryIO, file_size: int, context: UnpickleContext
 ) -> tuple[Any, dict[str, StorageRecord]]:
-    try:
-        archive = zipfile.ZipFile(raw)
-        infos = archive.infolist()
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError, struct.error, NotImplementedError) as exc:
-        raise CorruptFileError(f"damaged zip archive ({str(exc)[:120]})") from None
+    infos = read_directory(raw, file_size)
     if not infos:
         raise CorruptFileError("empty zip archive")
     names = [i.filename for i in infos]
@@ -126,26 +106,17 @@ def read_zip(
     byteorder = by_name.get(f"{prefix}/byteorder")
     if byteorder is not None and byteorder.file_size > 16:
         raise CorruptFileError(f"the byteorder record claims {byteorder.file_size} bytes")
-    if byteorder is not None and _read_member(archive, byteorder).strip() not in (b"little", b""):
+    if byteorder is not None and read_member(raw, byteorder, file_size).strip() not in (b"little", b""):
         raise UnsupportedError("big-endian checkpoints are not supported; re-save on a little-endian machine")
     pickle_info = by_name[pickle_name]
     if pickle_info.file_size > MAX_PICKLE_BYTES:
         raise CorruptFileError(f"data.pkl claims {pickle_info.file_size} bytes: too large for a weights file")
-    pickle_bytes = _read_member(archive, pickle_info)
-    # What the storages need of their records, in tuples: zipfile's ZipInfo objects (and the
-    # archive) are dropped before the pickle is unpickled, which for a file of 100,000
-    # storages holds as much memory as they do.
+    pickle_bytes = read_member(raw, pickle_info, file_size)
     data_prefix = f"{prefix}/data/"
-    table = {
-        info.filename[len(data_prefix) :]: _Member(
-            info.filename, info.header_offset, info.compress_type, info.compress_size, info.file_size
-        )
-        for info in infos
-        if info.filename.startswith(data_prefix)
-    }
-    del archive, infos, by_name, names, pickle_info, byteorder
+    table = {info.filename[len(data_prefix) :]: info for info in infos if info.filename.startswith(data_prefix)}
+    del infos, by_name, names, pickle_info, byteorder
 
-    members: dict[str, tuple[_Member, int]] = {}  # storage key -> its record, bytes it holds
+    members: dict[str, tuple[Member, int]] = {}  # storage key -> its record, bytes it holds
     nodes: dict[str, StorageNode] = {}
 
     def on_storage(data: tuple[object, ...]) -> StorageNode:
@@ -155,7 +126,7 @@ def read_zip(
         member = table.get(key)
         if member is None:
             raise CorruptFileError(f"storage {quoted(key)} has no record in the archive")
-        if member.compress_type != zipfile.ZIP_STORED or member.compress_size != member.file_size:
+        if member.compress_type != STORED or member.compress_size != member.file_size:
             raise CorruptFileError(f"storage {quoted(key)} is compressed; torch writes storages uncompressed")
         dtype = storage_type.dtype or BYTE
         if numel * dtype.itemsize > member.file_size:
@@ -169,7 +140,9 @@ def read_zip(
         return nodes[key]
 
     locations: dict[str, str] = {}
-    result = unpickle(io.BytesIO(pickle_bytes), context, on_storage)
+    result = read_flat_state_dict(pickle_bytes, context, on_storage)  # the common shape, at MoE scale
+    if result is None:
+        result = unpickle(io.BytesIO(pickle_bytes), context, on_storage)
     starts = _local_data_offsets(raw, [member for member, _ in members.values()], file_size)
     records = {
         key: StorageRecord(key, path, starts[member.filename], nbytes, locations[key])

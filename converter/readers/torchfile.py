@@ -29,7 +29,7 @@ def _tensor_name(name: object) -> str:
     if not isinstance(name, str):
         raise CorruptFileError(f"tensor name {quoted(name)} is not a string")
     try:
-        name.encode("utf-8")
+        name.isascii() or name.encode("utf-8")  # ASCII, the common case, needs no encoding
     except UnicodeEncodeError:
         raise CorruptFileError(f"tensor name {quoted(name)} is not valid Unicode (a lone surrogate)") from None
     if name == "__metadata__":

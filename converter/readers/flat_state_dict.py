@@ -1,0 +1,498 @@
+"""The pickle ``torch.save`` writes for a flat state dict, read without the general machinery.
+
+A sharded checkpoint of a mixture-of-experts model (what ``save_pretrained`` writes as
+``pytorch_model-0000N-of-0000M.bin``) is one dict of tens of thousands of tensors, and
+its pickle repeats one template per tensor: about 32 opcodes that build the storage's
+persistent id, the shape and stride tuples and a ``_rebuild_tensor_v2`` call. The general
+path walks every opcode twice (:mod:`.pickle_guard`, then the C unpickler with our
+callbacks, keeping every intermediate object in its memo): about 20 µs and 1 KiB a tensor.
+
+Here one compiled regular expression matches a whole tensor entry in C, and the tensor is
+built from its groups by the same builders the unpickler calls (``on_storage`` and
+``_tensor``), in the same order. Only a pickle that is *entirely* this template (protocol
+2, a dict or an ``OrderedDict`` of names to plain tensors, nothing after the last entry)
+is read here; anything else, including anything this reader does not expect or any error
+a builder raises, makes it answer ``None`` and the general path reads the file, with all
+its checks, as if this module did not exist. Hand-written because no library parses a
+pickle without running it; the tests hold both paths to the same trees.
+
+What the template admits is safe by construction: its only globals are the tensor
+machinery (``_rebuild_tensor_v2``, storage classes, ``OrderedDict``) and they are called
+only in the template's positions; its memo slots are numbered in order (no memo bomb);
+tuples nest one deep; dict keys are strings (no hash flooding).
+"""
+
+from __future__ import annotations
+
+import re
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+from ..errors import TiesafeError
+from .unpickler import _ALLOWED, GROUPS, StorageNode, StorageType, TensorNode, UnpickleContext, _tensor
+
+# Pieces of the template. A memo slot is written after each new object (BINPUT q / LONG_BINPUT r)
+# and read back for a repeated one (BINGET h / LONG_BINGET j); ints are BININT1/2/4 or LONG1.
+_ANY_INT = rb"(?:K.|M..|J....|\x8a[\x01-\x08].{1,8}?)"
+_TUPLE = rb"\)|" + _ANY_INT + rb"\x85|" + _ANY_INT * 2 + rb"\x86|" + _ANY_INT * 3 + rb"\x87|\((?:" + _ANY_INT + rb")*t"
+
+
+def _put(name: str) -> bytes:
+    return f"(?:q(?P<{name}_q>.)|r(?P<{name}_r>....))".encode()
+
+
+def _get(name: str) -> bytes:
+    return f"(?:h(?P<{name}_h>.)|j(?P<{name}_j>....))".encode()
+
+
+def _new_or_got(name: str, new: bytes) -> bytes:
+    """A new object (``new``, then a memo write) or one read back from the memo."""
+    return b"(?:" + new + _put(name) + b"|" + _get(name) + b")"
+
+
+_ENTRY = re.compile(
+    _new_or_got("rebuild", rb"ctorch\._utils\n_rebuild_tensor_v2\n")
+    + rb"\(\("  # MARK (its arguments), MARK (the persistent id)
+    + _new_or_got("tag", rb"X\x07\x00\x00\x00storage")
+    + _new_or_got("type", rb"ctorch\n(?P<type_name>[A-Za-z0-9]{1,40})\n")
+    + _new_or_got("key", rb"X(?P<key_size>[\x01-\x14])\x00\x00\x00(?P<key_text>[0-9]{1,20})")
+    + _new_or_got("location", rb"X(?P<location_size>[\x01-\x20])\x00\x00\x00(?P<location_text>[a-z0-9:_]{1,32})")
+    + rb"(?P<numel>"
+    + _ANY_INT
+    + rb")t"
+    + _put("pid")
+    + rb"Q"  # TUPLE, BINPERSID
+    + rb"(?P<offset>"
+    + _ANY_INT
+    + rb")"
+    + rb"(?P<shape>"
+    + _TUPLE
+    + rb")(?:"
+    + _put("shape")
+    + rb")?"  # an empty tuple is not memoized
+    + rb"(?P<stride>"
+    + _TUPLE
+    + rb")(?:"
+    + _put("stride")
+    + rb")?"
+    + rb"[\x88\x89]"  # requires_grad
+    + _new_or_got("hooks_type", rb"ccollections\nOrderedDict\n")
+    + rb"\)R"
+    + _put("hooks")  # backward hooks: OrderedDict()
+    + rb"t"
+    + _put("args")
+    + rb"R"
+    + _put("tensor"),  # the arguments' TUPLE, REDUCE
+    re.DOTALL,
+)
+_GROUP = {name: index - 1 for name, index in _ENTRY.groupindex.items()}  # positions in match.groups()
+
+# The same entry once every global and the location were seen: what all entries but the first
+# few look like, matched with one group a token and read with dict look-ups (below).
+_READ_BACK = rb"(h.|j....)"
+_WRITE = rb"(q.|r....)"
+_STEADY = re.compile(
+    _READ_BACK
+    + rb"\(\("
+    + _READ_BACK
+    + _READ_BACK  # function, MARK, MARK, "storage", storage class
+    + rb"X([\x01-\x14])\x00\x00\x00([0-9]{1,20})"
+    + _WRITE  # a new storage key
+    + _READ_BACK  # its location
+    + rb"("
+    + _ANY_INT
+    + rb")t"
+    + _WRITE
+    + rb"Q"  # element count, TUPLE, BINPERSID
+    + rb"("
+    + _ANY_INT
+    + rb")"  # storage offset
+    + rb"("
+    + _TUPLE
+    + rb")"
+    + _WRITE
+    + rb"?"
+    + rb"("
+    + _TUPLE
+    + rb")"
+    + _WRITE
+    + rb"?"
+    + rb"[\x88\x89]"
+    + _READ_BACK
+    + rb"\)R"
+    + _WRITE
+    + rb"t"
+    + _WRITE
+    + rb"R"
+    + _WRITE,
+    re.DOTALL,
+)
+_NAME_START = (0x58, 0x68, 0x6A)  # BINUNICODE, or a memo read (BINGET, LONG_BINGET) of a string
+_METADATA = b"X\t\x00\x00\x00_metadata"
+# One module's entry of _metadata: {"version": N}, the key new or read back.
+_VERSION = re.compile(rb"\}(q.|r....)(?:X\x07\x00\x00\x00(version)(q.|r....)|(h.|j....))(K.|M..|J....)s", re.DOTALL)
+_CACHED = 4096  # distinct int and tuple tokens kept decoded (shapes repeat across experts)
+_ONE_INT = re.compile(_ANY_INT, re.DOTALL)
+_OPEN_DICT = b"\x80\x02}"
+_OPEN_ORDERED = b"\x80\x02ccollections\nOrderedDict\n"
+
+
+class _Marker:
+    """What a memo slot holds that a later entry may read back (never equal to a string)."""
+
+
+_REBUILD, _STORAGE_TAG, _ORDERED_DICT, _ABSENT = _Marker(), _Marker(), _Marker(), _Marker()
+
+
+class _ReadBack(dict[bytes, object]):
+    """Memo reads by their token: the same few (``h\x02``, ``h\x04``) in every entry, so each is
+    decoded once. Slots are written once each (in order), so a decoded read never goes stale."""
+
+    def __init__(self, memo: dict[int, object]) -> None:
+        super().__init__()
+        self.memo = memo
+
+    def __missing__(self, token: bytes) -> object:
+        slot = token[1] if token[0] == 0x68 else int.from_bytes(token[1:], "little")
+        value = self.memo.get(slot, _ABSENT)
+        if value is not _ABSENT:
+            self[token] = value
+        return value
+
+
+class _NotTemplate(Exception):
+    """The pickle is not the template: the general path reads it."""
+
+
+def _int(token: bytes) -> int:
+    op = token[0]
+    if op == 0x4B:  # BININT1
+        return token[1]
+    if op == 0x4D:  # BININT2
+        return int.from_bytes(token[1:3], "little")
+    if op == 0x4A:  # BININT, signed
+        return int.from_bytes(token[1:5], "little", signed=True)
+    if token[1] != len(token) - 2:  # LONG1: its length byte, then that many bytes
+        raise _NotTemplate
+    return int.from_bytes(token[2:], "little", signed=True)
+
+
+def _ints(token: bytes) -> tuple[int, ...]:
+    if token == b")":
+        return ()
+    body = token[1:-1] if token[0] == 0x28 else token[:-1]  # MARK ... TUPLE, or ints then TUPLEn
+    values, pos = [], 0
+    while pos < len(body):
+        match = _ONE_INT.match(body, pos)
+        if match is None:
+            raise _NotTemplate
+        values.append(_int(match.group()))
+        pos = match.end()
+    if token[0] != 0x28 and len(values) != token[-1] - 0x84:  # TUPLE1/2/3 take 1/2/3 items
+        raise _NotTemplate
+    return tuple(values)
+
+
+def _slot(short: bytes | None, long: bytes | None) -> int:
+    return short[0] if short is not None else int.from_bytes(long or b"", "little")
+
+
+class _Reader:
+    def __init__(self, data: bytes, context: UnpickleContext, on_storage: Callable[..., StorageNode]) -> None:
+        self.data = data
+        self.context = context
+        self.on_storage = on_storage
+        self.slots = 0  # memo slots written so far: every write must be the next one
+        self.memo: dict[int, object] = {}  # slot -> what a later entry may read back from it
+        self.back = _ReadBack(self.memo)  # a memo read's token (b"h\x02") -> what it reads
+        self.numbers: dict[bytes, int] = {}
+        self.tuples: dict[bytes, tuple[int, ...]] = {}
+
+    def put(self, slot: int, value: object = None) -> None:
+        if slot != self.slots:
+            raise _NotTemplate
+        self.slots += 1
+        if value is not None:
+            self.memo[slot] = value
+
+    def put_at(self, pos: int, value: object = None) -> int:
+        data = self.data
+        if data[pos] == 0x71:
+            self.put(data[pos + 1], value)
+            return pos + 2
+        if data[pos] == 0x72:
+            self.put(int.from_bytes(data[pos + 1 : pos + 5], "little"), value)
+            return pos + 5
+        raise _NotTemplate
+
+    def got(self, groups: tuple[Any, ...], name: str) -> object:
+        """What the entry's memo read ``name`` returns."""
+        slot = _slot(groups[_GROUP[f"{name}_h"]], groups[_GROUP[f"{name}_j"]])
+        if slot not in self.memo:
+            raise _NotTemplate
+        return self.memo[slot]
+
+    def new(self, groups: tuple[Any, ...], name: str, value: object = None) -> bool:
+        """Record the entry's memo write ``name`` if it has one; whether it has."""
+        short, long = groups[_GROUP[f"{name}_q"]], groups[_GROUP[f"{name}_r"]]
+        if short is None and long is None:
+            return False
+        self.put(_slot(short, long), value)
+        return True
+
+    def machinery(self, module: str, name: str) -> object:
+        self.context.globals_seen.setdefault(f"{module}.{name}", GROUPS[0])
+        return _ALLOWED[(module, name)]
+
+    def read(self) -> dict[str, TensorNode] | None:
+        data = self.data
+        root: dict[str, TensorNode]
+        if data.startswith(_OPEN_DICT):
+            root = {}
+            pos = self.put_at(len(_OPEN_DICT))
+        elif data.startswith(_OPEN_ORDERED):
+            self.machinery("collections", "OrderedDict")
+            pos = self.put_at(len(_OPEN_ORDERED), _ORDERED_DICT)
+            if data[pos : pos + 2] != b")R":
+                return None
+            root = OrderedDict()
+            pos = self.put_at(pos + 2)
+        else:
+            return None
+        pos = self.items(pos, lambda at: self.entry(at, root))
+        if isinstance(root, OrderedDict) and data[pos] == 0x7D:  # EMPTY_DICT: the state BUILD sets
+            pos = self.metadata(pos)
+        if pos != len(data) - 1 or data[pos] != 0x2E:  # STOP, and nothing after it
+            raise _NotTemplate
+        return root
+
+    def items(self, pos: int, entry: Callable[[int], int]) -> int:
+        """A dict's items as the pickler batches them: MARK ... SETITEMS, or one item and SETITEM."""
+        data = self.data
+        while True:
+            if data[pos] == 0x28:  # MARK: a batch of up to 1,000 items, closed by SETITEMS
+                pos += 1
+                while data[pos] in _NAME_START:
+                    pos = entry(pos)
+                if data[pos] != 0x75:
+                    raise _NotTemplate
+                pos += 1
+            elif data[pos] in _NAME_START:  # one item alone, closed by SETITEM
+                pos = entry(pos)
+                if data[pos] != 0x73:
+                    raise _NotTemplate
+                pos += 1
+            else:
+                return pos
+
+    def metadata(self, pos: int) -> int:
+        """``model.state_dict()``'s ``_metadata`` (each module's version), set by BUILD: checked, dropped.
+
+        ``{"_metadata": OrderedDict(prefix -> {"version": int})}``: nothing reads it, but it is
+        read to the end so that the whole pickle is the template.
+        """
+        data = self.data
+        pos = self.put_at(pos + 1)  # the state dict
+        if data[pos : pos + len(_METADATA)] != _METADATA:
+            raise _NotTemplate
+        pos = self.put_at(pos + len(_METADATA))
+        token = data[pos : pos + (2 if data[pos] == 0x68 else 5)]
+        if self.back[token] is not _ORDERED_DICT or data[pos + len(token) : pos + len(token) + 2] != b")R":
+            raise _NotTemplate
+        pos = self.put_at(pos + len(token) + 2)
+        pos = self.items(pos, self.module_version)
+        if data[pos : pos + 2] != b"sb":  # SETITEM into the state, BUILD
+            raise _NotTemplate
+        return pos + 2
+
+    def module_version(self, pos: int) -> int:
+        pos = self.name(pos)[1]
+        match = _VERSION.match(self.data, pos)
+        if match is None:
+            raise _NotTemplate
+        dict_slot, new_key, key_slot, known_key, _ = match.groups()
+        self.write_slot(dict_slot)
+        if new_key is not None:
+            self.memo[self.slots] = new_key.decode("ascii")
+            self.write_slot(key_slot)
+        elif type(self.back[known_key]) is not str:
+            raise _NotTemplate
+        return match.end()
+
+    def name(self, pos: int) -> tuple[str, int]:
+        """A dict key: a new string (BINUNICODE, then its memo write) or one read back; and where it ends."""
+        data = self.data
+        if data[pos] == 0x58:
+            size = int.from_bytes(data[pos + 1 : pos + 5], "little")
+            start = pos + 5
+            if start + size > len(data):
+                raise _NotTemplate
+            name = data[start : start + size].decode("utf-8", "surrogatepass")  # as BINUNICODE decodes
+            return name, self.put_at(start + size, name)
+        # A string seen before: a storage key "0", the location "cpu", a module's name.
+        token = data[pos : pos + (2 if data[pos] == 0x68 else 5)]
+        known = self.back[token]
+        if type(known) is not str:
+            raise _NotTemplate
+        return known, pos + len(token)
+
+    def write_slot(self, token: bytes | None) -> None:
+        """A memo write of the steady template: it must take the next slot."""
+        if token is None:
+            return
+        slot = token[1] if token[0] == 0x71 else int.from_bytes(token[1:], "little")
+        if slot != self.slots:
+            raise _NotTemplate
+        self.slots += 1
+
+    def steady(self, match: re.Match[bytes], root: dict[str, TensorNode], name: str) -> bool:
+        """An entry of the steady template; False when what it reads back is not what it needs."""
+        (rebuild, tag, kind, key_size, key_text, key_slot, where, numel, pid, offset, shape, shape_slot, stride,
+         stride_slot, hooks_type, hooks, args, tensor) = match.groups()  # fmt: skip
+        back = self.back
+        storage_type, location = back[kind], back[where]
+        if (
+            back[rebuild] is not _REBUILD
+            or back[tag] is not _STORAGE_TAG
+            or back[hooks_type] is not _ORDERED_DICT
+            or not isinstance(storage_type, StorageType)
+            or type(location) is not str
+            or key_size[0] != len(key_text)
+        ):
+            return False
+        shape_value, stride_value = self.ints(shape), self.ints(stride)
+        if (shape_slot is None) == bool(shape_value) or (stride_slot is None) == bool(stride_value):
+            raise _NotTemplate  # a non-empty tuple is memoized, the empty one not
+        first = slot = self.slots
+        for token in (key_slot, pid, shape_slot, stride_slot, hooks, args, tensor):  # each the next slot
+            if token is not None:
+                if (token[1] if len(token) == 2 else int.from_bytes(token[1:], "little")) != slot:
+                    raise _NotTemplate
+                slot += 1
+        self.slots = slot
+        key = key_text.decode("ascii")
+        self.memo[first] = key
+        storage = self.on_storage((storage_type, key, location, self.number(numel)))
+        node = _tensor(storage, self.number(offset), shape_value, stride_value)
+        self.memo[slot - 1] = node
+        root[name] = node
+        return True
+
+    def number(self, token: bytes) -> int:
+        value = self.numbers.get(token)
+        if value is None:
+            value = _int(token)
+            if len(self.numbers) < _CACHED:
+                self.numbers[token] = value
+        return value
+
+    def ints(self, token: bytes) -> tuple[int, ...]:
+        value = self.tuples.get(token)
+        if value is None:
+            value = _ints(token)
+            if len(self.tuples) < _CACHED:
+                self.tuples[token] = value  # one tuple object for every tensor of that shape
+        return value
+
+    def entry(self, pos: int, root: dict[str, TensorNode]) -> int:
+        data = self.data
+        name, pos = self.name(pos)
+        match = _STEADY.match(data, pos)
+        if match is not None:
+            slots, memo_size = self.slots, len(self.memo)
+            if self.steady(match, root, name):
+                return match.end()
+            if self.slots != slots or len(self.memo) != memo_size:  # pragma: no cover - steady checks first
+                raise _NotTemplate
+        match = _ENTRY.match(data, pos)
+        if match is None:
+            return self.repeated(pos, root, name)
+        g = match.groups()
+        if self.new(g, "rebuild", _REBUILD):
+            self.machinery("torch._utils", "_rebuild_tensor_v2")
+        elif self.got(g, "rebuild") is not _REBUILD:
+            raise _NotTemplate
+        if not self.new(g, "tag", _STORAGE_TAG) and self.got(g, "tag") is not _STORAGE_TAG:
+            raise _NotTemplate
+        type_name = g[_GROUP["type_name"]]
+        if type_name is not None:
+            storage_type = _ALLOWED.get(("torch", type_name.decode("ascii")))
+            if not isinstance(storage_type, StorageType):
+                raise _NotTemplate
+            self.machinery("torch", type_name.decode("ascii"))
+            self.new(g, "type", storage_type)
+        else:
+            storage_type = self.got(g, "type")
+            if not isinstance(storage_type, StorageType):
+                raise _NotTemplate
+        key = self.text(g, "key")
+        location = self.text(g, "location")
+        numel = _int(g[_GROUP["numel"]])
+        self.new(g, "pid")
+        storage = self.on_storage((storage_type, key, location, numel))
+        offset = _int(g[_GROUP["offset"]])
+        shape = _ints(g[_GROUP["shape"]])
+        if self.new(g, "shape") != bool(shape):  # a non-empty tuple is memoized, the empty one not
+            raise _NotTemplate
+        stride = _ints(g[_GROUP["stride"]])
+        if self.new(g, "stride") != bool(stride):
+            raise _NotTemplate
+        if self.new(g, "hooks_type", _ORDERED_DICT):
+            self.machinery("collections", "OrderedDict")
+        elif self.got(g, "hooks_type") is not _ORDERED_DICT:
+            raise _NotTemplate
+        self.new(g, "hooks")
+        self.new(g, "args")
+        node = _tensor(storage, offset, shape, stride)
+        self.new(g, "tensor", node)
+        root[name] = node
+        return match.end()
+
+    def repeated(self, pos: int, root: dict[str, TensorNode], name: str) -> int:
+        """The same tensor object under a second name: a memo read of the first one."""
+        data = self.data
+        if data[pos] == 0x68:
+            slot, after = data[pos + 1], pos + 2
+        elif data[pos] == 0x6A:
+            slot, after = int.from_bytes(data[pos + 1 : pos + 5], "little"), pos + 5
+        else:
+            raise _NotTemplate
+        node = self.memo.get(slot)
+        if not isinstance(node, TensorNode):
+            raise _NotTemplate
+        root[name] = node
+        return after
+
+    def text(self, groups: tuple[Any, ...], name: str) -> str:
+        """A short ASCII string (a storage key, a location), new or read back."""
+        size, text = groups[_GROUP[f"{name}_size"]], groups[_GROUP[f"{name}_text"]]
+        if text is None:
+            known = self.got(groups, name)
+            if not isinstance(known, str):
+                raise _NotTemplate
+            return known
+        if size[0] != len(text):
+            raise _NotTemplate
+        value: str = text.decode("ascii")
+        self.new(groups, name, value)
+        return value
+
+
+def read_flat_state_dict(
+    data: bytes, context: UnpickleContext, on_storage: Callable[[tuple[object, ...]], StorageNode]
+) -> dict[str, TensorNode] | None:
+    """The state dict of a pickle that is exactly torch.save's flat template, else ``None``.
+
+    ``None`` also when a builder raises: the general path then reads the file and reports
+    its own verdict, so this reader never decides an error. The builders' side effects
+    (storages recorded by ``on_storage``) are those the general path makes first anyway.
+
+    Example:
+        >>> read_flat_state_dict(b"\\x80\\x02}q\\x00.", UnpickleContext(), on_storage)  # doctest: +SKIP
+        {}
+    """
+    try:
+        return _Reader(data, context, on_storage).read()
+    except (_NotTemplate, TiesafeError, IndexError, UnicodeDecodeError, ValueError):
+        return None
