@@ -261,7 +261,10 @@ def _fast_header(raw: bytes, data_start: int, size: int) -> tuple[dict[str, Entr
     starts = list(map(add, begins, repeat(data_start)))
     dtypes = list(map(BY_CODE.__getitem__, codes))
     # Entries straight from tuples (tuple.__new__ in C, no __init__ per entry), in data order.
-    built = list(map(_new_entry, zip(names, dtypes, map(tuple, shapes), starts, needed, strict=True)))
+    tuples = list(map(tuple, shapes))
+    shared: dict[tuple[int, ...], tuple[int, ...]] = {}  # one tuple per distinct shape: experts repeat a few
+    tuples = list(map(shared.setdefault, tuples, tuples))
+    built = list(map(_new_entry, zip(names, dtypes, tuples, starts, needed, strict=True)))
     built.sort(key=_START)
     return dict(zip(map(_NAME, built), built, strict=True)), metadata
 

@@ -21,7 +21,7 @@ from .errors import VerificationError
 from .gcpause import paused_gc
 from .geometry import contiguous_strides
 from .sharing import overlap_clusters
-from .stfile import Entry, SafetensorsFile
+from .stfile import SafetensorsFile
 from .windows import FileWindow, PieceWindow, WindowComparer, source_window
 
 
@@ -50,7 +50,9 @@ def output_windows(files: Iterable[SafetensorsFile]) -> tuple[dict[str, FileWind
                 stride = strides.get(entry.shape)
                 if stride is None:
                     stride = strides[entry.shape] = contiguous_strides(entry.shape)
-                stored[entry.name] = FileWindow(f.path, entry.start, _dense_ref(entry, stride))
+                stored[entry.name] = FileWindow(
+                    f.path, entry.start, TensorRef(entry.name, entry.dtype, 0, entry.shape, stride)
+                )
     record = output_record(files)
     hidden = set(record.hidden)
     windows = {n: w for n, w in stored.items() if n not in hidden} if hidden else dict(stored)
@@ -61,21 +63,6 @@ def output_windows(files: Iterable[SafetensorsFile]) -> tuple[dict[str, FileWind
         ref = TensorRef(view.base, base.ref.dtype, view.offset, view.shape, view.stride)
         windows[name] = FileWindow(base.path, base.storage_offset, ref)
     return windows, record
-
-
-def _dense_ref(entry: Entry, stride: tuple[int, ...]) -> TensorRef:
-    """A stored tensor: dense from the first byte of its range, so its geometry is known.
-
-    TensorRef computes ``numel``, ``nbytes``, ``span`` and ``is_contiguous`` on first use
-    and keeps them in the instance's ``__dict__``; verification asks each of every
-    tensor, so they are put there now, from the header (a few microseconds a tensor
-    saved over tens of thousands).
-    """
-    ref = TensorRef(entry.name, entry.dtype, 0, entry.shape, stride)
-    vars(ref).update(
-        numel=entry.nbytes // entry.dtype.itemsize, nbytes=entry.nbytes, span=(0, entry.nbytes), is_contiguous=True
-    )
-    return ref
 
 
 def output_record(files: Iterable[SafetensorsFile]) -> ties.TieRecord:
