@@ -236,12 +236,15 @@ def _fast_header(raw: bytes, data_start: int, size: int) -> tuple[dict[str, Entr
         return None
     if raw.count(b":") != keys + 3 * n + len(metadata) + strings.count(":"):
         return None  # a key given twice (or a colon the count cannot place): the reference path says which
-    dims = list(chain.from_iterable(shapes))
-    if max(map(len, shapes)) > MAX_DIMS or (dims and (set(map(type, dims)) != _INT or min(dims) < 0)):
+    del specs
+    header.clear()  # the entries' objects go now: the columns are all that is needed (peak memory)
+    flat = chain.from_iterable
+    if max(map(len, shapes)) > MAX_DIMS or (any(shapes) and set(map(type, flat(shapes))) != _INT):
         return None
-    if dims and max(dims) > MAX_INT64:
+    if any(shapes) and (min(flat(shapes)) < 0 or max(flat(shapes)) > MAX_INT64):
         return None
-    bounds = list(chain.from_iterable(offsets))
+    bounds = list(flat(offsets))
+    del offsets
     if len(bounds) != 2 * n or set(map(type, bounds)) != _INT:
         return None
     begins, ends = bounds[0::2], bounds[1::2]
@@ -254,10 +257,17 @@ def _fast_header(raw: bytes, data_start: int, size: int) -> tuple[dict[str, Entr
         return None
     if 0 in counts and not all(_fits_usize(s, i) for s, c, i in zip(shapes, counts, itemsizes, strict=True) if c == 0):
         return None
-    spans = sorted(zip(begins, ends, strict=True))  # the tiling: each span starts where the one before ends
-    firsts, lasts = list(map(itemgetter(0), spans)), list(map(itemgetter(1), spans))
+    # The tiling. With no empty tensor: the k-th smallest start is the (k-1)-th smallest end
+    # and the first start is 0 exactly when every byte below the last end is in one tensor.
+    # An empty tensor may only sit where one tensor ends: sorted as the reference sorts them.
+    if 0 in needed:
+        spans = sorted(zip(begins, ends, strict=True))
+        firsts, lasts = list(map(itemgetter(0), spans)), list(map(itemgetter(1), spans))
+    else:
+        firsts, lasts = sorted(begins), sorted(ends)
     if firsts[0] != 0 or firsts[1:] != lasts[:-1] or data_start + lasts[-1] != size:
         return None
+    del firsts, lasts
     starts = list(map(add, begins, repeat(data_start)))
     dtypes = list(map(BY_CODE.__getitem__, codes))
     # Entries straight from tuples (tuple.__new__ in C, no __init__ per entry), in data order.

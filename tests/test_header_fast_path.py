@@ -15,6 +15,7 @@ import json
 import random
 import struct
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -29,12 +30,12 @@ def _spec(dtype: str, shape: list[int], begin: int, itemsize: int) -> tuple[dict
     return {"dtype": dtype, "shape": shape, "data_offsets": [begin, begin + size]}, begin + size
 
 
-def _valid_header(rng: random.Random) -> dict[str, object]:
+def _valid_header(rng: random.Random) -> dict[str, Any]:
     """Tensors of several dtypes and shapes (scalars, empty ones), odd names, metadata with colons."""
     kinds = [("F32", 4), ("BF16", 2), ("U8", 1), ("I64", 8), ("BOOL", 1)]
     shapes = [[4, 4], [], [0], [3, 0, 2], [2, 3, 1], [1], [5]]
     names = ["a.0.w", "b:c", "ümlaut.w", "x\\y", 'q"uote', "layers.10.experts.3.w", "tab\tname", "e\u00e9"]
-    header: dict[str, object] = {}
+    header: dict[str, Any] = {}
     if rng.random() < 0.7:
         header["__metadata__"] = {"format": "pt", "note": "a: b", "k:v": "x"}
     begin = 0
@@ -47,8 +48,8 @@ def _valid_header(rng: random.Random) -> dict[str, object]:
     return {**({"__metadata__": header["__metadata__"]} if "__metadata__" in header else {}), **dict(items)}
 
 
-def _data_size(header: dict[str, object]) -> int:
-    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]  # type: ignore[index]
+def _data_size(header: dict[str, Any]) -> int:
+    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
     return max(ends, default=0)
 
 
@@ -92,6 +93,28 @@ def _damaged(raw: str, rng: random.Random) -> str:
     return raw[:-1] + ", " + json.dumps(key) + ': "x:y:z"}'
 
 
+def _moved(header: dict[str, Any], rng: random.Random) -> dict[str, Any]:
+    """The data offsets moved, sizes kept: a gap before the first tensor, overlaps, empty tensors inside others."""
+    entries = {k: v for k, v in header.items() if k != "__metadata__"}
+    spans = [e["data_offsets"] for e in entries.values()]
+    edit = rng.randrange(5)
+    if edit == 0:  # every tensor shifted: a gap before the first
+        k = rng.randint(1, 3)
+        for span in spans:
+            span[0] += k
+            span[1] += k
+    elif edit == 1:  # one tensor moved back a byte: it overlaps the one before
+        span = rng.choice(spans)
+        if span[0] > 0:
+            span[0] -= 1
+            span[1] -= 1
+    else:  # an empty tensor inside another one (refused), at a boundary (accepted) or past the end (refused)
+        begin, end = rng.choice(spans)
+        at = rng.choice([begin + (end - begin) // 2, end, begin, _data_size(header) + 1])
+        header[f"empty.{rng.randint(0, 9)}"] = {"dtype": "U8", "shape": [0], "data_offsets": [at, at]}
+    return header
+
+
 def _reference(raw: bytes, data_start: int, size: int) -> object:
     try:
         return _checked_header(raw, data_start, size)
@@ -104,6 +127,8 @@ def test_fast_path_answers_as_the_reference_or_defers() -> None:
     answered = deferred = refused = 0
     for _ in range(3000):
         header = _valid_header(rng)
+        if rng.random() < 0.3:
+            header = _moved(header, rng)
         text = json.dumps(header, ensure_ascii=rng.random() < 0.5)
         for _ in range(rng.randint(0, 2)):
             try:
