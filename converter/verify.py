@@ -152,9 +152,7 @@ def _check_no_false_sharing(checkpoint: Checkpoint, record: ties.TieRecord, decl
     # Only the storages of the names the ties involve are clustered: a file of 100,000
     # tensors with a tied embedding needs the embedding's storage, not every storage.
     involved = {*record.aliases, *record.aliases.values(), *record.views}
-    for view in record.views.values():
-        involved.add(view.base)
-        involved.update(aliases_of.get(view.base, ()))
+    involved.update(view.base for view in record.views.values())
     storages = {checkpoint.tensors[n].storage for n in involved if n in checkpoint.tensors}
     if not storages:
         return
