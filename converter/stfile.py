@@ -267,6 +267,7 @@ def _fast_header(raw: bytes, data_start: int, size: int) -> tuple[dict[str, Entr
         firsts, lasts = sorted(begins), sorted(ends)
     if firsts[0] != 0 or firsts[1:] != lasts[:-1] or data_start + lasts[-1] != size:
         return None
+    in_data_order = begins == firsts  # as writers write them: no sort, names taken as they are
     del firsts, lasts
     starts = list(map(add, begins, repeat(data_start)))
     dtypes = list(map(BY_CODE.__getitem__, codes))
@@ -274,9 +275,11 @@ def _fast_header(raw: bytes, data_start: int, size: int) -> tuple[dict[str, Entr
     tuples = list(map(tuple, shapes))
     shared: dict[tuple[int, ...], tuple[int, ...]] = {}  # one tuple per distinct shape: experts repeat a few
     tuples = list(map(shared.setdefault, tuples, tuples))
-    built = list(map(_new_entry, zip(names, dtypes, tuples, starts, needed, strict=True)))
-    built.sort(key=_START)
-    return dict(zip(map(_NAME, built), built, strict=True)), metadata
+    built = map(_new_entry, zip(names, dtypes, tuples, starts, needed, strict=True))
+    if in_data_order:
+        return dict(zip(names, built, strict=True)), metadata
+    ordered = sorted(built, key=_START)  # stable: equal starts (empty tensors) keep header order
+    return dict(zip(map(_NAME, ordered), ordered, strict=True)), metadata
 
 
 def _encodes(text: str) -> bool:
