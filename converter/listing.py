@@ -12,12 +12,14 @@ from __future__ import annotations
 import re
 from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass
+from itertools import islice
 from operator import methodcaller
 from typing import cast
 
 _NUMBER = re.compile(r"([0-9]+)")  # ASCII digits: int() must give them back as written
 _LEADING_ZERO = re.compile(r"(?<![0-9])0[0-9]")
 SHOWN = 5  # names a report line lists before "and N more"
+_CHUNK = 8192  # names split at once: the pieces of 100,000 names at once would be 50 MB
 
 
 @dataclass
@@ -100,7 +102,9 @@ def _split_all(names: list[str]) -> tuple[list[Hashable], list[int], list[int]]:
     widths = []
     for name in names:
         texts, found = _split(name)
-        keys.append(texts)
+        # The key the joined split gives the same name (another chunk may have split it so),
+        # but for a name holding a NUL, which no joined split takes.
+        keys.append(texts if "\x00" in name else "\x00".join(texts))
         numbers += found
         widths.append(len(found))
     return keys, numbers, widths
@@ -120,28 +124,29 @@ def group_rows(rows: Iterable[tuple[str, str, Sequence[int], int, str]]) -> list
         >>> [r.name for r in group_rows([("l.0.w", "F32", [2], 8, "stored"), ("l.1.w", "F32", [2], 8, "stored")])]
         ['l.{0,1}.w']
     """
-    rows = list(rows)
-    keys, numbers, widths = _split_all([row[0] for row in rows])
     # key -> (row, name key, how it is stored split, the numbers of every name, one after the other)
     groups: dict[tuple[object, ...], tuple[Row, Hashable, tuple[tuple[str, ...], list[int]], list[int]]] = {}
     split_how: dict[str, tuple[tuple[str, ...], list[int]]] = {}  # most are "stored"
-    position = 0
-    for (name, dtype, shape, nbytes, stored_as), key, width in zip(rows, keys, widths, strict=True):
-        how = split_how.get(stored_as)
-        if how is None:
-            how = split_how[stored_as] = _split(stored_as)
-        found = numbers[position : position + width]
-        position += width
-        group_key = (key, dtype, tuple(shape), how[0])
-        group = groups.get(group_key)
-        if group is None:
-            groups[group_key] = (Row(name, dtype, list(shape), nbytes, stored_as), key, how, found + how[1])
-            continue
-        row, _, _, seen = group
-        row.count += 1
-        row.nbytes += nbytes
-        seen += found
-        seen += how[1]
+    rows = iter(rows)
+    while chunk := list(islice(rows, _CHUNK)):
+        keys, numbers, widths = _split_all([row[0] for row in chunk])
+        position = 0
+        for (name, dtype, shape, nbytes, stored_as), key, width in zip(chunk, keys, widths, strict=True):
+            how = split_how.get(stored_as)
+            if how is None:
+                how = split_how[stored_as] = _split(stored_as)
+            found = numbers[position : position + width]
+            position += width
+            group_key = (key, dtype, tuple(shape), how[0])
+            group = groups.get(group_key)
+            if group is None:
+                groups[group_key] = (Row(name, dtype, list(shape), nbytes, stored_as), key, how, found + how[1])
+                continue
+            row, _, _, seen = group
+            row.count += 1
+            row.nbytes += nbytes
+            seen += found
+            seen += how[1]
     result = []
     for row, key, (how_texts, _), seen in groups.values():
         if row.count > 1:

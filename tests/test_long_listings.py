@@ -34,7 +34,9 @@ def test_names_split_all_at_once_group_as_names_split_one_by_one(monkeypatch: py
             how = rng.choice(["stored", "stored", f"alias of {name}.{rng.randint(0, 3)}", "view of base"])
             rows.append((name, rng.choice(["F32", "BF16"]), rng.choice([[2], [2, 3]]), rng.randint(1, 9), how))
         at_once_seen += isinstance(listing._split_all([r[0] for r in rows])[0][0], str)
-        at_once = [vars(r) for r in group_rows(rows)]
+        with monkeypatch.context() as patch:
+            patch.setattr(listing, "_CHUNK", rng.choice([2, 5, 8192]))  # a pattern split in chunks split both ways
+            at_once = [vars(r) for r in group_rows(rows)]
         with monkeypatch.context() as patch:
             patch.setattr(listing, "_LEADING_ZERO", re.compile(""))  # "every name may have one": one by one
             one_by_one = [vars(r) for r in group_rows(rows)]
