@@ -253,6 +253,8 @@ def _fast_header(raw: bytes, data_start: int, size: int) -> tuple[dict[str, Entr
     itemsizes = list(map(_ITEMSIZE.__getitem__, codes))
     counts = list(map(math.prod, shapes))
     needed = list(map(mul, counts, itemsizes))
+    sizes: dict[int, int] = {}  # experts repeat a few sizes: one int object each
+    needed = list(map(sizes.setdefault, needed, needed))
     if max(needed) * 8 >= _USIZE or needed != list(map(sub, ends, begins)):
         return None
     if 0 in counts and not all(_fits_usize(s, i) for s, c, i in zip(shapes, counts, itemsizes, strict=True) if c == 0):
