@@ -7,7 +7,6 @@ stderr), 1 an internal error (a bug: ``--debug`` shows the traceback).
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 import sys
@@ -78,7 +77,9 @@ class _Group(click.Group):
 
 
 def _print_json(data: dict[str, Any]) -> None:
-    click.echo(json.dumps(data, indent=2, default=str))
+    from .report_json import dumps  # json.dumps(indent=2), fast for a long tensor list
+
+    click.echo(dumps(data))
 
 
 def _saved_line(report: ConversionReport | FolderReport) -> str:

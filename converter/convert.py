@@ -15,7 +15,7 @@ from typing import Any
 from .conventions import WEIGHT_SUFFIXES, converted_name
 from .descriptors import Checkpoint
 from .errors import TiesafeError
-from .gcpause import collection_paused
+from .gcpause import paused_gc
 from .geometry import numel
 from .layout import plan_file, stored_items
 from .readers.torchfile import checkpoint_from_tree, read_checkpoint, read_tree
@@ -136,7 +136,7 @@ def convert_file(
         verify_output(ckpt, [read_safetensors(tmp)], sharing.ties, wait=progress.wait)
         ckpt.check_unchanged()  # the bytes just verified are those of the file that was read
 
-    with collection_paused():  # per-tensor bookkeeping of a large checkpoint: see gcpause
+    with paused_gc():  # per-tensor bookkeeping of a large checkpoint: see gcpause
         ckpt = read_checkpoint(src, key=key, strict=strict, strip_prefix=strip_prefix, keep_names=keep_names)
         out = _resolve_output(src, dst, overwrite)
         sharing = plan_sharing(ckpt.tensors, materialize_views=materialize_views)
@@ -169,7 +169,7 @@ def verify_file(
         >>> verify_file("pytorch_model.bin", "model.safetensors").names  # doctest: +SKIP
         149
     """
-    with collection_paused():  # per-tensor bookkeeping of a large checkpoint: see gcpause
+    with paused_gc():  # per-tensor bookkeeping of a large checkpoint: see gcpause
         ckpt = read_checkpoint(src, key=key, strict=strict, strip_prefix=strip_prefix, keep_names=keep_names)
         out = read_safetensors(dst)
         sharing = plan_sharing(ckpt.tensors, materialize_views=bool(materialize_views))
@@ -178,7 +178,7 @@ def verify_file(
         return verify_output(ckpt, [out], sharing.ties)
 
 
-@dataclass
+@dataclass(slots=True)  # one per name: 100,000 in a mixture-of-experts file
 class TensorInfo:
     name: str
     dtype: str
@@ -210,7 +210,10 @@ class InspectReport:
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(replace(self, tensors=[]))  # asdict deep-copies: slow over 100,000 tensors
-        data["tensors"] = [{**vars(t), "shape": list(t.shape)} for t in self.tensors]
+        data["tensors"] = [
+            {"name": t.name, "dtype": t.dtype, "shape": list(t.shape), "nbytes": t.nbytes, "stored_as": t.stored_as}
+            for t in self.tensors
+        ]
         data["bytes_saved"] = self.bytes_saved
         return data
 
@@ -246,31 +249,8 @@ def inspect(
     """
     path = Path(path)
     if path.suffix == ".safetensors":
-        st = read_safetensors(path)
-        info, record = st.entries, st.record
-        tensors = [
-            TensorInfo(e.name, e.dtype.code, list(e.shape), e.nbytes, "stored")
-            for e in info.values()
-            if e.name not in record.hidden
-        ]
-        for name in record.names():
-            target = record.aliases.get(name) or record.copies.get(name)
-            if target is not None:
-                e = info[target]
-                tensors.append(TensorInfo(name, e.dtype.code, list(e.shape), e.nbytes, _how_stored(name, record)))
-            else:
-                v = record.views[name]
-                size = numel(v.shape) * info[v.base].dtype.itemsize
-                tensors.append(TensorInfo(name, v.dtype, list(v.shape), size, _how_stored(name, record)))
-        stored_bytes = sum(e.nbytes for e in info.values())
-        return InspectReport(
-            str(path),
-            "safetensors",
-            tensors,
-            bytes_all_names=sum(t.nbytes for t in tensors),
-            bytes_stored=stored_bytes,
-            metadata=dict(st.metadata),
-        )
+        with paused_gc():  # a row per tensor, no cycles
+            return _inspect_safetensors(path)
     tree = read_tree(path, survey=True)
     globals_by_group = _globals_by_group(tree.globals)
     if globals_by_group.get(GROUPS[2]):
@@ -292,6 +272,35 @@ def inspect(
         wrapper=ckpt.wrapper,
         prefixes_removed=list(ckpt.prefixes_removed),
         globals=globals_by_group,
+    )
+
+
+def _inspect_safetensors(path: Path) -> InspectReport:
+    """Every name a safetensors file gives, stored and tied, as a loader sees them."""
+    st = read_safetensors(path)
+    info, record = st.entries, st.record
+    hidden = set(record.hidden)
+    tensors = [
+        TensorInfo(e.name, e.dtype.code, list(e.shape), e.nbytes, "stored")
+        for e in info.values()
+        if not hidden or e.name not in hidden
+    ]
+    for name in record.names():
+        target = record.aliases.get(name) or record.copies.get(name)
+        if target is not None:
+            e = info[target]
+            tensors.append(TensorInfo(name, e.dtype.code, list(e.shape), e.nbytes, _how_stored(name, record)))
+        else:
+            v = record.views[name]
+            size = numel(v.shape) * info[v.base].dtype.itemsize
+            tensors.append(TensorInfo(name, v.dtype, list(v.shape), size, _how_stored(name, record)))
+    return InspectReport(
+        str(path),
+        "safetensors",
+        tensors,
+        bytes_all_names=sum(t.nbytes for t in tensors),
+        bytes_stored=sum(e.nbytes for e in info.values()),
+        metadata=dict(st.metadata),
     )
 
 

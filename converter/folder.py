@@ -29,7 +29,7 @@ from .conventions import ADAPTER_CONFIG, NOT_WEIGHTS, WEIGHT_SUFFIXES, WeightNam
 from .declared import resolve_declared
 from .descriptors import Checkpoint, StorageRecord, TensorRef
 from .errors import TiesafeError, VerificationError
-from .gcpause import collection_paused
+from .gcpause import paused_gc
 from .identical import equal_bytes, identical_groups, search_is_costly
 from .layout import SetPlan, plan_shards, stored_items
 from .names import strip_prefixes
@@ -621,7 +621,7 @@ def convert_folder(
     if delete_source and not verify:
         raise TiesafeError("--delete-source needs verification; drop --no-verify")
     out = _output_folder(src, None if dst is None else Path(dst))
-    with collection_paused():  # per-tensor bookkeeping of large checkpoints: see gcpause
+    with paused_gc():  # per-tensor bookkeeping of large checkpoints: see gcpause
         plan = plan_folder(
             src,
             max_shard_size=max_shard_size,

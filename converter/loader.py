@@ -178,8 +178,9 @@ def _open(file: Path, device: str) -> _Opened:
     try:
         with safe_open(str(file), framework="pt", device=device) as f:
             opened = file, f.metadata() or {}, f.get_tensors()
-        if _entry_count(file) != len(opened[2]):
-            read_safetensors(file)  # a name given twice: the header parser names it
+        if _entry_count(file) != len(opened[2]) and len(read_safetensors(file).entries) != len(opened[2]):
+            # A name given twice (the header parser names it), or a name holding '\"data_offsets'
+            # that the quick count took for a key (the parser then finds every entry loaded).
             raise CorruptFileError("the header lists a tensor more than once", path=file)
         return opened
     except (SafetensorError, OSError, TypeError, ValueError, OverflowError) as exc:
@@ -193,10 +194,11 @@ def _open(file: Path, device: str) -> _Opened:
 def _entry_count(file: Path) -> int:
     """How many tensor entries the raw header holds, duplicates included.
 
-    safetensors keeps one of two entries with the same name without a word; the
-    byte string ``"data_offsets"`` can only stand in a header as a key (inside a
-    JSON string its quotes would be escaped), so counting it is exact and costs
-    microseconds, where parsing the header again would cost more than the load.
+    safetensors keeps one of two entries with the same name without a word. The
+    byte string ``"data_offsets"`` stands in a header as a key, or inside a name
+    ending in an escaped quote; counting it costs microseconds where parsing the
+    header again would cost more than the load, so the parser is asked only when
+    the count disagrees.
     """
     with open(file, "rb") as f:
         (length,) = struct.unpack("<Q", f.read(8))

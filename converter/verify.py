@@ -18,6 +18,7 @@ from pathlib import Path
 from . import ties
 from .descriptors import Checkpoint, TensorRef
 from .errors import VerificationError
+from .gcpause import paused_gc
 from .geometry import contiguous_strides
 from .sharing import overlap_clusters
 from .stfile import SafetensorsFile
@@ -40,14 +41,21 @@ def output_windows(files: Iterable[SafetensorsFile]) -> tuple[dict[str, FileWind
     """
     files = list(files)
     stored: dict[str, FileWindow] = {}
-    for f in files:
-        for entry in f.entries.values():
-            if entry.name in stored:
-                raise VerificationError(f"tensor {entry.name!r} is stored in two files", path=f.path)
-            ref = TensorRef(entry.name, entry.dtype, 0, entry.shape, contiguous_strides(entry.shape))
-            stored[entry.name] = FileWindow(f.path, entry.start, ref)
+    strides: dict[tuple[int, ...], tuple[int, ...]] = {}  # a mixture of experts repeats a few shapes
+    with paused_gc():  # one window per tensor, no cycles
+        for f in files:
+            for entry in f.entries.values():
+                if entry.name in stored:
+                    raise VerificationError(f"tensor {entry.name!r} is stored in two files", path=f.path)
+                stride = strides.get(entry.shape)
+                if stride is None:
+                    stride = strides[entry.shape] = contiguous_strides(entry.shape)
+                stored[entry.name] = FileWindow(
+                    f.path, entry.start, TensorRef(entry.name, entry.dtype, 0, entry.shape, stride)
+                )
     record = output_record(files)
-    windows = {n: w for n, w in stored.items() if n not in record.hidden}
+    hidden = set(record.hidden)
+    windows = {n: w for n, w in stored.items() if n not in hidden} if hidden else dict(stored)
     for name, target in (*record.aliases.items(), *record.copies.items()):
         windows[name] = stored[target]
     for name, view in record.views.items():
@@ -86,50 +94,73 @@ def verify_output(
         VerifyReport(names=149, bytes_compared=995518464, tied_names=1)
     """
     where = files[0].path if len(files) == 1 else files[0].path.parent
-    windows, record = output_windows(files)
-    if record.aliases != expected.aliases or record.views != expected.views or record.copies != expected.copies:
-        raise VerificationError("the tie record read back differs from the one planned", path=where)
-    extra = set(windows) - set(checkpoint.tensors)
-    if extra:
-        raise VerificationError(f"output has a tensor the source lacks: {sorted(extra)[0]!r}", path=where)
-    _check_no_false_sharing(checkpoint, record, set(declared), where)
-    # In output order: the writer's order (verification trails it), and neighbours in
-    # both files, compared in batches.
-    files_order = {f.path: i for i, f in enumerate(files)}
-    pairs = sorted(_pairs(checkpoint, windows, where), key=lambda p: (files_order[p[1].path], p[1].storage_offset))
-    comparer = WindowComparer(wait)
-    try:
-        different = comparer.first_difference(pairs)
-    finally:
-        comparer.close()
+    with paused_gc():  # a window, a pair and a batch entry per tensor: no cycles
+        windows, record = output_windows(files)
+        if record.aliases != expected.aliases or record.views != expected.views or record.copies != expected.copies:
+            raise VerificationError("the tie record read back differs from the one planned", path=where)
+        extra = windows.keys() - checkpoint.tensors.keys()
+        if extra:
+            raise VerificationError(f"output has a tensor the source lacks: {sorted(extra)[0]!r}", path=where)
+        _check_no_false_sharing(checkpoint, record, set(declared), where)
+        # In output order: the writer's order (verification trails it), and neighbours in
+        # both files, compared in batches.
+        files_order = {f.path: i for i, f in enumerate(files)}
+        pairs = list(_pairs(checkpoint, windows, where))
+        if len(files) == 1:
+            pairs.sort(key=_output_offset)  # no Path hashed per tensor
+        else:
+            pairs.sort(key=lambda p: (files_order[p[1].path], p[1].storage_offset))
+        comparer = WindowComparer(wait)
+        try:
+            different = comparer.first_difference(pairs)
+        finally:
+            comparer.close()
     if different is not None:
         raise VerificationError(f"tensor {different!r} differs from the source", path=where)
     return VerifyReport(len(checkpoint.tensors), comparer.bytes_compared, len(record.names()))
+
+
+def _output_offset(pair: tuple[str, FileWindow, FileWindow | PieceWindow]) -> int:
+    return pair[1].storage_offset
 
 
 def _pairs(
     checkpoint: Checkpoint, windows: dict[str, FileWindow], where: Path
 ) -> Iterator[tuple[str, FileWindow, FileWindow | PieceWindow]]:
     """Each source name with its output window and its source window, checked for dtype and shape."""
+    storages = checkpoint.storages
     for name, ref in checkpoint.tensors.items():
         window = windows.get(name)
         if window is None:
             raise VerificationError(f"tensor {name!r} is missing from the output", path=where)
-        if window.ref.dtype != ref.dtype or window.ref.shape != ref.shape:
+        out = window.ref
+        # dtypes come from one table: identity first (a dataclass == is a Python call per tensor)
+        if (out.dtype is not ref.dtype and out.dtype != ref.dtype) or out.shape != ref.shape:
             raise VerificationError(
-                f"tensor {name!r} is {window.ref.dtype.code}{list(window.ref.shape)} in the output "
+                f"tensor {name!r} is {out.dtype.code}{list(out.shape)} in the output "
                 f"but {ref.dtype.code}{list(ref.shape)} in the source",
                 path=where,
             )
-        yield name, window, source_window(checkpoint.storages[ref.storage], ref)
+        yield name, window, source_window(storages[ref.storage], ref)
 
 
 def _check_no_false_sharing(checkpoint: Checkpoint, record: ties.TieRecord, declared: set[str], where: Path) -> None:
     """Names that share bytes in the output must have shared bytes in the source."""
+    aliases_of: dict[str, list[str]] = {}  # target -> the names aliasing it, in record order
+    for name, target in record.aliases.items():
+        aliases_of.setdefault(target, []).append(name)
+    # Only the storages of the names the ties involve are clustered: a file of 100,000
+    # tensors with a tied embedding needs the embedding's storage, not every storage.
+    involved = {*record.aliases, *record.aliases.values(), *record.views}
+    involved.update(view.base for view in record.views.values())
+    storages = {checkpoint.tensors[n].storage for n in involved if n in checkpoint.tensors}
+    if not storages:
+        return
     cluster_of: dict[str, int] = {}
     by_storage: dict[str, list[str]] = {}
     for name, ref in checkpoint.tensors.items():
-        by_storage.setdefault(ref.storage, []).append(name)
+        if ref.storage in storages:
+            by_storage.setdefault(ref.storage, []).append(name)
     number = 0  # a number per cluster (an id() of a freed list could come back for another)
     for names in by_storage.values():
         clusters = [names] if len(names) == 1 else overlap_clusters(names, checkpoint.tensors)
@@ -140,8 +171,7 @@ def _check_no_false_sharing(checkpoint: Checkpoint, record: ties.TieRecord, decl
     for name, view in record.views.items():
         if name in declared:
             continue
-        base_names = [n for n, t in record.aliases.items() if t == view.base] + [view.base]
-        for other in base_names:
+        for other in [*aliases_of.get(view.base, ()), view.base]:
             if other in cluster_of and cluster_of[other] != cluster_of.get(name):
                 raise VerificationError(
                     f"{name!r} shares bytes with {other!r} in the output but not in the source", path=where

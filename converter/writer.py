@@ -25,7 +25,7 @@ from typing import cast
 
 from . import windows
 from .errors import WriteError
-from .gcpause import collection_paused
+from .gcpause import paused_gc
 from .layout import FilePlan
 from .windows import FileWindow, PieceWindow, Range, gather, read_pieces
 
@@ -334,7 +334,7 @@ class StagedWrites:
         An error of ``check`` stops the writing and is raised here. Returns the
         temporary paths, readable until the block ends.
         """
-        with collection_paused():  # tens of thousands of tensors: see gcpause
+        with paused_gc():  # tens of thousands of tensors: see gcpause
             return self._write_set(plans, check)
 
     def _write_set(

@@ -323,3 +323,23 @@ def test_copy_loads_as_an_independent_tensor(tmp_path: Path) -> None:
     loaded = converter.load_file(path)
     assert set(loaded) == {"w", "w_copy"} and same_bits(loaded["w_copy"], w)
     assert not shares_memory(loaded["w_copy"], loaded["w"])
+
+
+def test_a_name_holding_a_quoted_data_offsets_loads(tmp_path: Path) -> None:
+    # The loader's quick duplicate count sees '"data_offsets"' inside this name; the parser decides.
+    path = tmp_path / "odd.safetensors"
+    tensors = {'w"data_offsets': torch.ones(2), "b": torch.zeros(3)}
+    safetensors.torch.save_file(tensors, str(path))
+    loaded = converter.load_file(path)
+    assert sorted(loaded) == sorted(tensors) and same_bits(loaded['w"data_offsets'], tensors['w"data_offsets'])
+
+
+def test_a_name_given_twice_is_refused_by_the_loader(tmp_path: Path) -> None:
+    path = tmp_path / "twice.safetensors"
+    safetensors.torch.save_file({"a": torch.ones(2), "b": torch.ones(2)}, str(path))
+    raw = path.read_bytes()
+    size = int.from_bytes(raw[:8], "little")
+    header = raw[8 : 8 + size].replace(b'"b"', b'"a"')
+    path.write_bytes(raw[:8] + header + raw[8 + size :])
+    with pytest.raises(CorruptFileError):
+        converter.load_file(path)

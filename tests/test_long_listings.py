@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +14,34 @@ import pytest
 import torch
 from corpus.cli import ROOT, run_cli
 
+from converter import listing
 from converter.listing import cut, group_rows
+
+
+def test_names_split_all_at_once_group_as_names_split_one_by_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Names are split with one regular expression over all of them; one by one gives the same rows."""
+    rng = random.Random(7)
+    common = ["layers", ".", "experts", "w", "0", "1", "3", "12", "x9y", "é", "-"]
+    rare = ["07", "\n", "\x00", "", "\x00\x00", "5\x00"]  # each sends a listing one by one, or must
+    at_once_seen = 0
+    for _ in range(400):
+        rows = []
+        odd = rng.random() < 0.3
+        for _ in range(rng.randint(1, 30)):
+            name = "".join(
+                rng.choice(rare if odd and rng.random() < 0.05 else common) for _ in range(rng.randint(1, 6))
+            )
+            how = rng.choice(["stored", "stored", f"alias of {name}.{rng.randint(0, 3)}", "view of base"])
+            rows.append((name, rng.choice(["F32", "BF16"]), rng.choice([[2], [2, 3]]), rng.randint(1, 9), how))
+        at_once_seen += isinstance(listing._split_all([r[0] for r in rows])[0][0], str)
+        with monkeypatch.context() as patch:
+            patch.setattr(listing, "_CHUNK", rng.choice([2, 5, 8192]))  # a pattern split in chunks split both ways
+            at_once = [vars(r) for r in group_rows(rows)]
+        with monkeypatch.context() as patch:
+            patch.setattr(listing, "_LEADING_ZERO", re.compile(""))  # "every name may have one": one by one
+            one_by_one = [vars(r) for r in group_rows(rows)]
+        assert at_once == one_by_one, rows
+    assert 100 < at_once_seen < 400  # both ways ran
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 import converter
 from converter import windows, writer
 from converter.errors import VerificationError
-from converter.gcpause import collection_paused
+from converter.gcpause import paused_gc
 from converter.stfile import read_safetensors
 
 
@@ -157,16 +157,16 @@ def test_the_collector_is_paused_inside_nested_and_threaded_blocks() -> None:
     seen: list[bool] = []
 
     def other() -> None:
-        with collection_paused():
+        with paused_gc():
             inside.set()
             leave.wait(10)
             seen.append(gc.isenabled())
 
     thread = threading.Thread(target=other)
-    with collection_paused():
+    with paused_gc():
         thread.start()
         inside.wait(10)
-        with collection_paused():
+        with paused_gc():
             assert not gc.isenabled()
         assert not gc.isenabled()
     assert not gc.isenabled()  # the other thread's block is still open
@@ -175,7 +175,7 @@ def test_the_collector_is_paused_inside_nested_and_threaded_blocks() -> None:
     assert seen == [False] and gc.isenabled()
     gc.disable()
     try:
-        with collection_paused():
+        with paused_gc():
             pass
         assert not gc.isenabled()  # off before: left off
     finally:
