@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .dtypes import DType
 from .errors import TiesafeError
-from .geometry import extent, is_contiguous, numel
+from .geometry import numel, window_geometry
 
 
 @dataclass(frozen=True)
@@ -107,12 +107,13 @@ class TensorRef:
 
     def __post_init__(self) -> None:
         size = self.dtype.itemsize
-        count = numel(self.shape)
+        count, reach, contiguous = window_geometry(self.shape, self.stride)
+        start = self.offset * size
         setter = object.__setattr__  # frozen: the one way to fill the derived fields
         setter(self, "numel", count)
         setter(self, "nbytes", count * size)
-        setter(self, "span", (self.offset * size, extent(self.offset, self.shape, self.stride) * size))
-        setter(self, "is_contiguous", is_contiguous(self.shape, self.stride))
+        setter(self, "span", (start, start + reach * size))
+        setter(self, "is_contiguous", contiguous)
 
     def __reduce__(self) -> tuple[type[TensorRef], tuple[str, DType, int, tuple[int, ...], tuple[int, ...]]]:
         # Explicit: frozen dataclasses with slots do not unpickle on Python 3.10.

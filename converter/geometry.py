@@ -49,3 +49,28 @@ def is_contiguous(shape: Sequence[int], stride: Sequence[int]) -> bool:
             return False
         expected *= n
     return True
+
+
+# Window geometry by (shape, stride): an MoE file repeats a handful of shapes tens of thousands
+# of times. Bounded, so that a file of hash-colliding shapes costs at most a short scan a look-up.
+_GEOMETRY: dict[tuple[tuple[int, ...], tuple[int, ...]], tuple[int, int, bool]] = {}
+_GEOMETRY_KEPT = 256
+
+
+def window_geometry(shape: tuple[int, ...], stride: tuple[int, ...]) -> tuple[int, int, bool]:
+    """``(numel, reach, contiguous)`` of a window: its element count, how far past its offset it
+    reaches (``extent(offset, ...) - offset``) and whether it is row-major dense.
+
+    Example:
+        >>> window_geometry((2, 3), (3, 1))
+        (6, 6, True)
+    """
+    key = (shape, stride)
+    known = _GEOMETRY.get(key) if type(shape) is tuple and type(stride) is tuple else None
+    if known is None:
+        count = prod(shape)
+        reach = 1 + sum([(n - 1) * s for n, s in zip(shape, stride, strict=True)]) if count else 0
+        known = (count, reach, is_contiguous(shape, stride))
+        if len(_GEOMETRY) < _GEOMETRY_KEPT and type(shape) is tuple and type(stride) is tuple:
+            _GEOMETRY[key] = known
+    return known
