@@ -10,8 +10,8 @@ callbacks, keeping every intermediate object in its memo): about 20 µs and 1 Ki
 Here one compiled regular expression matches a whole tensor entry in C, and the tensor is
 built from its groups by the same builders the unpickler calls (``on_storage`` and
 ``_tensor``), in the same order. Only a pickle that is *entirely* this template (protocol
-2, a dict or an ``OrderedDict`` of names to plain tensors, nothing after the last entry)
-is read here; anything else, including anything this reader does not expect or any error
+2, a dict or an ``OrderedDict`` of names to plain tensors, then at most the ``_metadata``
+of ``model.state_dict()``) is read here; anything else, including anything this reader does not expect or any error
 a builder raises, makes it answer ``None`` and the general path reads the file, with all
 its checks, as if this module did not exist. Hand-written because no library parses a
 pickle without running it; the tests hold both paths to the same trees.
@@ -52,38 +52,25 @@ def _new_or_got(name: str, new: bytes) -> bytes:
 
 
 _ENTRY = re.compile(
-    _new_or_got("rebuild", rb"ctorch\._utils\n_rebuild_tensor_v2\n")
-    + rb"\(\("  # MARK (its arguments), MARK (the persistent id)
-    + _new_or_got("tag", rb"X\x07\x00\x00\x00storage")
-    + _new_or_got("type", rb"ctorch\n(?P<type_name>[A-Za-z0-9]{1,40})\n")
-    + _new_or_got("key", rb"X(?P<key_size>[\x01-\x14])\x00\x00\x00(?P<key_text>[0-9]{1,20})")
-    + _new_or_got("location", rb"X(?P<location_size>[\x01-\x20])\x00\x00\x00(?P<location_text>[a-z0-9:_]{1,32})")
-    + rb"(?P<numel>"
-    + _ANY_INT
-    + rb")t"
-    + _put("pid")
-    + rb"Q"  # TUPLE, BINPERSID
-    + rb"(?P<offset>"
-    + _ANY_INT
-    + rb")"
-    + rb"(?P<shape>"
-    + _TUPLE
-    + rb")(?:"
-    + _put("shape")
-    + rb")?"  # an empty tuple is not memoized
-    + rb"(?P<stride>"
-    + _TUPLE
-    + rb")(?:"
-    + _put("stride")
-    + rb")?"
-    + rb"[\x88\x89]"  # requires_grad
-    + _new_or_got("hooks_type", rb"ccollections\nOrderedDict\n")
-    + rb"\)R"
-    + _put("hooks")  # backward hooks: OrderedDict()
-    + rb"t"
-    + _put("args")
-    + rb"R"
-    + _put("tensor"),  # the arguments' TUPLE, REDUCE
+    b"".join(
+        [
+            _new_or_got("rebuild", rb"ctorch\._utils\n_rebuild_tensor_v2\n"),
+            rb"\(\(",  # MARK (its arguments), MARK (the persistent id)
+            _new_or_got("tag", rb"X\x07\x00\x00\x00storage"),
+            _new_or_got("type", rb"ctorch\n(?P<type_name>[A-Za-z0-9]{1,40})\n"),  # the storage class
+            _new_or_got("key", rb"X(?P<key_size>[\x01-\x14])\x00\x00\x00(?P<key_text>[0-9]{1,20})"),
+            _new_or_got("location", rb"X(?P<location_size>[\x01-\x20])\x00\x00\x00(?P<location_text>[a-z0-9:_]{1,32})"),
+            rb"(?P<numel>" + _ANY_INT + rb")",  # the storage's element count
+            rb"t" + _put("pid") + rb"Q",  # TUPLE, BINPERSID
+            rb"(?P<offset>" + _ANY_INT + rb")",
+            rb"(?P<shape>" + _TUPLE + rb")(?:" + _put("shape") + rb")?",  # an empty tuple is not memoized
+            rb"(?P<stride>" + _TUPLE + rb")(?:" + _put("stride") + rb")?",
+            rb"[\x88\x89]",  # requires_grad
+            _new_or_got("hooks_type", rb"ccollections\nOrderedDict\n"),
+            rb"\)R" + _put("hooks"),  # backward hooks: OrderedDict()
+            rb"t" + _put("args") + rb"R" + _put("tensor"),  # the arguments' TUPLE, REDUCE
+        ]
+    ),
     re.DOTALL,
 )
 _GROUP = {name: index - 1 for name, index in _ENTRY.groupindex.items()}  # positions in match.groups()
@@ -93,39 +80,20 @@ _GROUP = {name: index - 1 for name, index in _ENTRY.groupindex.items()}  # posit
 _READ_BACK = rb"(h.|j....)"
 _WRITE = rb"(q.|r....)"
 _STEADY = re.compile(
-    _READ_BACK
-    + rb"\(\("
-    + _READ_BACK
-    + _READ_BACK  # function, MARK, MARK, "storage", storage class
-    + rb"X([\x01-\x14])\x00\x00\x00([0-9]{1,20})"
-    + _WRITE  # a new storage key
-    + _READ_BACK  # its location
-    + rb"("
-    + _ANY_INT
-    + rb")t"
-    + _WRITE
-    + rb"Q"  # element count, TUPLE, BINPERSID
-    + rb"("
-    + _ANY_INT
-    + rb")"  # storage offset
-    + rb"("
-    + _TUPLE
-    + rb")"
-    + _WRITE
-    + rb"?"
-    + rb"("
-    + _TUPLE
-    + rb")"
-    + _WRITE
-    + rb"?"
-    + rb"[\x88\x89]"
-    + _READ_BACK
-    + rb"\)R"
-    + _WRITE
-    + rb"t"
-    + _WRITE
-    + rb"R"
-    + _WRITE,
+    b"".join(
+        [
+            _READ_BACK + rb"\(\(",  # the function, MARK, MARK
+            _READ_BACK + _READ_BACK,  # "storage", the storage class
+            rb"X([\x01-\x14])\x00\x00\x00([0-9]{1,20})" + _WRITE,  # a new storage key
+            _READ_BACK,  # its location
+            rb"(" + _ANY_INT + rb")t" + _WRITE + rb"Q",  # element count, TUPLE, BINPERSID
+            rb"(" + _ANY_INT + rb")",  # storage offset
+            rb"(" + _TUPLE + rb")" + _WRITE + rb"?",  # shape
+            rb"(" + _TUPLE + rb")" + _WRITE + rb"?",  # stride
+            rb"[\x88\x89]" + _READ_BACK + rb"\)R" + _WRITE,  # requires_grad, OrderedDict()
+            rb"t" + _WRITE + rb"R" + _WRITE,  # the arguments' TUPLE, REDUCE
+        ]
+    ),
     re.DOTALL,
 )
 _NAME_START = (0x58, 0x68, 0x6A)  # BINUNICODE, or a memo read (BINGET, LONG_BINGET) of a string
