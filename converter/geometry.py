@@ -23,11 +23,12 @@ def numel(shape: Sequence[int]) -> int:
 
 def extent(offset: int, shape: Sequence[int], stride: Sequence[int]) -> int:
     """One past the last element a strided window touches (``offset`` if it is empty)."""
-    if not shape:
-        return offset + 1
-    if not prod(shape):
-        return offset
-    return offset + 1 + sum([(n - 1) * s for n, s in zip(shape, stride, strict=True)])
+    return offset + _reach(shape, stride, prod(shape))
+
+
+def _reach(shape: Sequence[int], stride: Sequence[int], count: int) -> int:
+    """How many elements past its offset a window of ``count`` elements reaches."""
+    return 1 + sum([(n - 1) * s for n, s in zip(shape, stride, strict=True)]) if count else 0
 
 
 def contiguous_strides(shape: Sequence[int]) -> tuple[int, ...]:
@@ -66,11 +67,11 @@ def window_geometry(shape: tuple[int, ...], stride: tuple[int, ...]) -> tuple[in
         (6, 6, True)
     """
     key = (shape, stride)
-    known = _GEOMETRY.get(key) if type(shape) is tuple and type(stride) is tuple else None
+    cacheable = type(shape) is tuple and type(stride) is tuple  # a list is not a dict key
+    known = _GEOMETRY.get(key) if cacheable else None
     if known is None:
         count = prod(shape)
-        reach = 1 + sum([(n - 1) * s for n, s in zip(shape, stride, strict=True)]) if count else 0
-        known = (count, reach, is_contiguous(shape, stride))
-        if len(_GEOMETRY) < _GEOMETRY_KEPT and type(shape) is tuple and type(stride) is tuple:
+        known = (count, _reach(shape, stride, count), is_contiguous(shape, stride))
+        if cacheable and len(_GEOMETRY) < _GEOMETRY_KEPT:
             _GEOMETRY[key] = known
     return known

@@ -7,10 +7,7 @@ structure (built by :mod:`.unpickler`) and where each storage's bytes lie in the
 
 from __future__ import annotations
 
-import bisect
-import contextlib
 import io
-import os
 import struct
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -20,65 +17,13 @@ from ..dtypes import BYTE, DType
 from ..errors import CorruptFileError, UnsupportedError, quoted
 from .flat_state_dict import read_flat_state_dict
 from .unpickler import MAX_ELEMENTS, MAX_PICKLE_BYTES, StorageNode, UnpickleContext, storage_fields, unpickle
-from .zipdir import STORED, Member, read_directory, read_member
+from .zipdir import STORED, Member, data_starts, read_directory, read_member
 
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 LEGACY_PROTOCOL = 1001
-_LOCAL = struct.Struct("<8xH16xHH")  # a local file header: compression method, name and extra lengths
-_HEADERS_BLOCK = 64 * 1024  # local headers closer than this are read together
-_PREFETCH = 64 * 1024 * 1024  # a window of the file read ahead when it holds many headers ...
-_DENSE = 64  # ... at least this many (one per MiB on average)
 
 
 # --------------------------------------------------------------------------- zip format
-
-
-def _local_data_offsets(raw: BinaryIO, infos: list[Member], file_size: int) -> dict[str, int]:
-    """Where each member's data starts, from its local header.
-
-    The central directory does not give where data starts: the local header's extra
-    field (torch pads it to align storages) may differ, so each is read. Headers that
-    lie close together (a file of thousands of small storages) are read by one
-    ``pread`` for many, in file order, rather than one seek and read each.
-    """
-    fd = raw.fileno()
-    base = getattr(raw, "base_offset", 0)  # an archive inside a larger file (a DCP chunk) starts there
-    ordered = sorted(infos, key=lambda info: info.header_offset)
-    offsets = [info.header_offset for info in ordered]
-    starts: dict[str, int] = {}
-    block, block_start, advised = b"", 0, 0
-    for i, info in enumerate(ordered):
-        if info.header_offset >= advised:
-            advised = info.header_offset + _PREFETCH
-            if bisect.bisect_left(offsets, advised) - i >= _DENSE:
-                # Headers every few KiB (thousands of small storages): their reads would be
-                # thousands of small synchronous disk reads on a cold cache. Ask the kernel for
-                # the whole window at once; the copy reads these bytes next anyway.
-                with contextlib.suppress(OSError, AttributeError):
-                    os.posix_fadvise(fd, base + info.header_offset, _PREFETCH, os.POSIX_FADV_WILLNEED)
-        at = info.header_offset - block_start
-        if at < 0 or at + 30 > len(block):
-            last = i  # read through the last header within _HEADERS_BLOCK of this one
-            while (
-                last + 1 < len(ordered) and ordered[last + 1].header_offset + 30 - info.header_offset <= _HEADERS_BLOCK
-            ):
-                last += 1
-            block_start = info.header_offset
-            block = os.pread(fd, ordered[last].header_offset + 30 - block_start, base + block_start)
-            at = 0
-        header = block[at : at + 30]
-        if len(header) != 30 or header[:4] != b"PK\x03\x04":
-            raise CorruptFileError(f"zip member {quoted(info.filename)} has no valid local header")
-        method, name_len, extra_len = _LOCAL.unpack_from(header)
-        if method != STORED:  # the central directory said stored: the two disagree
-            raise CorruptFileError(
-                f"zip member {quoted(info.filename)} is compressed; torch writes storages uncompressed"
-            )
-        start = info.header_offset + 30 + name_len + extra_len
-        if start + info.file_size > file_size:
-            raise CorruptFileError(f"zip member {quoted(info.filename)} claims more bytes than the file holds")
-        starts[info.filename] = start
-    return starts
 
 
 def read_zip(
@@ -143,7 +88,7 @@ def read_zip(
     result = read_flat_state_dict(pickle_bytes, context, on_storage)  # the common shape, at MoE scale
     if result is None:
         result = unpickle(io.BytesIO(pickle_bytes), context, on_storage)
-    starts = _local_data_offsets(raw, [member for member, _ in members.values()], file_size)
+    starts = data_starts(raw, [member for member, _ in members.values()], file_size)
     records = {
         key: StorageRecord(key, path, starts[member.filename], nbytes, locations[key])
         for key, (member, nbytes) in members.items()

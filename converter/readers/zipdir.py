@@ -1,4 +1,4 @@
-"""A zip archive's central directory, read as plain tuples, and its small members.
+"""A zip archive's central directory, read as plain tuples; where its members' data starts; its small members.
 
 :mod:`zipfile` builds a ``ZipInfo`` object for every member: about 10 µs and half a
 KiB each, which a mixture-of-experts checkpoint (one member per storage, 100,000 of
@@ -11,6 +11,8 @@ tests hold the two readers to the same answers.
 
 from __future__ import annotations
 
+import bisect
+import contextlib
 import os
 import struct
 import zlib
@@ -30,6 +32,9 @@ _UTF8_NAMES = 0x800
 _ENCRYPTED = 0x1
 _ZIP64_EXTRA = 0x0001
 _LIMIT32 = 0xFFFFFFFF
+_HEADERS_BLOCK = 64 * 1024  # local headers closer than this are read together
+_PREFETCH = 64 * 1024 * 1024  # a window of the file read ahead when it holds many headers ...
+_DENSE = 64  # ... at least this many (one per MiB on average)
 _MAX_EXTRACT_VERSION = 63  # zipfile's: newer features (e.g. strong encryption) it refuses, and so do we
 
 
@@ -159,6 +164,65 @@ def read_directory(raw: Any, file_size: int) -> list[Member]:
     return members
 
 
+def _data_start(header: bytes, member: Member) -> tuple[int, int]:
+    """Where ``member``'s data starts and the compression method, from its local header's bytes.
+
+    The central directory does not say where data starts: the local header's extra field
+    (torch pads it to align storages) may differ from the directory's, so each is read.
+    """
+    if len(header) != _LOCAL.size or header[:4] != b"PK\x03\x04":
+        raise CorruptFileError(f"zip member {quoted(member.filename)} has no valid local header")
+    _, _, method, _, _, name_len, extra_len = _LOCAL.unpack(header)
+    return member.header_offset + _LOCAL.size + name_len + extra_len, method
+
+
+def data_starts(raw: Any, members: list[Member], file_size: int) -> dict[str, int]:
+    """Where each stored member's data starts (by file name), from its local header.
+
+    Headers that lie close together (a file of thousands of small storages) are read by
+    one ``pread`` for many, in file order, rather than one seek and read each.
+
+    Example:
+        >>> data_starts(raw, read_directory(raw, size), size)["archive/data/0"]  # doctest: +SKIP
+        1088
+    """
+    size = _LOCAL.size
+    ordered = sorted(members, key=lambda member: member.header_offset)
+    offsets = [member.header_offset for member in ordered]
+    starts: dict[str, int] = {}
+    block, block_start, advised = b"", 0, 0
+    for i, member in enumerate(ordered):
+        if member.header_offset >= advised:
+            advised = member.header_offset + _PREFETCH
+            if bisect.bisect_left(offsets, advised) - i >= _DENSE:
+                # Headers every few KiB (thousands of small storages): their reads would be
+                # thousands of small synchronous disk reads on a cold cache. Ask the kernel for
+                # the whole window at once; the copy reads these bytes next anyway.
+                with contextlib.suppress(OSError, AttributeError):
+                    base = getattr(raw, "base_offset", 0)
+                    os.posix_fadvise(raw.fileno(), base + member.header_offset, _PREFETCH, os.POSIX_FADV_WILLNEED)
+        at = member.header_offset - block_start
+        if at < 0 or at + size > len(block):
+            last = i  # read through the last header within _HEADERS_BLOCK of this one
+            while (
+                last + 1 < len(ordered)
+                and ordered[last + 1].header_offset + size - member.header_offset <= _HEADERS_BLOCK
+            ):
+                last += 1
+            block_start = member.header_offset
+            block = _pread(raw, ordered[last].header_offset + size - block_start, block_start)
+            at = 0
+        start, method = _data_start(block[at : at + size], member)
+        if method != STORED:  # the central directory said stored: the two disagree
+            raise CorruptFileError(
+                f"zip member {quoted(member.filename)} is compressed; torch writes storages uncompressed"
+            )
+        if start + member.file_size > file_size:
+            raise CorruptFileError(f"zip member {quoted(member.filename)} claims more bytes than the file holds")
+        starts[member.filename] = start
+    return starts
+
+
 def read_member(raw: Any, member: Member, file_size: int) -> bytes:
     """The bytes of a small member (``data.pkl``, ``byteorder``): stored or deflated, CRC checked.
 
@@ -166,13 +230,9 @@ def read_member(raw: Any, member: Member, file_size: int) -> bytes:
     most that many bytes, so a decompression bomb stops there.
     """
     what = f"zip member {quoted(member.filename)}"
-    header = _pread(raw, _LOCAL.size, member.header_offset)
-    if len(header) != _LOCAL.size or header[:4] != b"PK\x03\x04":
-        raise CorruptFileError(f"{what} has no valid local header")
-    _, _, _, _, _, name_len, extra_len = _LOCAL.unpack(header)
+    start, _ = _data_start(_pread(raw, _LOCAL.size, member.header_offset), member)
     if member.flags & _ENCRYPTED:
         raise CorruptFileError(f"cannot read {what}: it is encrypted")
-    start = member.header_offset + _LOCAL.size + name_len + extra_len
     if start + member.compress_size > file_size:
         raise CorruptFileError(f"{what} claims more bytes than the file holds")
     packed = _pread(raw, member.compress_size, start)
