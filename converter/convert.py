@@ -15,9 +15,11 @@ from typing import Any
 from .conventions import WEIGHT_SUFFIXES, converted_name
 from .descriptors import Checkpoint
 from .errors import TiesafeError
+from .flat_convert import FlatPlan, verify_flat, write_flat
 from .gcpause import paused_gc
 from .geometry import numel
 from .layout import plan_file, stored_items
+from .readers.flat_file import FlatFile, read_flat_file
 from .readers.torchfile import checkpoint_from_tree, read_checkpoint, read_tree
 from .readers.unpickler import GROUPS
 from .reports import SavedBytesReport
@@ -131,6 +133,13 @@ def convert_file(
     """
     started = time.perf_counter()
     src = Path(src)
+    if key is None:
+        with paused_gc():  # a list entry or two per tensor, no cycles
+            flat = read_flat_file(src, strip_prefix=strip_prefix, keep_names=keep_names)
+            if flat is not None:  # the common shape, at mixture-of-experts scale: no objects per tensor
+                report = _convert_flat(flat, _resolve_output(src, dst, overwrite), verify=verify, metadata=metadata)
+                report.seconds = time.perf_counter() - started
+                return report
 
     def check(tmp: Path, progress: WriteProgress) -> None:
         verify_output(ckpt, [read_safetensors(tmp)], sharing.ties, wait=progress.wait)
@@ -148,6 +157,28 @@ def convert_file(
     report = _report(ckpt, sharing, out, plan.file_size, plan.data_size, verify)
     report.seconds = time.perf_counter() - started
     return report
+
+
+def _convert_flat(flat: FlatFile, out: Path, *, verify: bool, metadata: dict[str, str] | None) -> ConversionReport:
+    """:func:`convert_file` for a flat checkpoint of unshared tensors: the same output, as columns."""
+    plan = FlatPlan(flat, metadata)
+    write_flat(flat, plan, out, verify=verify)
+    return ConversionReport(
+        source=str(flat.path),
+        output=str(out),
+        tensors=len(flat),
+        stored=len(flat),
+        aliases={},
+        views=[],
+        materialized=[],
+        groups=[],
+        skipped=[],
+        bytes_all_names=sum(flat.nbytes),
+        bytes_written=plan.data_size,
+        file_size=plan.file_size,
+        verified=verify,
+        prefixes_removed=list(flat.prefixes_removed),
+    )
 
 
 def verify_file(
@@ -170,6 +201,10 @@ def verify_file(
         149
     """
     with paused_gc():  # per-tensor bookkeeping of a large checkpoint: see gcpause
+        flat = read_flat_file(src, strip_prefix=strip_prefix, keep_names=keep_names) if key is None else None
+        if flat is not None:  # no sharing in the source: nothing to detect about views
+            compared = verify_flat(flat, read_safetensors(dst))
+            return VerifyReport(len(flat), compared, 0)
         ckpt = read_checkpoint(src, key=key, strict=strict, strip_prefix=strip_prefix, keep_names=keep_names)
         out = read_safetensors(dst)
         sharing = plan_sharing(ckpt.tensors, materialize_views=bool(materialize_views))
@@ -251,6 +286,10 @@ def inspect(
     if path.suffix == ".safetensors":
         with paused_gc():  # a row per tensor, no cycles
             return _inspect_safetensors(path)
+    flat = read_flat_file(path, strip_prefix=strip_prefix, keep_names=keep_names) if key is None else None
+    if flat is not None:
+        with paused_gc():  # a row per tensor, no cycles
+            return _inspect_flat(flat)
     tree = read_tree(path, survey=True)
     globals_by_group = _globals_by_group(tree.globals)
     if globals_by_group.get(GROUPS[2]):
@@ -272,6 +311,24 @@ def inspect(
         wrapper=ckpt.wrapper,
         prefixes_removed=list(ckpt.prefixes_removed),
         globals=globals_by_group,
+    )
+
+
+def _inspect_flat(flat: FlatFile) -> InspectReport:
+    """A flat checkpoint of unshared tensors: every tensor stored, nothing skipped."""
+    tensors = [
+        TensorInfo(name, dtype.code, list(shape), size, "stored")
+        for name, dtype, shape, size in zip(flat.names, flat.dtypes, flat.shapes, flat.nbytes, strict=True)
+    ]
+    total = sum(flat.nbytes)
+    return InspectReport(
+        str(flat.path),
+        "zip",
+        tensors,
+        bytes_all_names=total,
+        bytes_stored=total,
+        prefixes_removed=list(flat.prefixes_removed),
+        globals=_globals_by_group(flat.globals),
     )
 
 

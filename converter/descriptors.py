@@ -146,16 +146,21 @@ class Checkpoint:
             >>> read_checkpoint("pytorch_model.bin").check_unchanged()  # doctest: +SKIP
         """
         for path, stamp in self.stamps.items():
-            try:
-                now = file_stamp(os.stat(path))
-            except OSError:
-                now = ()
-            if now != stamp:
-                raise TiesafeError(
-                    "the file changed while it was being converted (size, modification time or inode differ); "
-                    "nothing was written: convert it again once it is complete",
-                    path=path,
-                )
+            check_unchanged(path, stamp)
+
+
+def check_unchanged(path: Path, stamp: tuple[int, ...]) -> None:
+    """Raise if ``path`` is no longer the file whose :func:`file_stamp` was ``stamp``."""
+    try:
+        now = file_stamp(os.stat(path))
+    except OSError:
+        now = ()
+    if now != stamp:
+        raise TiesafeError(
+            "the file changed while it was being converted (size, modification time or inode differ); "
+            "nothing was written: convert it again once it is complete",
+            path=path,
+        )
 
 
 def file_stamp(st: os.stat_result) -> tuple[int, ...]:

@@ -8,7 +8,7 @@ The writer carries the plan out; verification reads the result back.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
@@ -63,7 +63,9 @@ class FilePlan:
         return len(self.header) + self.data_size
 
 
-def encode_header(tensors: list[PlannedTensor], metadata: dict[str, str]) -> bytes:
+def encode_header(
+    tensors: Iterable[tuple[str, str, tuple[int, ...], int, int, object]], metadata: dict[str, str]
+) -> bytes:
     """The safetensors header: ``__metadata__`` first, tensors in data order.
 
     Padded with spaces to a multiple of 8 bytes, as the safetensors library does,

@@ -372,6 +372,16 @@ class StagedWrites:
         _start_plan(fd, plan)
         return fd, tmp
 
+    def start_file(self, dst: Path, header: bytes, file_size: int) -> tuple[int, Path]:
+        """Stage ``dst`` as :meth:`start_plan` does, from its encoded header and final size."""
+        fd, tmp = self.open(dst)
+        _start_file(fd, header, file_size)
+        return fd, tmp
+
+    def sync_later(self, fd: int) -> None:
+        """Start syncing a staged file that is complete, while the caller goes on (verifies it)."""
+        self._sync.add(fd)
+
     def commit(self) -> None:
         """Sync and rename every staged file now, as leaving the block without error does."""
         self.__exit__(None, None, None)
@@ -456,10 +466,14 @@ def _libc_fallocate() -> Callable[[int, int, int, int], int] | None:
 
 
 def _start_plan(fd: int, plan: FilePlan) -> None:
+    _start_file(fd, plan.header, plan.file_size)
+
+
+def _start_file(fd: int, header: bytes, file_size: int) -> None:
     """Reserve the file's blocks, give it its final size and write its header."""
-    _preallocate(fd, plan.file_size)
-    os.ftruncate(fd, plan.file_size)  # the full size at once: a reader may parse the header now
-    pwrite_all(fd, plan.header, 0)
+    _preallocate(fd, file_size)
+    os.ftruncate(fd, file_size)  # the full size at once: a reader may parse the header now
+    pwrite_all(fd, header, 0)
 
 
 def _copy_tensors(fd: int, plan: FilePlan) -> Iterator[int]:

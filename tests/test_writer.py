@@ -177,7 +177,9 @@ def test_file_systems_without_fallocate_still_convert(tmp_path: Path, monkeypatc
 
 def _many_tensors(tmp_path: Path, count: int = 6) -> Path:
     path = tmp_path / "many.bin"
-    torch.save({f"layer{i}.weight": torch.randn(64, 16) for i in range(count)}, path)
+    state = {f"layer{i}.weight": torch.randn(64, 16) for i in range(count)}
+    state["head.weight"] = state["layer0.weight"]  # a tie: the general pipeline (writer + trailing verifier)
+    torch.save(state, path)
     return path
 
 

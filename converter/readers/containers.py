@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 import struct
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, NamedTuple
 
 from ..descriptors import StorageRecord
 from ..dtypes import BYTE, DType
@@ -26,9 +26,15 @@ LEGACY_PROTOCOL = 1001
 # --------------------------------------------------------------------------- zip format
 
 
-def read_zip(
-    path: Path, raw: BinaryIO, file_size: int, context: UnpickleContext
-) -> tuple[Any, dict[str, StorageRecord]]:
+class TorchZip(NamedTuple):
+    """What a torch zip archive holds besides its storages' bytes."""
+
+    pickle: bytes  # data.pkl
+    storages: dict[str, Member]  # storage key -> its member (``<prefix>/data/<key>``)
+
+
+def open_torch_zip(raw: BinaryIO, file_size: int) -> TorchZip:
+    """Check that ``raw`` is a torch checkpoint archive and read its ``data.pkl`` and member table."""
     infos = read_directory(raw, file_size)
     if not infos:
         raise CorruptFileError("empty zip archive")
@@ -59,7 +65,27 @@ def read_zip(
     pickle_bytes = read_member(raw, pickle_info, file_size)
     data_prefix = f"{prefix}/data/"
     table = {info.filename[len(data_prefix) :]: info for info in infos if info.filename.startswith(data_prefix)}
-    del infos, by_name, names, pickle_info, byteorder
+    return TorchZip(pickle_bytes, table)
+
+
+def storage_member(table: dict[str, Member], key: str, nbytes: int) -> Member:
+    """The member holding storage ``key``, checked to hold ``nbytes`` uncompressed."""
+    member = table.get(key)
+    if member is None:
+        raise CorruptFileError(f"storage {quoted(key)} has no record in the archive")
+    if member.compress_type != STORED or member.compress_size != member.file_size:
+        raise CorruptFileError(f"storage {quoted(key)} is compressed; torch writes storages uncompressed")
+    if nbytes > member.file_size:
+        raise CorruptFileError(
+            f"storage {quoted(key)} should hold {nbytes} bytes but its record has {member.file_size}"
+        )
+    return member
+
+
+def read_zip(
+    path: Path, raw: BinaryIO, file_size: int, context: UnpickleContext
+) -> tuple[Any, dict[str, StorageRecord]]:
+    pickle_bytes, table = open_torch_zip(raw, file_size)
 
     members: dict[str, tuple[Member, int]] = {}  # storage key -> its record, bytes it holds
     nodes: dict[str, StorageNode] = {}
@@ -68,18 +94,8 @@ def read_zip(
         storage_type, key, location, numel = storage_fields(data)
         if key in nodes:
             return nodes[key]
-        member = table.get(key)
-        if member is None:
-            raise CorruptFileError(f"storage {quoted(key)} has no record in the archive")
-        if member.compress_type != STORED or member.compress_size != member.file_size:
-            raise CorruptFileError(f"storage {quoted(key)} is compressed; torch writes storages uncompressed")
         dtype = storage_type.dtype or BYTE
-        if numel * dtype.itemsize > member.file_size:
-            raise CorruptFileError(
-                f"storage {quoted(key)} should hold {numel * dtype.itemsize} bytes "
-                f"but its record has {member.file_size}"
-            )
-        members[key] = (member, numel * dtype.itemsize)
+        members[key] = (storage_member(table, key, numel * dtype.itemsize), numel * dtype.itemsize)
         locations[key] = location
         nodes[key] = StorageNode(key, dtype, 0, storage_type.unsupported)
         return nodes[key]

@@ -26,12 +26,25 @@ tuples nest one deep; dict keys are strings (no hash flooding).
 from __future__ import annotations
 
 import re
+import sys
+from array import array
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
+from ..dtypes import BYTE, DType
 from ..errors import TiesafeError
-from .unpickler import _ALLOWED, GROUPS, StorageNode, StorageType, TensorNode, UnpickleContext, _tensor
+from ..geometry import contiguous_strides
+from .unpickler import (
+    _ALLOWED,
+    GROUPS,
+    StorageNode,
+    StorageType,
+    TensorNode,
+    UnpickleContext,
+    _tensor,
+    storage_fields,
+)
 
 # Pieces of the template. A memo slot is written after each new object (BINPUT q / LONG_BINPUT r)
 # and read back for a repeated one (BINGET h / LONG_BINGET j); ints are BININT1/2/4 or LONG1.
@@ -93,6 +106,29 @@ _STEADY = re.compile(
             rb"(" + _TUPLE + rb")" + _WRITE + rb"?",  # stride
             rb"[\x88\x89]" + _READ_BACK + rb"\)R" + _WRITE,  # requires_grad, OrderedDict()
             rb"t" + _WRITE + rb"R" + _WRITE,  # the arguments' TUPLE, REDUCE
+        ]
+    ),
+    re.DOTALL,
+)
+# One whole entry once the globals and the location are known, for :func:`read_flat_columns`:
+# a new name (its memo write first: the BINUNICODE is read by hand, it has a length prefix),
+# then the tensor of a storage of its own, offset 0. One group a token; the optional memo
+# writes of the shape and stride match an empty string rather than nothing, so that an
+# entry's memo writes join into one byte string.
+_ROW = re.compile(
+    b"".join(
+        [
+            _WRITE,  # 0: the name's memo write
+            _READ_BACK + rb"\(\(",  # 1: the function, MARK, MARK
+            _READ_BACK + _READ_BACK,  # 2, 3: "storage", the storage class
+            rb"X([\x01-\x14])\x00\x00\x00([0-9]{1,20})" + _WRITE,  # 4, 5, 6: a new storage key
+            _READ_BACK,  # 7: its location
+            rb"(" + _ANY_INT + rb")t" + _WRITE + rb"Q",  # 8, 9: element count, TUPLE, BINPERSID
+            rb"K\x00",  # storage offset 0
+            rb"(" + _TUPLE + rb")((?:q.|r....)?)",  # 10, 11: shape
+            rb"(" + _TUPLE + rb")((?:q.|r....)?)",  # 12, 13: stride
+            rb"[\x88\x89]" + _READ_BACK + rb"\)R" + _WRITE,  # 14, 15: requires_grad, OrderedDict()
+            rb"t" + _WRITE + rb"R" + _WRITE,  # 16, 17: the arguments' TUPLE, REDUCE
         ]
     ),
     re.DOTALL,
@@ -234,27 +270,32 @@ class _Reader:
         """Record a global of the tensor machinery, as ``find_class`` does for the inspect report."""
         self.context.globals_seen.setdefault(f"{module}.{name}", GROUPS[0])
 
-    def read(self) -> dict[str, TensorNode] | None:
+    def read(self) -> dict[str, TensorNode]:
+        root, pos = self.open()
+        pos = self.items(pos, lambda at: self.entry(at, root))
+        self.close(pos, isinstance(root, OrderedDict))
+        return root
+
+    def open(self) -> tuple[dict[str, TensorNode], int]:
+        """The root dict (plain or ``OrderedDict``) and where its items start."""
         data = self.data
-        root: dict[str, TensorNode]
         if data.startswith(_OPEN_DICT):
-            root = {}
-            pos = self.put_at(len(_OPEN_DICT))
-        elif data.startswith(_OPEN_ORDERED):
+            return {}, self.put_at(len(_OPEN_DICT))
+        if data.startswith(_OPEN_ORDERED):
             self.machinery("collections", "OrderedDict")
             pos = self.put_at(len(_OPEN_ORDERED), _ORDERED_DICT)
             if data[pos : pos + 2] != b")R":
-                return None
-            root = OrderedDict()
-            pos = self.put_at(pos + 2)
-        else:
-            return None
-        pos = self.items(pos, lambda at: self.entry(at, root))
-        if isinstance(root, OrderedDict) and data[pos] == 0x7D:  # EMPTY_DICT: the state BUILD sets
+                raise _NotTemplate
+            return OrderedDict(), self.put_at(pos + 2)
+        raise _NotTemplate
+
+    def close(self, pos: int, ordered: bool) -> None:
+        """After the items: ``model.state_dict()``'s ``_metadata`` (an ``OrderedDict`` only), then STOP."""
+        data = self.data
+        if ordered and data[pos] == 0x7D:  # EMPTY_DICT: the state BUILD sets
             pos = self.metadata(pos)
         if pos != len(data) - 1 or data[pos] != 0x2E:  # STOP, and nothing after it
             raise _NotTemplate
-        return root
 
     def items(self, pos: int, entry: Callable[[int], int]) -> int:
         """A dict's items as the pickler batches them: MARK ... SETITEMS, or one item and SETITEM."""
@@ -449,5 +490,190 @@ def read_flat_state_dict(
     """
     try:
         return _Reader(data, context, on_storage).read()
+    except (_NotTemplate, TiesafeError, IndexError, UnicodeDecodeError, ValueError):
+        return None
+
+
+class FlatColumns(NamedTuple):
+    """A flat state dict whose every tensor is a whole storage of its own, as columns.
+
+    Row ``i`` is the tensor ``names[i]``: all of storage ``keys[i]``, contiguous, of
+    ``dtypes[i]`` and ``shapes[i]``. No object per tensor beyond its name, key and shape
+    (shapes are shared between tensors of one shape): what a mixture-of-experts file of
+    100,000 experts' matrices is, read at a few microseconds a tensor.
+    """
+
+    names: list[str]
+    keys: list[str]
+    dtypes: list[DType]
+    shapes: list[tuple[int, ...]]
+
+
+def _memo_writes(count: int) -> bytes:
+    """The memo writes of slots ``0 .. count-1`` back to back, as the pickler writes them:
+    BINPUT and one byte below 256, LONG_BINPUT and four bytes from there on."""
+    short = bytes(b for slot in range(min(count, 256)) for b in (0x71, slot))
+    if count <= 256:
+        return short
+    long = bytearray(5 * (count - 256))
+    numbers = array("I", range(256, count))
+    if sys.byteorder != "little":  # pragma: no cover - big-endian hosts
+        numbers.byteswap()
+    raw = numbers.tobytes()
+    long[0::5] = b"r" * (count - 256)
+    for i in range(4):
+        long[1 + i :: 5] = raw[i::4]
+    return short + bytes(long)
+
+
+def _memo_write_position(slot: int) -> int:
+    """Where slot ``slot``'s write starts in :func:`_memo_writes`."""
+    return 2 * slot if slot <= 256 else 512 + 5 * (slot - 256)
+
+
+class _Columns(_Reader):
+    """The template read into :class:`FlatColumns`: runs of :data:`_ROW` entries in a tight
+    loop, any other entry by :meth:`_Reader.entry` (the first of each storage class, say).
+
+    The loop checks per entry what the reader checks: every memo write takes the next slot
+    (the entry's writes, joined, equal the expected run of :func:`_memo_writes`), and every
+    memo read returns what the template needs there (checked once for each distinct tuple
+    of read tokens: slots are written once, so a token read means the same thing from then
+    on). Slots written by the loop keep no value: a later read of one (a name that repeats
+    a storage key, a tensor under two names) finds nothing and ends this reading.
+    """
+
+    def __init__(self, data: bytes, context: UnpickleContext) -> None:
+        self.records: dict[str, tuple[DType, int]] = {}  # storage key -> dtype, element count
+        super().__init__(data, context, self.storage)
+        self.columns = FlatColumns([], [], [], [])
+        self.writes = b""  # the memo writes expected from slot 0 on, grown as the slots go
+        self.readbacks: dict[tuple[bytes, ...], DType | None] = {}  # memo reads -> dtype (None: not the template)
+        self.geometry: dict[tuple[bytes, bytes], tuple[tuple[int, ...], int] | None] = {}  # shape, stride tokens
+
+    def storage(self, data: tuple[object, ...]) -> StorageNode:
+        storage_type, key, _, count = storage_fields(data)
+        if storage_type.dtype is None or key in self.records:
+            raise _NotTemplate  # not a storage tiesafe writes, or one shared: the general path says
+        self.records[key] = (storage_type.dtype, count)
+        return StorageNode(key, storage_type.dtype, 0, None)
+
+    def read_columns(self) -> FlatColumns:
+        root, pos = self.open()
+        pos = self.items(pos, self.rows)
+        self.close(pos, isinstance(root, OrderedDict))
+        columns = self.columns
+        if not columns.names:
+            raise _NotTemplate  # no tensor: nothing to read as columns
+        if len(set(columns.names)) != len(columns.names) or len(set(columns.keys)) != len(columns.keys):
+            raise _NotTemplate  # a name set twice, or a storage under two names
+        return columns
+
+    def rows(self, pos: int) -> int:
+        """Entries from ``pos``: a run of :data:`_ROW` ones, or else one by the reader."""
+        end = self.run(pos)
+        if end != pos:
+            return end
+        scratch: dict[str, TensorNode] = {}
+        end = self.entry(pos, scratch)
+        ((name, node),) = scratch.items()
+        ref = node.ref
+        if ref is None or ref.offset or not ref.is_contiguous or ref.storage not in self.records:
+            raise _NotTemplate
+        dtype, count = self.records[ref.storage]
+        if ref.numel != count or ref.stride != contiguous_strides(ref.shape) or ref.dtype is not dtype:
+            raise _NotTemplate
+        columns = self.columns
+        columns.names.append(name)
+        columns.keys.append(ref.storage)
+        columns.dtypes.append(dtype)
+        columns.shapes.append(ref.shape)
+        return end
+
+    def run(self, pos: int) -> int:
+        """Read :data:`_ROW` entries from ``pos`` while they come; where the run ends."""
+        data, match = self.data, _ROW.match
+        readbacks, geometry, numbers = self.readbacks, self.geometry, self.numbers
+        names, keys, dtypes, shapes = self.columns
+        slot, writes = self.slots, self.writes
+        while data[pos] == 0x58:  # BINUNICODE: a new name
+            at = 2 * slot if slot <= 256 else 5 * slot - 768  # where the slot's write lies in ``writes``
+            if at + 40 > len(writes):  # an entry writes at most 8 slots of 5 bytes
+                writes = self.writes = _memo_writes(2 * slot + len(data) // 16)
+            start = pos + 5
+            end = start + int.from_bytes(data[pos + 1 : start], "little")
+            found = match(data, end)
+            if found is None:
+                break
+            (name_write, rebuild, tag, kind, key_size, key, key_write, location, count, pid, shape, shape_write,
+             stride, stride_write, hooks_type, hooks, args, tensor) = found.groups()  # fmt: skip
+            reads = (rebuild, tag, kind, location, hooks_type)
+            try:
+                dtype = readbacks[reads]
+            except KeyError:
+                dtype = readbacks[reads] = self.readback(*reads)
+            took = b"".join((name_write, key_write, pid, shape_write, stride_write, hooks, args, tensor))
+            try:
+                layout = geometry[shape, stride]
+            except KeyError:
+                layout = geometry[shape, stride] = self.layout(shape, stride)
+            if (
+                dtype is None
+                or layout is None
+                or writes[at : at + len(took)] != took
+                or key_size[0] != len(key)
+                or layout[1] != (numbers.get(count) or self.number(count))
+                or (shape_write == b"") == bool(layout[0])  # a non-empty tuple is memoized, the empty one not
+                or (stride_write == b"") == bool(layout[0])
+            ):
+                break
+            names.append(data[start:end].decode("utf-8", "surrogatepass"))  # as BINUNICODE decodes
+            keys.append(key.decode("ascii"))
+            dtypes.append(dtype)
+            shapes.append(layout[0])
+            slot += 6 + (shape_write != b"") + (stride_write != b"")
+            pos = found.end()
+        self.slots = slot
+        return pos
+
+    def readback(self, rebuild: bytes, tag: bytes, kind: bytes, location: bytes, hooks_type: bytes) -> DType | None:
+        """The dtype of a :data:`_ROW` entry's storage class if its memo reads are the template's, else None."""
+        back = self.back
+        storage_type = back[kind]
+        if (
+            back[rebuild] is not _REBUILD
+            or back[tag] is not _STORAGE_TAG
+            or back[hooks_type] is not _ORDERED_DICT
+            or not isinstance(storage_type, StorageType)
+            or type(back[location]) is not str
+        ):
+            return None
+        return storage_type.dtype
+
+    def layout(self, shape_token: bytes, stride_token: bytes) -> tuple[tuple[int, ...], int] | None:
+        """A dense shape and its element count; None for any other geometry (the reader's then)."""
+        try:
+            shape, stride = _ints(shape_token), _ints(stride_token)
+            node = _tensor(StorageNode("", BYTE, 0, None), 0, shape, stride)  # its checks of sizes
+        except (_NotTemplate, TiesafeError):
+            return None
+        if node.ref is None or stride != contiguous_strides(shape):
+            return None
+        return node.ref.shape, node.ref.numel
+
+
+def read_flat_columns(data: bytes, context: UnpickleContext) -> FlatColumns | None:
+    """The state dict of a pickle that is exactly torch.save's flat template, as columns, when
+    every tensor is a whole storage of its own (no shared storage, no views); else ``None``.
+
+    As :func:`read_flat_state_dict`, ``None`` is never a verdict: the caller reads the
+    file by another path, which decides.
+
+    Example:
+        >>> read_flat_columns(pickle_bytes, UnpickleContext()).names[:1]  # doctest: +SKIP
+        ['model.layers.0.mlp.experts.0.gate_proj.weight']
+    """
+    try:
+        return _Columns(data, context).read_columns()
     except (_NotTemplate, TiesafeError, IndexError, UnicodeDecodeError, ValueError):
         return None

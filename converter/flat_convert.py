@@ -1,0 +1,226 @@
+"""Convert and verify a flat checkpoint of unshared tensors (:mod:`.readers.flat_file`) as columns.
+
+Such a file has nothing to deduplicate and no tie to record: its output is every tensor's
+bytes in the order they lie in the source, under the header :func:`.layout.plan_file`
+would write. At mixture-of-experts scale (tens of thousands of tensors of a few KiB) the
+general pipeline's objects per tensor (sharing plan, windows, pairs) cost more than the
+bytes; here a tensor is an index into lists, copied and compared in batches of many.
+The result is the same file the general path writes, byte for byte (the tests hold the
+two to it), and it is verified the same way: read back as a loader reads it, every name
+compared bit for bit with the source.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from . import ties, windows
+from .errors import VerificationError
+from .layout import FORMAT_METADATA, encode_header
+from .readers.flat_file import FlatFile
+from .stfile import SafetensorsFile, read_safetensors
+from .windows import Range, read_into, read_pieces, read_span
+from .writer import StagedWrites, _copy_range, pwrite_all
+
+
+class FlatPlan:
+    """Where each row goes: ``order`` (row indices in output order) and the encoded header."""
+
+    def __init__(self, flat: FlatFile, metadata: dict[str, str] | None) -> None:
+        # plan_file's order: element size (largest first), then where the bytes lie in the source.
+        itemsizes = [dtype.itemsize for dtype in flat.dtypes]
+        starts = flat.starts
+        self.order = sorted(range(len(flat)), key=lambda i: (-itemsizes[i], starts[i], i))
+        rows, position = [], 0
+        names, dtypes, shapes, nbytes = flat.names, flat.dtypes, flat.shapes, flat.nbytes
+        for i in self.order:
+            end = position + nbytes[i]
+            rows.append((names[i], dtypes[i].code, shapes[i], position, end, None))
+            position = end
+        self.data_size = position
+        self.metadata = {**(metadata or {}), **FORMAT_METADATA, **ties.encode(ties.TieRecord())}
+        self.header = encode_header(rows, self.metadata)
+
+    @property
+    def file_size(self) -> int:
+        return len(self.header) + self.data_size
+
+
+def write_flat(flat: FlatFile, plan: FlatPlan, dst: Path, *, verify: bool) -> None:
+    """Write ``plan`` to ``dst`` atomically; with ``verify``, read it back and compare it first.
+
+    Raises :class:`~converter.errors.VerificationError` (nothing left behind) on a difference,
+    and the reader's error if the source changed meanwhile.
+    """
+    with StagedWrites() as staged:
+        fd, tmp = staged.start_file(dst, plan.header, plan.file_size)
+        src = os.open(flat.path, os.O_RDONLY)
+        try:
+            starts, nbytes = flat.starts, flat.nbytes
+            _copy_ranges(src, fd, [(starts[i], nbytes[i]) for i in plan.order], len(plan.header))
+        finally:
+            os.close(src)
+        staged.sync_later(fd)  # the disk flushes while the output is read back
+        if verify:
+            try:
+                verify_flat(flat, read_safetensors(tmp))
+            except VerificationError as exc:
+                raise VerificationError(exc.problem, path=dst) from None
+        flat.check_unchanged()  # the bytes just verified are those of the file that was read
+
+
+def _copy_ranges(src: int, dst: int, ranges: list[Range], position: int) -> None:
+    """Copy source ``ranges`` back to back into ``dst`` from ``position``.
+
+    Runs of small ranges that lie close together are read with one ``preadv`` and written
+    with one ``pwrite`` (as the writer batches them); a large range is copied by the kernel.
+    """
+    small, cap = min(windows.SMALL_RANGE, windows.BATCH_BYTES), windows.BATCH_BYTES
+    gap_limit, most = windows.SMALL_GAP, windows._MAX_PIECES
+    buffer, scratch = bytearray(cap), bytearray(gap_limit)
+    batch: list[Range] = []
+    total = last_end = 0
+    for offset, nbytes in ranges:
+        if batch and (
+            nbytes >= small or not 0 <= offset - last_end <= gap_limit or total + nbytes > cap or len(batch) >= most
+        ):
+            filled = read_pieces(src, batch, buffer, scratch)
+            pwrite_all(dst, memoryview(buffer)[:filled], position)
+            position += filled
+            batch, total = [], 0
+        if nbytes >= small:
+            _copy_range(src, dst, offset, position, nbytes)
+            position += nbytes
+            continue
+        batch.append((offset, nbytes))
+        total += nbytes
+        last_end = offset + nbytes
+    if batch:
+        filled = read_pieces(src, batch, buffer, scratch)
+        pwrite_all(dst, memoryview(buffer)[:filled], position)
+
+
+def verify_flat(flat: FlatFile, out: SafetensorsFile) -> int:
+    """Check that ``out`` gives every tensor of ``flat``, bit for bit, and nothing else; the bytes compared.
+
+    The output is taken as read back by :func:`.stfile.read_safetensors` (validated, as a
+    loader reads it): each name's dtype and shape are compared, then its bytes. The source
+    of a run of tensors is read as one range, not as the copy gathered it, so that a slip in
+    either way of reading cannot hide itself.
+
+    Example:
+        >>> verify_flat(read_flat_file("pytorch_model.bin"), read_safetensors("model.safetensors"))  # doctest: +SKIP
+        216006656
+    """
+    where = out.path
+    record = out.record
+    if record.aliases or record.views or record.copies:
+        raise VerificationError("the tie record read back differs from the one planned", path=where)
+    entries = out.entries
+    hidden = set(record.hidden)
+    if len(entries) - len(hidden & entries.keys()) != len(flat):
+        extra = sorted(entries.keys() - hidden - set(flat.names))
+        if extra:
+            raise VerificationError(f"output has a tensor the source lacks: {extra[0]!r}", path=where)
+    pairs: list[tuple[int, int, int]] = []  # (output offset, row, size): compared in output order
+    for i, (name, dtype, shape) in enumerate(zip(flat.names, flat.dtypes, flat.shapes, strict=True)):
+        entry = entries.get(name)
+        if entry is None or name in hidden:
+            raise VerificationError(f"tensor {name!r} is missing from the output", path=where)
+        if (entry.dtype is not dtype and entry.dtype != dtype) or entry.shape != shape:
+            raise VerificationError(
+                f"tensor {name!r} is {entry.dtype.code}{list(entry.shape)} in the output "
+                f"but {dtype.code}{list(shape)} in the source",
+                path=where,
+            )
+        pairs.append((entry.start, i, entry.nbytes))
+    pairs.sort()
+    different = _first_difference(flat, out.path, pairs)
+    if different is not None:
+        raise VerificationError(f"tensor {flat.names[different]!r} differs from the source", path=where)
+    return 2 * sum(flat.nbytes)
+
+
+def _first_difference(flat: FlatFile, out_path: Path, pairs: list[tuple[int, int, int]]) -> int | None:
+    """The first row whose output bytes differ from the source's, in output order, else None."""
+    cap, gap_limit, most = windows.BATCH_BYTES, windows.SMALL_GAP, windows._MAX_PIECES
+    out_buffer, src_buffer, scratch = bytearray(cap), bytearray(cap), bytearray(gap_limit)
+    starts = flat.starts
+    src, out = os.open(flat.path, os.O_RDONLY), os.open(out_path, os.O_RDONLY)
+    try:
+        run: list[tuple[int, int, int]] = []
+        out_end = src_first = src_end = 0
+        for pair in pairs:
+            offset, row, size = pair
+            start = starts[row]
+            if run and (
+                size >= cap
+                or not 0 <= offset - out_end <= gap_limit
+                or not 0 <= start - src_end <= gap_limit
+                or start + size - src_first > cap
+                or len(run) >= most
+            ):
+                different = _first_in_run(run, starts, out, src, out_buffer, src_buffer, scratch)
+                if different is not None:
+                    return different
+                run = []
+            if size >= cap:
+                if not _equal_ranges(out, offset, src, start, size, out_buffer, src_buffer):
+                    return row
+                continue
+            if not run:
+                src_first = start
+            run.append(pair)
+            out_end, src_end = offset + size, start + size
+        if run:
+            return _first_in_run(run, starts, out, src, out_buffer, src_buffer, scratch)
+        return None
+    finally:
+        os.close(src)
+        os.close(out)
+
+
+def _first_in_run(
+    run: list[tuple[int, int, int]],
+    starts: list[int],
+    out: int,
+    src: int,
+    out_buffer: bytearray,
+    src_buffer: bytearray,
+    scratch: bytearray,
+) -> int | None:
+    """Compare a run of small tensors: the output's ranges back to back, the source's span as one range."""
+    first = starts[run[0][1]]
+    last = run[-1]
+    try:
+        read_pieces(out, [(offset, size) for offset, _, size in run], out_buffer, scratch)
+        source = read_span(src, first, starts[last[1]] + last[2], src_buffer)
+    except EOFError:  # a file shorter than its header says
+        return run[0][1]
+    at = 0
+    for _, row, size in run:
+        begin = starts[row] - first
+        if not out_buffer.startswith(source[begin : begin + size], at):  # memcmp
+            return row
+        at += size
+    return None
+
+
+def _equal_ranges(
+    out: int, out_offset: int, src: int, src_offset: int, size: int, out_buffer: bytearray, src_buffer: bytearray
+) -> bool:
+    """A large tensor, block by block."""
+    out_view, src_view = memoryview(out_buffer), memoryview(src_buffer)
+    done = 0
+    while done < size:
+        n = min(len(out_buffer), size - done)
+        try:
+            read_into(out, out_view[:n], out_offset + done)
+            read_into(src, src_view[:n], src_offset + done)
+        except EOFError:
+            return False
+        if not out_buffer.startswith(src_view[:n]):
+            return False
+        done += n
+    return True

@@ -1,0 +1,115 @@
+"""A checkpoint that is one flat state dict of unshared tensors, read as columns.
+
+What ``save_pretrained`` shards and ``torch.save(model.state_dict())`` write for a model
+without tied weights: a zip archive whose pickle is :mod:`.flat_state_dict`'s template, each
+tensor a whole storage of its own. A mixture-of-experts shard is this shape with tens of
+thousands of tensors, and there a descriptor object per tensor (storage record, tensor
+reference, window, plan entry) costs more than copying its bytes. Read here, a tensor is
+a row: its name, dtype, shape and where its bytes lie in the file.
+
+:func:`read_flat_file` only accepts. Anything else — another container, another pickle
+shape, shared storage, views, a name the general path would refuse or rename, any
+error — answers ``None``, and the general path (:func:`.torchfile.read_checkpoint`) reads
+the file with every check it has and gives its own verdict. The tests hold the two paths
+to the same output, byte for byte.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..descriptors import check_unchanged, file_stamp
+from ..dtypes import DType
+from ..errors import TiesafeError
+from ..geometry import numel
+from ..names import strip_prefixes
+from .containers import open_torch_zip, storage_member
+from .flat_state_dict import read_flat_columns
+from .unpickler import UnpickleContext
+from .zipdir import data_starts
+
+# Top-level names of files the general path refuses as training state (an optimizer's or
+# RNG state_dict) when every value is a tensor: left to it, whatever their values.
+_TRAINING_STATE_NAMES = frozenset({"state", "param_groups", "cpu", "python", "numpy", "param_shapes", "module"})
+
+
+@dataclass
+class FlatFile:
+    """A flat checkpoint's tensors as rows: ``names[i]`` is ``dtypes[i]`` of ``shapes[i]``,
+    its ``nbytes[i]`` bytes at ``starts[i]`` of ``path``, names in the file's order."""
+
+    path: Path
+    names: list[str]
+    dtypes: list[DType]
+    shapes: list[tuple[int, ...]]
+    starts: list[int]  # where each tensor's bytes start in the file
+    nbytes: list[int]
+    stamp: tuple[int, ...]  # the file as it was read (see Checkpoint.check_unchanged)
+    globals: dict[str, str]  # the globals the pickle names -> group (all tensor machinery)
+    prefixes_removed: list[str]
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def check_unchanged(self) -> None:
+        """Raise if the file is no longer the one that was read (size, mtime, inode)."""
+        check_unchanged(self.path, self.stamp)
+
+
+def read_flat_file(path: str | Path, *, strip_prefix: Sequence[str] = (), keep_names: bool = False) -> FlatFile | None:
+    """``path`` as rows if it is a flat checkpoint of unshared tensors, else ``None``.
+
+    Names lose a ``_orig_mod.``/``module.`` prefix as :func:`.torchfile.read_checkpoint`
+    removes it (``keep_names`` keeps it) and any ``strip_prefix``.
+
+    Example:
+        >>> flat = read_flat_file("pytorch_model-00001-of-00163.bin")  # doctest: +SKIP
+        >>> len(flat), flat.names[0]
+        (46848, 'model.layers.0.mlp.experts.0.gate_proj.weight')
+    """
+    path = Path(path)
+    try:
+        with open(path, "rb") as raw:
+            stamp = file_stamp(os.fstat(raw.fileno()))
+            file_size = stamp[0]
+            if raw.read(2) != b"PK":
+                return None
+            archive = open_torch_zip(raw, file_size)
+            context = UnpickleContext()
+            columns = read_flat_columns(archive.pickle, context)
+            if columns is None or not columns.names or _TRAINING_STATE_NAMES.intersection(columns.names):
+                return None
+            nbytes = [
+                numel(shape) * dtype.itemsize for shape, dtype in zip(columns.shapes, columns.dtypes, strict=True)
+            ]
+            if not any(nbytes):
+                return None  # only empty tensors: a placeholder file, which the general path refuses
+            members = [
+                storage_member(archive.storages, key, size) for key, size in zip(columns.keys, nbytes, strict=True)
+            ]
+            found = data_starts(raw, members, file_size)
+        names = columns.names
+        for name in names:
+            if not name.isascii():
+                name.encode("utf-8")  # a lone surrogate: the general path names it
+        if "__metadata__" in names:
+            return None
+        renamed, removed = strip_prefixes(names, strip_prefix, auto=not keep_names)
+        if removed:
+            names = [renamed[name] for name in names]
+    except (TiesafeError, OSError, UnicodeEncodeError):
+        return None
+    return FlatFile(
+        path,
+        names,
+        columns.dtypes,
+        columns.shapes,
+        [found[member.filename] for member in members],
+        nbytes,
+        stamp,
+        dict(context.globals_seen),
+        removed,
+    )

@@ -1,0 +1,262 @@
+"""Flat checkpoints of unshared tensors converted as columns: the general path's file, byte for byte.
+
+Every case converts the same file twice, once as columns and once with the columnar
+reader switched off, and asserts the two outputs and reports are identical; files the
+columnar reader must leave to the general path are checked to go there and to get the
+general path's verdict.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import struct
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import converter
+from converter import convert as convert_module
+from converter import flat_convert
+from converter.convert import inspect, verify_file
+from converter.errors import TiesafeError, VerificationError
+from converter.readers.flat_file import read_flat_file
+
+
+def _general(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(convert_module, "read_flat_file", lambda *args, **kwargs: None)
+
+
+def _both(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, source: Path, **options: Any
+) -> tuple[bytes, dict[str, Any], bytes, dict[str, Any]]:
+    """Convert ``source`` as columns, then by the general path: both outputs and reports."""
+    fast_out, general_out = tmp_path / "fast.safetensors", tmp_path / "general.safetensors"
+    fast = converter.convert_file(source, fast_out, **options).to_dict()
+    with monkeypatch.context() as patch:
+        _general(patch)
+        general = converter.convert_file(source, general_out, **options).to_dict()
+    for report in (fast, general):
+        del report["seconds"], report["output"]
+    return fast_out.read_bytes(), fast, general_out.read_bytes(), general
+
+
+def _experts(count: int = 1200) -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    state: dict[str, torch.Tensor] = {}
+    for i in range(count // 3):
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            state[f"model.layers.{i // 100}.mlp.experts.{i % 100}.{name}.weight"] = torch.randn(
+                4, 3, dtype=torch.bfloat16
+            )
+    state["model.norm.weight"] = torch.randn(3)
+    state["model.embed.weight"] = torch.randn(7, 3, dtype=torch.float16)
+    state["model.rotary.inv_freq"] = torch.arange(5, dtype=torch.int64)
+    state["model.mask"] = torch.tensor([True, False, True])
+    state["model.scale"] = torch.tensor(0.5)  # 0-dim
+    state["model.unused"] = torch.zeros(0, 3)  # no bytes
+    return state
+
+
+def _cases() -> dict[str, Any]:
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))
+    model.register_buffer("steps", torch.zeros((), dtype=torch.int64))
+    return {
+        "mixture of experts (long memo, batches, dtypes)": _experts(),
+        "model.state_dict() (OrderedDict with _metadata)": model.state_dict(),
+        "torch.compile's prefix": {f"_orig_mod.{k}": v for k, v in model.state_dict().items()},
+        "ordered dict": collections.OrderedDict({"b": torch.ones(2), "a": torch.zeros(3, 1)}),
+        "non-ASCII names": {"名前.weight": torch.ones(2), "b\u00e9ta": torch.randn(2, 2)},
+    }
+
+
+@pytest.mark.parametrize("case", list(_cases()))
+def test_columns_write_the_general_paths_file(case: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    state = _cases()[case]
+    source = tmp_path / "pytorch_model.bin"
+    torch.save(state, source)
+    assert read_flat_file(source) is not None  # this case is read as columns
+    fast, fast_report, general, general_report = _both(tmp_path, monkeypatch, source)
+    assert fast == general
+    assert fast_report == general_report
+    loaded = load_file(tmp_path / "fast.safetensors")
+    assert loaded.keys() == {k.removeprefix("_orig_mod.") for k in state}
+    for name, tensor in state.items():
+        assert torch.equal(loaded[name.removeprefix("_orig_mod.")], tensor)
+
+
+def test_options_and_metadata_alike(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    source = tmp_path / "last.ckpt"
+    torch.save({f"model.layer{i}.w": torch.randn(2, 2) for i in range(5)}, source)
+    for options in (
+        {"strip_prefix": ("model",)},
+        {"metadata": {"origin": "test"}},
+        {"verify": False},
+    ):
+        fast, fast_report, general, general_report = _both(tmp_path, monkeypatch, source, **options)
+        assert fast == general and fast_report == general_report, options
+        for out in ("fast", "general"):
+            (tmp_path / f"{out}.safetensors").unlink()
+
+
+def test_a_diffusers_sharded_checkpoint_alike(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import diffusers
+
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DModel(
+        sample_size=8,
+        in_channels=3,
+        out_channels=3,
+        layers_per_block=1,
+        block_out_channels=(8, 16),
+        norm_num_groups=4,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+    )
+    unet.save_pretrained(tmp_path / "unet", safe_serialization=False, max_shard_size="40KB")  # diffusers' own save
+    shards = sorted((tmp_path / "unet").glob("diffusion_pytorch_model-*.bin"))
+    assert len(shards) > 1
+    for shard in shards:
+        assert read_flat_file(shard) is not None
+        fast, fast_report, general, general_report = _both(tmp_path, monkeypatch, shard)
+        assert fast == general and fast_report == general_report
+        for out in ("fast", "general"):
+            (tmp_path / f"{out}.safetensors").unlink()
+
+
+def _left_to_the_general_path() -> dict[str, Any]:
+    base = torch.randn(4, 3)
+    return {
+        "tied": {"embed.weight": base, "head.weight": base},
+        "a view": {"w": base, "row": base[1]},
+        "part of a storage": {"tail": base.reshape(-1)[4:]},
+        "transposed": {"t": base.t()},
+        "parameters": dict(torch.nn.Linear(2, 2).named_parameters()),
+        "nested": {"model": {"w": torch.ones(2)}, "step": 3},
+    }
+
+
+@pytest.mark.parametrize("case", list(_left_to_the_general_path()))
+def test_what_the_columns_leave_to_the_general_path(case: str, tmp_path: Path) -> None:
+    source = tmp_path / "x.pt"
+    torch.save(_left_to_the_general_path()[case], source)
+    assert read_flat_file(source) is None
+    report = converter.convert_file(source)
+    assert report.verified
+
+
+def test_the_legacy_format_goes_to_the_general_path(tmp_path: Path) -> None:
+    source = tmp_path / "old.bin"
+    torch.save({"w": torch.ones(3)}, source, _use_new_zipfile_serialization=False)
+    assert read_flat_file(source) is None
+    assert converter.convert_file(source).tensors == 1
+
+
+@pytest.mark.parametrize(
+    ("state", "message"),
+    [
+        ({"__metadata__": torch.ones(2), "w": torch.ones(1)}, "reserves"),
+        ({"a": torch.zeros(0), "b": torch.zeros(0, 2)}, "only empty tensors"),
+        ({"state": torch.ones(1), "param_groups": torch.ones(1)}, "optimizer"),
+    ],
+)
+def test_files_the_general_path_refuses_are_refused(state: dict[str, Any], message: str, tmp_path: Path) -> None:
+    source = tmp_path / "x.bin"
+    torch.save(state, source)
+    assert read_flat_file(source) is None
+    with pytest.raises(TiesafeError, match=message):
+        converter.convert_file(source)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.bin"]
+
+
+def test_a_damaged_local_header_is_the_general_paths_error(tmp_path: Path) -> None:
+    source = tmp_path / "x.bin"
+    torch.save({f"w{i}": torch.ones(64) for i in range(3)}, source)
+    data = bytearray(source.read_bytes())
+    at = data.index(b"PK\x03\x04", data.index(b"/data/1") - 64)  # the local header of storage 1
+    data[at : at + 4] = b"XX\x03\x04"
+    source.write_bytes(bytes(data))
+    assert read_flat_file(source) is None
+    with pytest.raises(TiesafeError, match="no valid local header"):
+        converter.convert_file(source)
+
+
+def test_a_copy_that_misplaces_bytes_is_caught(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    source = tmp_path / "x.bin"
+    torch.save({f"w{i}": torch.randn(8) for i in range(10)}, source)
+    real = flat_convert._copy_ranges
+
+    def copy(src: int, dst: int, ranges: list[tuple[int, int]], position: int) -> None:
+        real(src, dst, ranges, position)
+        os.pwrite(dst, b"\xff", position + 4 * 8 * 3 + 5)  # a byte of w3
+
+    monkeypatch.setattr(flat_convert, "_copy_ranges", copy)
+    with pytest.raises(VerificationError, match="'w3' differs from the source"):
+        converter.convert_file(source)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.bin"]  # nothing left behind
+
+
+def test_a_source_changed_during_the_conversion_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    source = tmp_path / "x.bin"
+    torch.save({f"w{i}": torch.randn(8) for i in range(3)}, source)
+    real = flat_convert.verify_flat
+
+    def verify(*args: Any) -> int:
+        os.utime(source, ns=(1, 1))  # a training job rewrote it meanwhile
+        return real(*args)
+
+    monkeypatch.setattr(flat_convert, "verify_flat", verify)
+    with pytest.raises(TiesafeError, match="changed while it was being converted"):
+        converter.convert_file(source)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.bin"]
+
+
+def test_inspect_and_verify_alike(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    source = tmp_path / "pytorch_model.bin"
+    torch.save(_experts(300), source)
+    out = converter.convert_file(source).output
+    fast = (inspect(source).to_dict(), verify_file(source, out))
+    with monkeypatch.context() as patch:
+        _general(patch)
+        general = (inspect(source).to_dict(), verify_file(source, out))
+    assert fast == general
+
+
+def _header(path: Path) -> tuple[int, dict[str, Any]]:
+    import json
+
+    data = path.read_bytes()
+    (size,) = struct.unpack("<Q", data[:8])
+    return 8 + size, json.loads(data[8 : 8 + size])
+
+
+@pytest.mark.parametrize("tamper", ["bytes", "dtype", "extra", "missing"])
+def test_verify_names_what_differs(tamper: str, tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    state = {f"w{i}": torch.randn(3) for i in range(4)}
+    source = tmp_path / "x.bin"
+    torch.save(state, source)
+    other = dict(state)
+    if tamper == "bytes":
+        other["w2"] = state["w2"].clone()
+        other["w2"][1] += 1
+    elif tamper == "dtype":
+        other["w1"] = state["w1"].double()
+    elif tamper == "extra":
+        other["w9"] = torch.ones(1)
+    else:
+        del other["w3"]
+    out = tmp_path / "x.safetensors"
+    save_file(other, out)
+    message = {
+        "bytes": "'w2' differs from the source",
+        "dtype": "'w1' is F64\\[3\\] in the output but F32\\[3\\]",
+        "extra": "output has a tensor the source lacks: 'w9'",
+        "missing": "'w3' is missing from the output",
+    }[tamper]
+    with pytest.raises(VerificationError, match=message):
+        verify_file(source, out)
