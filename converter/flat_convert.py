@@ -29,9 +29,13 @@ class FlatPlan:
 
     def __init__(self, flat: FlatFile, metadata: dict[str, str] | None) -> None:
         # plan_file's order: element size (largest first), then where the bytes lie in the source.
-        itemsizes = [dtype.itemsize for dtype in flat.dtypes]
+        # (Stable sorts: rows with equal keys keep their order, as plan_file's index tiebreak does.)
         starts = flat.starts
-        self.order = sorted(range(len(flat)), key=lambda i: (-itemsizes[i], starts[i], i))
+        if flat.dtypes.count(flat.dtypes[0]) == len(flat):  # one dtype, the common case: no key tuple per row
+            self.order = sorted(range(len(flat)), key=starts.__getitem__)
+        else:
+            itemsizes = [dtype.itemsize for dtype in flat.dtypes]
+            self.order = sorted(range(len(flat)), key=lambda i: (-itemsizes[i], starts[i]))
         rows, position = [], 0
         names, dtypes, shapes, nbytes = flat.names, flat.dtypes, flat.shapes, flat.nbytes
         for i in self.order:

@@ -30,9 +30,11 @@ from .declared import resolve_declared
 from .descriptors import Checkpoint, StorageRecord, TensorRef
 from .errors import TiesafeError, VerificationError
 from .gcpause import paused_gc
+from .geometry import contiguous_strides
 from .identical import equal_bytes, identical_groups, search_is_costly
 from .layout import SetPlan, plan_shards, stored_items
 from .names import strip_prefixes
+from .readers.flat_file import FlatFile, read_flat_file
 from .readers.torchfile import read_checkpoint
 from .reports import SavedBytesReport
 from .sharing import SharingPlan, plan_sharing, retie
@@ -255,6 +257,12 @@ def read_folder_checkpoint(
     formats = set()
     stamps: dict[Path, tuple[int, ...]] = {}
     for path in files:
+        flat = read_flat_file(path, keep_names=True)
+        if flat is not None:  # the common shape (a mixture of experts' shards): from its columns
+            formats.add("zip")
+            stamps[path] = flat.stamp
+            _add_flat(flat, weight_map, tensors, storages)
+            continue
         ckpt = read_checkpoint(path, strict=strict, keep_names=True)
         formats.add(ckpt.format)
         stamps.update(ckpt.stamps)
@@ -287,6 +295,27 @@ def read_folder_checkpoint(
         stamps=stamps,
         prefixes_removed=prefixes_removed,
     )
+
+
+def _add_flat(
+    flat: FlatFile, weight_map: dict[str, str] | None, tensors: dict[str, TensorRef], storages: dict[str, StorageRecord]
+) -> None:
+    """A flat file's rows as :func:`read_folder_checkpoint` adds a checkpoint's tensors and storages."""
+    path = flat.path
+    strides: dict[tuple[int, ...], tuple[int, ...]] = {}  # experts repeat a few shapes
+    for name, key, dtype, shape, start, nbytes, location in zip(
+        flat.names, flat.keys, flat.dtypes, flat.shapes, flat.starts, flat.nbytes, flat.locations, strict=True
+    ):
+        own = f"{path.name}/{key}"
+        storages[own] = StorageRecord(own, path, start, nbytes, location)
+        if weight_map is not None and weight_map.get(name, path.name) != path.name:
+            continue  # the index places this name in another file
+        if name in tensors:
+            raise TiesafeError(f"tensor {name!r} is in more than one weight file", path=path)
+        stride = strides.get(shape)
+        if stride is None:
+            stride = strides[shape] = contiguous_strides(shape)
+        tensors[name] = TensorRef(own, dtype, 0, shape, stride)
 
 
 # --------------------------------------------------------------------------- ties

@@ -63,6 +63,9 @@ _KEEP = "keep the names as they are (keep_names=True, --keep-names)"
 
 def check_unique(renamed: dict[str, str]) -> None:
     """Raise when two old names get one new name (or a new name is empty), naming both."""
+    new_names = set(renamed.values())
+    if len(new_names) == len(renamed) and "" not in new_names:  # the common case, in C
+        return
     seen: dict[str, str] = {}
     for old, new in renamed.items():
         if not new:

@@ -184,6 +184,37 @@ def test_a_damaged_local_header_is_the_general_paths_error(tmp_path: Path) -> No
         converter.convert_file(source)
 
 
+def test_a_compressed_storage_is_the_general_paths_error(tmp_path: Path) -> None:
+    import zipfile
+
+    plain = tmp_path / "plain.bin"
+    torch.save({f"w{i}": torch.zeros(256) for i in range(3)}, plain)
+    source = tmp_path / "x.bin"
+    with zipfile.ZipFile(plain) as original, zipfile.ZipFile(source, "w") as rewritten:
+        for info in original.infolist():  # the same archive with one storage deflated
+            deflate = info.filename.endswith("/data/1")
+            rewritten.writestr(info.filename, original.read(info), zipfile.ZIP_DEFLATED if deflate else 0)
+    assert read_flat_file(source) is None
+    with pytest.raises(TiesafeError, match="storage '1' is compressed"):
+        converter.convert_file(source)
+
+
+def test_a_folders_checkpoint_from_columns_is_the_general_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from converter import folder as folder_module
+
+    state = _experts(300)
+    first = dict(list(state.items())[:150])
+    second = dict(list(state.items())[150:])
+    files = [tmp_path / "pytorch_model-00001-of-00002.bin", tmp_path / "pytorch_model-00002-of-00002.bin"]
+    torch.save(first, files[0])
+    torch.save(second, files[1])
+    fast = folder_module.read_folder_checkpoint(files, None)
+    monkeypatch.setattr(folder_module, "read_flat_file", lambda *args, **kwargs: None)
+    general = folder_module.read_folder_checkpoint(files, None)
+    assert fast == general
+    assert list(fast.tensors) == list(general.tensors) and list(fast.storages) == list(general.storages)
+
+
 def test_a_copy_that_misplaces_bytes_is_caught(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     source = tmp_path / "x.bin"
     torch.save({f"w{i}": torch.randn(8) for i in range(10)}, source)

@@ -201,7 +201,16 @@ def _columns(data: bytes) -> tuple[Any, ...] | None:
     columns = read_flat_columns(data, context)
     if columns is None:
         return None
-    return (columns.names, columns.keys, [d.code for d in columns.dtypes], columns.shapes, context.globals_seen)
+    dtypes = [d.code for d in columns.dtypes]
+    return (
+        columns.names,
+        columns.keys,
+        dtypes,
+        columns.shapes,
+        columns.nbytes,
+        columns.locations,
+        context.globals_seen,
+    )
 
 
 def _general_columns(data: bytes) -> tuple[Any, ...] | None:
@@ -212,7 +221,8 @@ def _general_columns(data: bytes) -> tuple[Any, ...] | None:
     if not isinstance(root, dict) or not root:
         return None
     numel = {key: count for _, key, _, count in storages.calls}
-    names, keys, dtypes, shapes = [], [], [], []
+    location = {key: where for _, key, where, _ in storages.calls}
+    names, keys, dtypes, shapes, sizes, locations = [], [], [], [], [], []
     for name, node in root.items():
         ref = getattr(node, "ref", None)
         if (
@@ -227,9 +237,11 @@ def _general_columns(data: bytes) -> tuple[Any, ...] | None:
         keys.append(ref.storage)
         dtypes.append(ref.dtype.code)
         shapes.append(ref.shape)
+        sizes.append(ref.nbytes)
+        locations.append(location[ref.storage])
     if len(set(keys)) != len(keys) or len(storages.calls) != len(keys):
         return None
-    return names, keys, dtypes, shapes, context.globals_seen
+    return names, keys, dtypes, shapes, sizes, locations, context.globals_seen
 
 
 @pytest.mark.parametrize("case", list(_state_dicts()))

@@ -19,20 +19,22 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from operator import itemgetter, le
 from pathlib import Path
+from typing import cast
 
 from ..descriptors import check_unchanged, file_stamp
 from ..dtypes import DType
 from ..errors import TiesafeError
-from ..geometry import numel
 from ..names import strip_prefixes
-from .containers import open_torch_zip, storage_member
+from .containers import open_torch_zip
 from .flat_state_dict import read_flat_columns
 from .unpickler import UnpickleContext
-from .zipdir import data_starts
+from .zipdir import STORED, Member, data_starts
 
 # Top-level names of files the general path refuses as training state (an optimizer's or
 # RNG state_dict) when every value is a tensor: left to it, whatever their values.
+_METHOD, _COMPRESSED_SIZE, _SIZE = itemgetter(2), itemgetter(3), itemgetter(4)  # Member fields
 _TRAINING_STATE_NAMES = frozenset({"state", "param_groups", "cpu", "python", "numpy", "param_shapes", "module"})
 
 
@@ -47,6 +49,8 @@ class FlatFile:
     shapes: list[tuple[int, ...]]
     starts: list[int]  # where each tensor's bytes start in the file
     nbytes: list[int]
+    keys: list[str]  # each tensor's storage key in the archive
+    locations: list[str]  # the device each was saved from: recorded, never needed
     stamp: tuple[int, ...]  # the file as it was read (see Checkpoint.check_unchanged)
     globals: dict[str, str]  # the globals the pickle names -> group (all tensor machinery)
     prefixes_removed: list[str]
@@ -57,6 +61,21 @@ class FlatFile:
     def check_unchanged(self) -> None:
         """Raise if the file is no longer the one that was read (size, mtime, inode)."""
         check_unchanged(self.path, self.stamp)
+
+
+def _storage_members(table: dict[str, Member], keys: list[str], nbytes: list[int]) -> list[Member] | None:
+    """Each row's member, if each holds its bytes uncompressed (as :func:`.containers.storage_member`
+    checks it, here column by column in C); None for any doubt."""
+    members = list(map(table.get, keys))
+    if None in members:
+        return None
+    checked = cast(list[Member], members)
+    stored = list(map(_COMPRESSED_SIZE, checked))
+    if set(map(_METHOD, checked)) != {STORED} or stored != list(map(_SIZE, checked)):
+        return None
+    if not all(map(le, nbytes, stored)):
+        return None
+    return checked
 
 
 def read_flat_file(path: str | Path, *, strip_prefix: Sequence[str] = (), keep_names: bool = False) -> FlatFile | None:
@@ -82,14 +101,12 @@ def read_flat_file(path: str | Path, *, strip_prefix: Sequence[str] = (), keep_n
             columns = read_flat_columns(archive.pickle, context)
             if columns is None or not columns.names or _TRAINING_STATE_NAMES.intersection(columns.names):
                 return None
-            nbytes = [
-                numel(shape) * dtype.itemsize for shape, dtype in zip(columns.shapes, columns.dtypes, strict=True)
-            ]
+            nbytes = columns.nbytes
             if not any(nbytes):
                 return None  # only empty tensors: a placeholder file, which the general path refuses
-            members = [
-                storage_member(archive.storages, key, size) for key, size in zip(columns.keys, nbytes, strict=True)
-            ]
+            members = _storage_members(archive.storages, columns.keys, nbytes)
+            if members is None:
+                return None
             found = data_starts(raw, members, file_size)
         names = columns.names
         for name in names:
@@ -109,6 +126,8 @@ def read_flat_file(path: str | Path, *, strip_prefix: Sequence[str] = (), keep_n
         columns.shapes,
         [found[member.filename] for member in members],
         nbytes,
+        columns.keys,
+        columns.locations,
         stamp,
         dict(context.globals_seen),
         removed,

@@ -498,7 +498,7 @@ class FlatColumns(NamedTuple):
     """A flat state dict whose every tensor is a whole storage of its own, as columns.
 
     Row ``i`` is the tensor ``names[i]``: all of storage ``keys[i]``, contiguous, of
-    ``dtypes[i]`` and ``shapes[i]``. No object per tensor beyond its name, key and shape
+    ``dtypes[i]`` and ``shapes[i]``, ``nbytes[i]`` bytes. No object per tensor beyond its name, key and shape
     (shapes are shared between tensors of one shape): what a mixture-of-experts file of
     100,000 experts' matrices is, read at a few microseconds a tensor.
     """
@@ -507,6 +507,8 @@ class FlatColumns(NamedTuple):
     keys: list[str]
     dtypes: list[DType]
     shapes: list[tuple[int, ...]]
+    nbytes: list[int]
+    locations: list[str]  # the device each storage was saved from ("cpu"): recorded, never needed
 
 
 def _memo_writes(count: int) -> bytes:
@@ -544,18 +546,19 @@ class _Columns(_Reader):
     """
 
     def __init__(self, data: bytes, context: UnpickleContext) -> None:
-        self.records: dict[str, tuple[DType, int]] = {}  # storage key -> dtype, element count
+        self.records: dict[str, tuple[DType, int, str]] = {}  # storage key -> dtype, element count, location
         super().__init__(data, context, self.storage)
-        self.columns = FlatColumns([], [], [], [])
+        self.columns = FlatColumns([], [], [], [], [], [])
         self.writes = b""  # the memo writes expected from slot 0 on, grown as the slots go
-        self.readbacks: dict[tuple[bytes, ...], DType | None] = {}  # memo reads -> dtype (None: not the template)
+        # memo reads -> dtype (None: not the template), location
+        self.readbacks: dict[tuple[bytes, ...], tuple[DType | None, str]] = {}
         self.geometry: dict[tuple[bytes, bytes], tuple[tuple[int, ...], int] | None] = {}  # shape, stride tokens
 
     def storage(self, data: tuple[object, ...]) -> StorageNode:
-        storage_type, key, _, count = storage_fields(data)
+        storage_type, key, location, count = storage_fields(data)
         if storage_type.dtype is None or key in self.records:
             raise _NotTemplate  # not a storage tiesafe writes, or one shared: the general path says
-        self.records[key] = (storage_type.dtype, count)
+        self.records[key] = (storage_type.dtype, count, location)
         return StorageNode(key, storage_type.dtype, 0, None)
 
     def read_columns(self) -> FlatColumns:
@@ -580,7 +583,7 @@ class _Columns(_Reader):
         ref = node.ref
         if ref is None or ref.offset or not ref.is_contiguous or ref.storage not in self.records:
             raise _NotTemplate
-        dtype, count = self.records[ref.storage]
+        dtype, count, location = self.records[ref.storage]
         if ref.numel != count or ref.stride != contiguous_strides(ref.shape) or ref.dtype is not dtype:
             raise _NotTemplate
         columns = self.columns
@@ -588,13 +591,15 @@ class _Columns(_Reader):
         columns.keys.append(ref.storage)
         columns.dtypes.append(dtype)
         columns.shapes.append(ref.shape)
+        columns.nbytes.append(ref.nbytes)
+        columns.locations.append(location)
         return end
 
     def run(self, pos: int) -> int:
         """Read :data:`_ROW` entries from ``pos`` while they come; where the run ends."""
         data, match = self.data, _ROW.match
         readbacks, geometry, numbers = self.readbacks, self.geometry, self.numbers
-        names, keys, dtypes, shapes = self.columns
+        names, keys, dtypes, shapes, sizes, locations = self.columns
         slot, writes = self.slots, self.writes
         while data[pos] == 0x58:  # BINUNICODE: a new name
             at = 2 * slot if slot <= 256 else 5 * slot - 768  # where the slot's write lies in ``writes``
@@ -609,9 +614,9 @@ class _Columns(_Reader):
              stride, stride_write, hooks_type, hooks, args, tensor) = found.groups()  # fmt: skip
             reads = (rebuild, tag, kind, location, hooks_type)
             try:
-                dtype = readbacks[reads]
+                dtype, where = readbacks[reads]
             except KeyError:
-                dtype = readbacks[reads] = self.readback(*reads)
+                dtype, where = readbacks[reads] = self.readback(*reads)
             took = b"".join((name_write, key_write, pid, shape_write, stride_write, hooks, args, tensor))
             try:
                 layout = geometry[shape, stride]
@@ -631,24 +636,29 @@ class _Columns(_Reader):
             keys.append(key.decode("ascii"))
             dtypes.append(dtype)
             shapes.append(layout[0])
+            sizes.append(layout[1] * dtype.itemsize)
+            locations.append(where)
             slot += 6 + (shape_write != b"") + (stride_write != b"")
             pos = found.end()
         self.slots = slot
         return pos
 
-    def readback(self, rebuild: bytes, tag: bytes, kind: bytes, location: bytes, hooks_type: bytes) -> DType | None:
-        """The dtype of a :data:`_ROW` entry's storage class if its memo reads are the template's, else None."""
+    def readback(
+        self, rebuild: bytes, tag: bytes, kind: bytes, location: bytes, hooks_type: bytes
+    ) -> tuple[DType | None, str]:
+        """The dtype of a :data:`_ROW` entry's storage class (None if its memo reads are not the
+        template's) and its location."""
         back = self.back
-        storage_type = back[kind]
+        storage_type, where = back[kind], back[location]
         if (
             back[rebuild] is not _REBUILD
             or back[tag] is not _STORAGE_TAG
             or back[hooks_type] is not _ORDERED_DICT
             or not isinstance(storage_type, StorageType)
-            or type(back[location]) is not str
+            or type(where) is not str
         ):
-            return None
-        return storage_type.dtype
+            return None, ""
+        return storage_type.dtype, where
 
     def layout(self, shape_token: bytes, stride_token: bytes) -> tuple[tuple[int, ...], int] | None:
         """A dense shape and its element count; None for any other geometry (the reader's then)."""
