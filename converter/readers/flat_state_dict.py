@@ -672,6 +672,10 @@ class _Columns(_Reader):
         return node.ref.shape, node.ref.numel
 
 
+def _no_storage(data: tuple[object, ...]) -> StorageNode:
+    raise _NotTemplate
+
+
 def read_flat_columns(data: bytes, context: UnpickleContext) -> FlatColumns | None:
     """The state dict of a pickle that is exactly torch.save's flat template, as columns, when
     every tensor is a whole storage of its own (no shared storage, no views); else ``None``.
@@ -683,7 +687,11 @@ def read_flat_columns(data: bytes, context: UnpickleContext) -> FlatColumns | No
         >>> read_flat_columns(pickle_bytes, UnpickleContext()).names[:1]  # doctest: +SKIP
         ['model.layers.0.mlp.experts.0.gate_proj.weight']
     """
+    reader = _Columns(data, context)
     try:
-        return _Columns(data, context).read_columns()
+        return reader.read_columns()
     except (_NotTemplate, TiesafeError, IndexError, UnicodeDecodeError, ValueError):
         return None
+    finally:
+        reader.on_storage = _no_storage  # its own bound method: a cycle that would keep the pickle
+        # (and the reader's tables) alive until the next collection, paused during a conversion
