@@ -30,15 +30,16 @@ _BLOCK = 2 * 1024 * 1024  # per read when comparing; see WindowComparer
 # Small ranges move in batches: many storages read with one preadv, then written or
 # compared at once. A mixture-of-experts file holds tens of thousands of 2-64 KiB
 # tensors, and one system call (plus Python around it) per tensor costs more than
-# their bytes. Copies: below SMALL_RANGE a copy through a buffer costs no more than one
-# copy_file_range each (measured here, 256 MiB of ranges with 128-byte gaps, page cache
-# warm, median of 5 with fsync: 4 KiB ranges 167 vs 126 ms CPU, 64 KiB 109 vs 95 ms,
-# 256 KiB 129 vs 101 ms, 1 MiB 107 vs 99 ms, wall times within noise of each other),
-# and a batch is one progress step for verification instead of one per tensor. From a
-# half-buffer on, the kernel's copy (no user-space buffer; a reflink where the file
-# system can) is used. Comparisons always read through a buffer: any range that fits
-# one joins a batch (SMALL_COMPARE).
-SMALL_RANGE = 1024 * 1024
+# their bytes. Copies: below SMALL_RANGE through a buffer, from it one copy_file_range
+# each (no user-space copy; a reflink where the file system can). Measured here by
+# whole conversions (convert_file, verified, lowest of 2-3, page cache warm), buffer
+# against kernel: over 96 MB of tensors the buffer is a little cheaper at every size
+# (4 KiB 0.67 vs 0.74 s, 16 KiB 0.23 vs 0.26 s, 64 KiB 0.12 vs 0.13 s); over 768 MB
+# the kernel's copy is far cheaper from 16 KiB on (8 KiB 2.78 vs 2.67 s, 16 KiB 2.85
+# vs 2.04 s, 32 KiB 1.51 vs 1.23 s, 64 KiB 1.7 vs 0.95 s, 128 KiB 0.96 vs 0.90 s), the
+# buffer's second copy of every byte costing more than a call per range. Comparisons
+# always read through a buffer: any range that fits one joins a batch (SMALL_COMPARE).
+SMALL_RANGE = 16 * 1024
 BATCH_BYTES = _BLOCK  # at most this much tensor data per batch (one buffer)
 SMALL_COMPARE = BATCH_BYTES
 SMALL_GAP = 64 * 1024  # bytes between two ranges of a batch (zip headers, storage tails) read and dropped

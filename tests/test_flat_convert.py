@@ -58,6 +58,7 @@ def _experts(count: int = 1200) -> dict[str, torch.Tensor]:
     state["model.mask"] = torch.tensor([True, False, True])
     state["model.scale"] = torch.tensor(0.5)  # 0-dim
     state["model.unused"] = torch.zeros(0, 3)  # no bytes
+    state["model.big"] = torch.randn(128, 160)  # 80 KiB: copied by the kernel, not through the buffer
     return state
 
 
