@@ -150,3 +150,20 @@ def save_model_folder(name: str, folder: Path) -> PreTrainedModel:
     model.config.save_pretrained(folder)
     torch.save(model.state_dict(), folder / "pytorch_model.bin")
     return model
+
+
+def tiny_unet() -> torch.nn.Module:
+    """A diffusers UNet2DModel small enough to save and load in milliseconds."""
+    import diffusers
+
+    torch.manual_seed(0)
+    return diffusers.UNet2DModel(
+        sample_size=8,
+        in_channels=3,
+        out_channels=3,
+        layers_per_block=1,
+        block_out_channels=(8, 16),
+        norm_num_groups=4,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+    ).eval()

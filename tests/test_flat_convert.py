@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 import torch
+from models import tiny_unet
 from safetensors.torch import load_file
 
 import converter
@@ -104,19 +105,7 @@ def test_options_and_metadata_alike(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 
 
 def test_a_diffusers_sharded_checkpoint_alike(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import diffusers
-
-    torch.manual_seed(0)
-    unet = diffusers.UNet2DModel(
-        sample_size=8,
-        in_channels=3,
-        out_channels=3,
-        layers_per_block=1,
-        block_out_channels=(8, 16),
-        norm_num_groups=4,
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-    )
+    unet = tiny_unet()
     unet.save_pretrained(tmp_path / "unet", safe_serialization=False, max_shard_size="40KB")  # diffusers' own save
     shards = sorted((tmp_path / "unet").glob("diffusion_pytorch_model-*.bin"))
     assert len(shards) > 1

@@ -19,7 +19,7 @@ import pytest
 import safetensors.torch
 import torch
 from helpers import same_bits
-from models import llama_tied
+from models import llama_tied, tiny_unet
 
 import converter
 from converter import conventions
@@ -38,17 +38,7 @@ def _tree(folder: Path) -> list[str]:
 
 
 def _unet() -> torch.nn.Module:
-    torch.manual_seed(0)
-    return diffusers.UNet2DModel(
-        sample_size=8,
-        in_channels=3,
-        out_channels=3,
-        layers_per_block=1,
-        block_out_channels=(8, 16),
-        norm_num_groups=4,
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-    ).eval()
+    return tiny_unet()
 
 
 def _unet_output(unet: torch.nn.Module) -> torch.Tensor:

@@ -363,21 +363,31 @@ class _Reader:
             raise _NotTemplate
         return known, pos
 
-    def steady(self, match: re.Match[bytes], root: dict[str, TensorNode], name: str) -> bool:
-        """An entry of the steady template; False when what it reads back is not what it needs."""
-        (rebuild, tag, kind, key_size, key_text, key_slot, where, numel, pid, offset, shape, shape_slot, stride,
-         stride_slot, hooks_type, hooks, args, tensor) = match.groups()  # fmt: skip
+    def template_reads(
+        self, rebuild: bytes, tag: bytes, kind: bytes, location: bytes, hooks_type: bytes
+    ) -> tuple[StorageType, str] | None:
+        """The storage class and location an entry's memo reads give, if each reads what the
+        template needs there (the function, "storage", a storage class, a string, OrderedDict)."""
         back = self.back
-        storage_type, location = back[kind], back[where]
+        storage_type, where = back[kind], back[location]
         if (
             back[rebuild] is not _REBUILD
             or back[tag] is not _STORAGE_TAG
             or back[hooks_type] is not _ORDERED_DICT
             or not isinstance(storage_type, StorageType)
-            or type(location) is not str
-            or key_size[0] != len(key_text)
+            or type(where) is not str
         ):
+            return None
+        return storage_type, where
+
+    def steady(self, match: re.Match[bytes], root: dict[str, TensorNode], name: str) -> bool:
+        """An entry of the steady template; False when what it reads back is not what it needs."""
+        (rebuild, tag, kind, key_size, key_text, key_slot, where, numel, pid, offset, shape, shape_slot, stride,
+         stride_slot, hooks_type, hooks, args, tensor) = match.groups()  # fmt: skip
+        reads = self.template_reads(rebuild, tag, kind, where, hooks_type)
+        if reads is None or key_size[0] != len(key_text):
             return False
+        storage_type, location = reads
         shape_value, stride_value = self.ints(shape), self.ints(stride)
         if (shape_slot is None) == bool(shape_value) or (stride_slot is None) == bool(stride_value):
             raise _NotTemplate  # a non-empty tuple is memoized, the empty one not
@@ -648,17 +658,8 @@ class _Columns(_Reader):
     ) -> tuple[DType | None, str]:
         """The dtype of a :data:`_ROW` entry's storage class (None if its memo reads are not the
         template's) and its location."""
-        back = self.back
-        storage_type, where = back[kind], back[location]
-        if (
-            back[rebuild] is not _REBUILD
-            or back[tag] is not _STORAGE_TAG
-            or back[hooks_type] is not _ORDERED_DICT
-            or not isinstance(storage_type, StorageType)
-            or type(where) is not str
-        ):
-            return None, ""
-        return storage_type.dtype, where
+        reads = self.template_reads(rebuild, tag, kind, location, hooks_type)
+        return (None, "") if reads is None else (reads[0].dtype, reads[1])
 
     def layout(self, shape_token: bytes, stride_token: bytes) -> tuple[tuple[int, ...], int] | None:
         """A dense shape and its element count; None for any other geometry (the reader's then)."""
