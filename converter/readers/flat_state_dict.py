@@ -635,7 +635,7 @@ class _Columns(_Reader):
             if (
                 dtype is None
                 or layout is None
-                or writes[at : at + len(took)] != took
+                or not writes.startswith(took, at)
                 or key_size[0] != len(key)
                 or layout[1] != (numbers.get(count) or self.number(count))
                 or (shape_write == b"") == bool(layout[0])  # a non-empty tuple is memoized, the empty one not
