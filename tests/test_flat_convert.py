@@ -117,6 +117,20 @@ def test_a_diffusers_sharded_checkpoint_alike(tmp_path: Path, monkeypatch: pytes
             (tmp_path / f"{out}.safetensors").unlink()
 
 
+def test_a_peft_adapter_alike(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import peft
+    from models import llama_tied
+
+    torch.manual_seed(0)
+    config = peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    lora = peft.get_peft_model(llama_tied().eval(), config)
+    lora.save_pretrained(tmp_path / "lora", safe_serialization=False)  # PEFT's own save
+    source = tmp_path / "lora" / "adapter_model.bin"
+    assert read_flat_file(source) is not None
+    fast, fast_report, general, general_report = _both(tmp_path, monkeypatch, source)
+    assert fast == general and fast_report == general_report
+
+
 def _left_to_the_general_path() -> dict[str, Any]:
     base = torch.randn(4, 3)
     return {
