@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 
 from . import ties, windows
-from .errors import VerificationError
+from .errors import TiesafeError, VerificationError
 from .layout import FORMAT_METADATA, encode_header
 from .readers.flat_file import FlatFile
 from .stfile import SafetensorsFile, read_safetensors
@@ -25,7 +25,14 @@ from .writer import StagedWrites, _copy_range, pwrite_all
 
 
 class FlatPlan:
-    """Where each row goes: ``order`` (row indices in output order) and the encoded header."""
+    """Where each row of a flat file goes, as :func:`.layout.plan_file` would lay it out:
+    ``order`` (row indices in output order), ``data_size`` and the encoded ``header``.
+
+    Example:
+        >>> plan = FlatPlan(read_flat_file("pytorch_model.bin"), None)  # doctest: +SKIP
+        >>> plan.header[8:9], plan.file_size
+        (b'{', 101063896)
+    """
 
     def __init__(self, flat: FlatFile, metadata: dict[str, str] | None) -> None:
         # plan_file's order: element size (largest first), then where the bytes lie in the source.
@@ -56,6 +63,10 @@ def write_flat(flat: FlatFile, plan: FlatPlan, dst: Path, *, verify: bool) -> No
 
     Raises :class:`~converter.errors.VerificationError` (nothing left behind) on a difference,
     and the reader's error if the source changed meanwhile.
+
+    Example:
+        >>> flat = read_flat_file("pytorch_model.bin")  # doctest: +SKIP
+        >>> write_flat(flat, FlatPlan(flat, None), Path("model.safetensors"), verify=True)  # doctest: +SKIP
     """
     with StagedWrites() as staged:
         fd, tmp = staged.start_file(dst, plan.header, plan.file_size)
@@ -69,8 +80,8 @@ def write_flat(flat: FlatFile, plan: FlatPlan, dst: Path, *, verify: bool) -> No
         if verify:
             try:
                 verify_flat(flat, read_safetensors(tmp))
-            except VerificationError as exc:
-                raise VerificationError(exc.problem, path=dst) from None
+            except TiesafeError as exc:  # named by the output's final name, not the temporary one
+                raise type(exc)(exc.problem, path=dst) from None
         flat.check_unchanged()  # the bytes just verified are those of the file that was read
 
 

@@ -17,6 +17,10 @@ a builder raises, makes it answer ``None`` and the general path reads the file, 
 its checks, as if this module did not exist. Hand-written because no library parses a
 pickle without running it; the tests hold both paths to the same trees.
 
+:func:`read_flat_columns` reads the same template into columns (lists of names, dtypes,
+shapes, storage keys) when every tensor is a whole storage of its own: a tight loop over one
+regular expression an entry, no object per tensor (see :mod:`.flat_file`).
+
 What the template admits is safe by construction: its only globals are the tensor
 machinery (``_rebuild_tensor_v2``, storage classes, ``OrderedDict``) and they are called
 only in the template's positions; its memo slots are numbered in order (no memo bomb);
