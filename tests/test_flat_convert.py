@@ -237,16 +237,60 @@ def test_a_copy_that_misplaces_bytes_is_caught(tmp_path: Path, monkeypatch: pyte
 def test_a_source_changed_during_the_conversion_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     source = tmp_path / "x.bin"
     torch.save({f"w{i}": torch.randn(8) for i in range(3)}, source)
-    real = flat_convert.verify_flat
+    real = flat_convert.verify_written
 
     def verify(*args: Any) -> int:
         os.utime(source, ns=(1, 1))  # a training job rewrote it meanwhile
         return real(*args)
 
-    monkeypatch.setattr(flat_convert, "verify_flat", verify)
+    monkeypatch.setattr(flat_convert, "verify_written", verify)
     with pytest.raises(TiesafeError, match="changed while it was being converted"):
         converter.convert_file(source)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.bin"]
+
+
+def test_a_header_that_says_other_than_planned_is_caught(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    source = tmp_path / "x.bin"
+    torch.save({"a": torch.randn(2, 3), "b": torch.randn(3, 2)}, source)
+    real = flat_convert.StagedWrites.start_file
+
+    def start_file(self: Any, dst: Path, header: bytes, file_size: int) -> tuple[int, Path]:
+        swapped = header.replace(b'"shape":[3,2]', b'"shape":[2,3]')  # valid JSON, the same size, wrong
+        assert swapped != header and len(swapped) == len(header)
+        return real(self, dst, swapped, file_size)
+
+    monkeypatch.setattr(flat_convert.StagedWrites, "start_file", start_file)
+    with pytest.raises(VerificationError, match="'b' is not described as planned"):
+        converter.convert_file(source)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.bin"]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"a":1,"b":{"c":[1,2]},"d":"x"}',
+        ' \n{ "a" : 1 ,\t"b":[ ] }  ',
+        "{}",
+        '{"\\u00e9\\"q":{"k":"\\ud83d\\ude00"}}',
+        '{"a":1,"a":2}',  # both members, in order (json.loads keeps the last)
+    ],
+)
+def test_members_are_what_json_reads(text: str) -> None:
+    import json
+
+    members = list(flat_convert._members(text))
+    assert dict(members) == json.loads(text)
+    assert [key for key, _ in members] == [key for key, _ in json.loads(text, object_pairs_hook=list)]
+
+
+@pytest.mark.parametrize("text", ['{"a":1', '{"a":1}}', '{"a" 1}', "{a:1}", '{"a":1,}', "[1", '{"a":1} x', ""])
+def test_members_refuse_what_json_refuses(text: str) -> None:
+    import json
+
+    with pytest.raises(ValueError):
+        json.loads(text)
+    with pytest.raises((ValueError, StopIteration)):
+        list(flat_convert._members(text))
 
 
 def test_inspect_and_verify_alike(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -96,15 +96,17 @@ def read_flat_file(path: str | Path, *, strip_prefix: Sequence[str] = (), keep_n
             file_size = stamp[0]
             if raw.read(2) != b"PK":
                 return None
-            archive = open_torch_zip(raw, file_size)
+            pickle, table = open_torch_zip(raw, file_size)
             context = UnpickleContext()
-            columns = read_flat_columns(archive.pickle, context)
+            columns = read_flat_columns(pickle, context)
+            del pickle  # each structure goes once read: peak memory, at 100,000 tensors
             if columns is None or not columns.names or _TRAINING_STATE_NAMES.intersection(columns.names):
                 return None
             nbytes = columns.nbytes
             if not any(nbytes):
                 return None  # only empty tensors: a placeholder file, which the general path refuses
-            members = _storage_members(archive.storages, columns.keys, nbytes)
+            members = _storage_members(table, columns.keys, nbytes)
+            del table
             if members is None:
                 return None
             found = data_starts(raw, members, file_size)
