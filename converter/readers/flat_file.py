@@ -27,7 +27,7 @@ from ..descriptors import check_unchanged, file_stamp
 from ..dtypes import DType
 from ..errors import TiesafeError
 from ..names import strip_prefixes
-from .containers import open_torch_zip
+from .containers import StorageTable, open_torch_zip
 from .flat_state_dict import read_flat_columns
 from .unpickler import UnpickleContext
 from .zipdir import STORED, Member, data_starts
@@ -63,10 +63,10 @@ class FlatFile:
         check_unchanged(self.path, self.stamp)
 
 
-def _storage_members(table: dict[str, Member], keys: list[str], nbytes: list[int]) -> list[Member] | None:
+def _storage_members(table: StorageTable, keys: list[str], nbytes: list[int]) -> list[Member] | None:
     """Each row's member, if each holds its bytes uncompressed (as :func:`.containers.storage_member`
     checks it, here column by column in C); None for any doubt."""
-    members = list(map(table.get, keys))
+    members = table.many(keys)
     if None in members:
         return None
     checked = cast(list[Member], members)

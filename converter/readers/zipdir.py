@@ -134,6 +134,7 @@ def read_directory(raw: Any, file_size: int) -> list[Member]:
     members: list[Member] = []
     unpack, fixed, pos = _CENTRAL.unpack_from, _CENTRAL.size, 0
     new = tuple.__new__  # a Member without its Python-level __new__: 100,000 of them in an MoE archive
+    sizes: dict[int, int] = {}
     while pos < dir_size:
         if pos + fixed > dir_size:
             raise _damaged("Truncated central directory")
@@ -163,6 +164,9 @@ def read_directory(raw: Any, file_size: int) -> list[Member]:
             name = name[: name.index("\x00")]
         if os.sep != "/":  # pragma: no cover - zipfile turns the platform's separator into "/"
             name = name.replace(os.sep, "/")
+        # Sizes repeat (experts of one shape) and a stored member's two are equal: one int object each.
+        size = sizes.setdefault(size, size)
+        compress_size = size if compress_size == size else compress_size
         members.append(new(Member, (name, offset + concat, method, compress_size, size, flags, crc)))
     return members
 
