@@ -6,8 +6,11 @@ would write. At mixture-of-experts scale (tens of thousands of tensors of a few 
 general pipeline's objects per tensor (sharing plan, windows, pairs) cost more than the
 bytes; here a tensor is an index into lists, copied and compared in batches of many.
 The result is the same file the general path writes, byte for byte (the tests hold the
-two to it), and it is verified the same way: read back as a loader reads it, every name
-compared bit for bit with the source.
+two to it). It is verified before it is renamed into place: its header read back one
+entry at a time by json's scanner, each entry held to the planned one, and every
+tensor's bytes compared bit for bit with the source (:func:`verify_written`);
+``tiesafe verify`` of any output reads it with :func:`.stfile.read_safetensors` instead
+(:func:`verify_flat`).
 """
 
 from __future__ import annotations
