@@ -32,9 +32,9 @@ from .flat_state_dict import read_flat_columns
 from .unpickler import UnpickleContext
 from .zipdir import STORED, Member, data_starts
 
+_METHOD, _COMPRESSED_SIZE, _SIZE = itemgetter(2), itemgetter(3), itemgetter(4)  # Member fields
 # Top-level names of files the general path refuses as training state (an optimizer's or
 # RNG state_dict) when every value is a tensor: left to it, whatever their values.
-_METHOD, _COMPRESSED_SIZE, _SIZE = itemgetter(2), itemgetter(3), itemgetter(4)  # Member fields
 _TRAINING_STATE_NAMES = frozenset({"state", "param_groups", "cpu", "python", "numpy", "param_shapes", "module"})
 
 
