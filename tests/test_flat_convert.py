@@ -97,6 +97,9 @@ def test_options_and_metadata_alike(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         {"strip_prefix": ("model",)},
         {"metadata": {"origin": "test"}},
         {"verify": False},
+        {"strict": True},
+        {"materialize_views": True},
+        {"keep_names": True},
     ):
         fast, fast_report, general, general_report = _both(tmp_path, monkeypatch, source, **options)
         assert fast == general and fast_report == general_report, options
