@@ -286,9 +286,9 @@ def inspect(
     if path.suffix == ".safetensors":
         with paused_gc():  # a row per tensor, no cycles
             return _inspect_safetensors(path)
-    flat = read_flat_file(path, strip_prefix=strip_prefix, keep_names=keep_names) if key is None else None
-    if flat is not None:
-        with paused_gc():  # a row per tensor, no cycles
+    with paused_gc():  # a list entry or two per tensor, then a row each: no cycles
+        flat = read_flat_file(path, strip_prefix=strip_prefix, keep_names=keep_names) if key is None else None
+        if flat is not None:
             return _inspect_flat(flat)
     tree = read_tree(path, survey=True)
     globals_by_group = _globals_by_group(tree.globals)

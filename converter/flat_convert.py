@@ -23,13 +23,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from . import ties, windows
+from . import ties
 from .errors import TiesafeError, VerificationError
 from .layout import FORMAT_METADATA, encode_header
 from .readers.flat_file import FlatFile
 from .stfile import SafetensorsFile
-from .windows import Range, read_into, read_pieces, read_span
-from .writer import StagedWrites, _copy_range, pwrite_all
+from .windows import Range, WindowComparer
+from .writer import StagedWrites, copy_ranges
 
 
 class FlatPlan:
@@ -100,34 +100,9 @@ def write_flat(flat: FlatFile, plan: FlatPlan, dst: Path, *, verify: bool) -> No
 
 
 def _copy_ranges(src: int, dst: int, ranges: list[Range], position: int) -> None:
-    """Copy source ``ranges`` back to back into ``dst`` from ``position``.
-
-    Runs of small ranges that lie close together are read with one ``preadv`` and written
-    with one ``pwrite`` (as the writer batches them); a large range is copied by the kernel.
-    """
-    small, cap = min(windows.SMALL_RANGE, windows.BATCH_BYTES), windows.BATCH_BYTES
-    gap_limit, most = windows.SMALL_GAP, windows._MAX_PIECES
-    buffer, scratch = bytearray(cap), bytearray(gap_limit)
-    batch: list[Range] = []
-    total = last_end = 0
-    for offset, nbytes in ranges:
-        if batch and (
-            nbytes >= small or not 0 <= offset - last_end <= gap_limit or total + nbytes > cap or len(batch) >= most
-        ):
-            filled = read_pieces(src, batch, buffer, scratch)
-            pwrite_all(dst, memoryview(buffer)[:filled], position)
-            position += filled
-            batch, total = [], 0
-        if nbytes >= small:
-            _copy_range(src, dst, offset, position, nbytes)
-            position += nbytes
-            continue
-        batch.append((offset, nbytes))
-        total += nbytes
-        last_end = offset + nbytes
-    if batch:
-        filled = read_pieces(src, batch, buffer, scratch)
-        pwrite_all(dst, memoryview(buffer)[:filled], position)
+    """Copy source ``ranges`` back to back into ``dst`` from ``position`` (the writer's :func:`.writer.copy_ranges`)."""
+    for _ in copy_ranges(src, dst, ranges, position):
+        pass
 
 
 def verify_flat(flat: FlatFile, out: SafetensorsFile) -> int:
@@ -274,84 +249,16 @@ def _members(text: str) -> Iterator[tuple[str, object]]:
 
 
 def _first_difference(flat: FlatFile, out_path: Path, pairs: list[tuple[int, int, int]]) -> int | None:
-    """The first row whose output bytes differ from the source's, in output order, else None."""
-    cap, gap_limit, most = windows.BATCH_BYTES, windows.SMALL_GAP, windows._MAX_PIECES
-    out_buffer, src_buffer, scratch = bytearray(cap), bytearray(cap), bytearray(gap_limit)
+    """The first row whose output bytes differ from the source's, in output order, else None.
+
+    ``pairs`` are (output offset, row, size); the comparer reads the source span of a run
+    of them as one range, not as the copy gathered it.
+    """
     starts = flat.starts
-    src, out = os.open(flat.path, os.O_RDONLY), os.open(out_path, os.O_RDONLY)
+    comparer = WindowComparer()
     try:
-        run: list[tuple[int, int, int]] = []
-        out_end = src_first = src_end = 0
-        for pair in pairs:
-            offset, row, size = pair
-            start = starts[row]
-            if run and (
-                size >= cap
-                or not 0 <= offset - out_end <= gap_limit
-                or not 0 <= start - src_end <= gap_limit
-                or start + size - src_first > cap
-                or len(run) >= most
-            ):
-                different = _first_in_run(run, starts, out, src, out_buffer, src_buffer, scratch)
-                if different is not None:
-                    return different
-                run = []
-            if size >= cap:
-                if not _equal_ranges(out, offset, src, start, size, out_buffer, src_buffer):
-                    return row
-                continue
-            if not run:
-                src_first = start
-            run.append(pair)
-            out_end, src_end = offset + size, start + size
-        if run:
-            return _first_in_run(run, starts, out, src, out_buffer, src_buffer, scratch)
-        return None
+        return comparer.first_difference_in(
+            out_path, flat.path, ((row, (offset, size), (starts[row], size)) for offset, row, size in pairs)
+        )
     finally:
-        os.close(src)
-        os.close(out)
-
-
-def _first_in_run(
-    run: list[tuple[int, int, int]],
-    starts: list[int],
-    out: int,
-    src: int,
-    out_buffer: bytearray,
-    src_buffer: bytearray,
-    scratch: bytearray,
-) -> int | None:
-    """Compare a run of small tensors: the output's ranges back to back, the source's span as one range."""
-    first = starts[run[0][1]]
-    last = run[-1]
-    try:
-        read_pieces(out, [(offset, size) for offset, _, size in run], out_buffer, scratch)
-        source = read_span(src, first, starts[last[1]] + last[2], src_buffer)
-    except EOFError:  # a file shorter than its header says
-        return run[0][1]
-    at = 0
-    for _, row, size in run:
-        begin = starts[row] - first
-        if not out_buffer.startswith(source[begin : begin + size], at):  # memcmp
-            return row
-        at += size
-    return None
-
-
-def _equal_ranges(
-    out: int, out_offset: int, src: int, src_offset: int, size: int, out_buffer: bytearray, src_buffer: bytearray
-) -> bool:
-    """A large tensor, block by block."""
-    out_view, src_view = memoryview(out_buffer), memoryview(src_buffer)
-    done = 0
-    while done < size:
-        n = min(len(out_buffer), size - done)
-        try:
-            read_into(out, out_view[:n], out_offset + done)
-            read_into(src, src_view[:n], src_offset + done)
-        except EOFError:
-            return False
-        if not out_buffer.startswith(src_view[:n]):
-            return False
-        done += n
-    return True
+        comparer.close()

@@ -16,7 +16,7 @@ import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 from .descriptors import Piece as FilePiece
 from .descriptors import StorageRecord, TensorRef
@@ -374,7 +374,10 @@ def read_span(fd: int, start: int, stop: int, buffer: bytearray) -> memoryview:
 
 
 _Pair = tuple[str, FileWindow, "FileWindow | PieceWindow"]
-_Small = tuple[str, FileWindow, FileWindow, Range, Range]  # a pair in a run, with its two ranges
+K = TypeVar("K")  # what names a compared tensor: a name, or a row of a flat file
+# A tensor to compare: its key, the output file and range, the source file and range (None
+# where the bytes are not one range), and its windows (None when it has only ranges).
+_Item = tuple[K, Path, "Range | None", Path, "Range | None", "tuple[FileWindow, FileWindow | PieceWindow] | None"]
 
 
 class WindowComparer:
@@ -434,6 +437,13 @@ class WindowComparer:
         proven = self._proven.setdefault((fo, fs, o - s), [])
         if any(start <= o and o + n <= start + length for start, length in proven):
             return True
+        if not self._equal_range(fo, o, fs, s, n):
+            return False
+        proven.append((o, n))
+        return True
+
+    def _equal_range(self, fo: int, o: int, fs: int, s: int, n: int) -> bool:
+        """Whether ``n`` bytes at ``o`` of ``fo`` equal those at ``s`` of ``fs``, block by block."""
         out_view, src_view = memoryview(self._out), memoryview(self._src)
         done = 0
         while done < n:
@@ -447,7 +457,6 @@ class WindowComparer:
                 return False
             done += size
         self.bytes_compared += 2 * n
-        proven.append((o, n))
         return True
 
     def first_difference(self, pairs: Iterable[_Pair]) -> str | None:
@@ -463,60 +472,84 @@ class WindowComparer:
             >>> with contextlib.closing(WindowComparer()) as comparer:  # doctest: +SKIP
             ...     comparer.first_difference([("w", output_window, source_window)])
         """
+
+        def items() -> Iterator[_Item[str]]:
+            for name, out, src in pairs:
+                if isinstance(src, FileWindow):
+                    yield name, out.path, out.contiguous_range, src.path, src.contiguous_range, (out, src)
+                else:  # pieces of several files: compared on their own
+                    yield name, out.path, None, out.path, None, (out, src)
+
+        return self._first_difference(items())
+
+    def first_difference_in(self, out_path: Path, src_path: Path, pairs: Iterable[tuple[K, Range, Range]]) -> K | None:
+        """:meth:`first_difference` for keys whose bytes are one range of each of two files
+        (``(key, output range, source range)``, in output order): no window per tensor."""
+        return self._first_difference((key, out_path, o, src_path, s, None) for key, o, s in pairs)
+
+    def _first_difference(self, items: Iterable[_Item[K]]) -> K | None:
+        """The first key whose output bytes differ from its source's: runs of small ranges batched,
+        anything else compared on its own (its windows, or its two ranges when it has none)."""
         # Read once, not per tensor (and at call time: tests lower them).
         span_limit = min(BATCH_BYTES, len(self._src))  # a run's source span fits the buffer
         limit, gap_limit, most = min(SMALL_COMPARE, span_limit), SMALL_GAP, _MAX_PIECES
-        run: list[_Small] = []
-        out_path: Path | None = None
-        src_path: Path | None = None
+        run: list[tuple[K, Range, Range]] = []
+        out_path = src_path = Path()  # the run's files, while it holds any key
         src_start = out_end = src_end = 0
-        for name, out, src in pairs:
-            o = out.contiguous_range
-            s = src.contiguous_range if isinstance(src, FileWindow) else None  # pieces: compared on their own
-            if o is not None and s is not None and isinstance(src, FileWindow) and o[1] < limit and o[1] == s[1]:
+        for key, out_file, o, src_file, s, windows in items:
+            if o is not None and s is not None and o[1] < limit and o[1] == s[1]:
                 if run:
                     if (
-                        (out.path is out_path or out.path == out_path)
-                        and (src.path is src_path or src.path == src_path)
+                        (out_file is out_path or out_file == out_path)
+                        and (src_file is src_path or src_file == src_path)
                         and 0 <= o[0] - out_end <= gap_limit
                         and 0 <= s[0] - src_end <= gap_limit
                         and s[0] + s[1] - src_start <= span_limit
                         and len(run) < most
                     ):
-                        run.append((name, out, src, o, s))
+                        run.append((key, o, s))
                         out_end, src_end = o[0] + o[1], s[0] + s[1]
                         continue
-                    different = self._first_in_run(run)
+                    different = self._first_in_run(out_path, src_path, run)
                     if different is not None:
                         return different
-                run = [(name, out, src, o, s)]
-                out_path, src_path = out.path, src.path
+                run = [(key, o, s)]
+                out_path, src_path = out_file, src_file
                 src_start, out_end, src_end = s[0], o[0] + o[1], s[0] + s[1]
                 continue
             if run:
-                different = self._first_in_run(run)
+                different = self._first_in_run(out_path, src_path, run)
                 if different is not None:
                     return different
                 run = []
-            if not self.equal(out, src):
-                return name
-        return self._first_in_run(run) if run else None
+            if windows is not None:
+                equal = self.equal(*windows)
+            else:
+                if o is None or s is None or o[1] != s[1]:
+                    return key
+                if self._wait is not None:
+                    self._wait(out_file, o[0] + o[1])
+                equal = self._equal_range(self._fd(out_file), o[0], self._fd(src_file), s[0], o[1])
+            if not equal:
+                return key
+        return self._first_in_run(out_path, src_path, run) if run else None
 
-    def _first_in_run(self, run: list[_Small]) -> str | None:
-        """Compare a run of small contiguous windows: two reads, one ``memcmp`` per tensor."""
-        out_path, last = run[0][1].path, run[-1][3]
+    def _first_in_run(self, out_path: Path, src_path: Path, run: list[tuple[K, Range, Range]]) -> K | None:
+        """Compare a run of small contiguous ranges: two reads, one ``memcmp`` per tensor."""
+        last = run[-1][1]
         if self._wait is not None:
             self._wait(out_path, last[0] + last[1])
-        start, end = run[0][4][0], run[-1][4][0] + run[-1][4][1]
+        fo, fs = self._fd(out_path), self._fd(src_path)
+        start, end = run[0][2][0], run[-1][2][0] + run[-1][2][1]
         try:
-            nbytes = read_pieces(self._fd(out_path), [r[3] for r in run], self._out, self._gaps)
-            source = read_span(self._fd(run[0][2].path), start, end, self._src)
-        except EOFError:  # a file shorter than its header says: found name by name
-            return next((name for name, out, src, _, _ in run if not self.equal(out, src)), None)
+            nbytes = read_pieces(fo, [o for _, o, _ in run], self._out, self._gaps)
+            source = read_span(fs, start, end, self._src)
+        except EOFError:  # a file shorter than its header says: found key by key
+            return next((key for key, o, s in run if not self._equal_range(fo, o[0], fs, s[0], o[1])), None)
         output, at = self._out, 0
-        for name, _, _, _, (offset, size) in run:
+        for key, _, (offset, size) in run:
             if not output.startswith(source[offset - start : offset - start + size], at):  # memcmp
-                return name
+                return key
             at += size
         self.bytes_compared += 2 * nbytes
         return None

@@ -19,7 +19,7 @@ import os
 import stat
 import tempfile
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import cast
 
@@ -479,71 +479,85 @@ def _start_file(fd: int, header: bytes, file_size: int) -> None:
 def _copy_tensors(fd: int, plan: FilePlan) -> Iterator[int]:
     """Copy every tensor into place, in file order; yield the end offset of what is written so far.
 
-    A large range is copied inside the kernel (``copy_file_range``); runs of small ones
-    that lie close together in one source (a mixture-of-experts file holds tens of
-    thousands) are read with one ``preadv`` into a reusable buffer and written with one
-    ``pwrite``: one pair of system calls per batch instead of one call per tensor. The
-    loop does a handful of comparisons per small tensor: its range was computed once,
-    with its window.
+    Runs of contiguous windows of one source file, back to back in the output, go to
+    :func:`copy_ranges` (batches of small ranges, the kernel's copy for large ones); its
+    range was computed once per tensor, with its window.
     """
-    # Read at call time (tests lower them), once per file rather than once per tensor.
-    gap_limit, cap, most = windows.SMALL_GAP, windows.BATCH_BYTES, windows._MAX_PIECES
-    small = min(windows.SMALL_RANGE, cap)  # a batchable range always fits the buffer
     sources: dict[Path, int] = {}
-    batch: list[Range] = []
-    batch_path: Path | None = None
-    batch_fd = batch_start = batch_end = source_end = total = 0
-    buffers = (bytearray(), bytearray())  # allocated with the first batch
+    buffers: list[bytearray] = []  # copy_ranges' two buffers, made with the first batch
+    segment: list[Range] = []  # contiguous windows of one source file, back to back in the output
+    segment_path = Path()  # the segment's source, while it holds any range
+    segment_start = 0
     try:
         base = len(plan.header)
         for tensor in plan.tensors:
             source = tensor.source
-            if isinstance(source, FileWindow):
-                piece = source.contiguous_range
-                if piece is not None and piece[1] < small:
-                    path, begin = source.path, base + tensor.begin
-                    if batch:
-                        if (
-                            (path is batch_path or path == batch_path)
-                            and begin == batch_end
-                            and 0 <= piece[0] - source_end <= gap_limit
-                            and len(batch) < most
-                            and total + piece[1] <= cap
-                        ):
-                            batch.append(piece)
-                            total += piece[1]
-                            batch_end += piece[1]
-                            source_end = piece[0] + piece[1]
-                            continue
-                        yield _write_batch(fd, batch_fd, batch, batch_start, buffers)
-                    if path is not batch_path:
-                        batch_fd, batch_path = _source_fd(sources, path), path
-                    if not buffers[0]:
-                        buffers = (bytearray(cap), bytearray(gap_limit))
-                    batch = [piece]
-                    batch_start, total = begin, piece[1]
-                    batch_end, source_end = begin + piece[1], piece[0] + piece[1]
+            if isinstance(source, FileWindow) and source.contiguous_range is not None:
+                if segment and (source.path is segment_path or source.path == segment_path):
+                    segment.append(source.contiguous_range)
                     continue
-            if batch:
-                yield _write_batch(fd, batch_fd, batch, batch_start, buffers)
-                batch = []
+                if segment:
+                    yield from copy_ranges(_source_fd(sources, segment_path), fd, segment, segment_start, buffers)
+                segment, segment_path, segment_start = [source.contiguous_range], source.path, base + tensor.begin
+                continue
+            if segment:
+                yield from copy_ranges(_source_fd(sources, segment_path), fd, segment, segment_start, buffers)
+                segment = []
             if isinstance(source, PieceWindow):  # a training run's tensor: ranges of several files
                 _copy_pieces(source, fd, base + tensor.begin, sources)
-            elif isinstance(source, FileWindow):
+            elif isinstance(source, FileWindow):  # strided: gathered
                 src = _source_fd(sources, source.path)
-                span = source.contiguous_range
-                if span is not None:
-                    _copy_range(src, fd, span[0], base + tensor.begin, span[1])
-                else:
-                    pwrite_all(fd, gather(src, source.storage_offset, source.ref), base + tensor.begin)
+                pwrite_all(fd, gather(src, source.storage_offset, source.ref), base + tensor.begin)
             else:
                 source.write_into(fd, base + tensor.begin)
             yield base + tensor.end
-        if batch:
-            yield _write_batch(fd, batch_fd, batch, batch_start, buffers)
+        if segment:
+            yield from copy_ranges(_source_fd(sources, segment_path), fd, segment, segment_start, buffers)
     finally:
         for src in sources.values():
             os.close(src)
+
+
+def copy_ranges(
+    src: int, dst: int, ranges: Iterable[Range], position: int, buffers: list[bytearray] | None = None
+) -> Iterator[int]:
+    """Copy ``ranges`` of ``src`` back to back into ``dst`` from ``position``; yield the end
+    offset written after each batch or range copied.
+
+    A range from SMALL_RANGE on is copied inside the kernel (``copy_file_range``); runs of
+    smaller ones that lie close together are read with one ``preadv`` into a reusable buffer
+    and written with one ``pwrite``: one pair of system calls per batch instead of one call
+    per tensor. ``buffers`` (empty at first) keeps the buffer between calls.
+
+    Example:
+        >>> list(copy_ranges(src_fd, out_fd, [(1024, 2048), (3136, 2048)], 4096))  # doctest: +SKIP
+        [8192]
+    """
+    # Read at call time (tests lower them), once per call rather than once per range.
+    gap_limit, cap, most = windows.SMALL_GAP, windows.BATCH_BYTES, windows._MAX_PIECES
+    small = min(windows.SMALL_RANGE, cap)  # a batchable range always fits the buffer
+    buffers = [] if buffers is None else buffers
+    batch: list[Range] = []
+    total = last_end = 0
+    for offset, nbytes in ranges:
+        if batch and (
+            nbytes >= small or not 0 <= offset - last_end <= gap_limit or total + nbytes > cap or len(batch) >= most
+        ):
+            position = _write_batch(dst, src, batch, position, buffers)
+            yield position
+            batch, total = [], 0
+        if nbytes >= small:
+            _copy_range(src, dst, offset, position, nbytes)
+            position += nbytes
+            yield position
+            continue
+        if not buffers:
+            buffers += [bytearray(cap), bytearray(gap_limit)]
+        batch.append((offset, nbytes))
+        total += nbytes
+        last_end = offset + nbytes
+    if batch:
+        yield _write_batch(dst, src, batch, position, buffers)
 
 
 def _source_fd(sources: dict[Path, int], path: Path) -> int:
@@ -566,10 +580,10 @@ def _copy_pieces(source: PieceWindow, fd: int, offset: int, sources: dict[Path, 
         offset += length
 
 
-def _write_batch(fd: int, src: int, pieces: list[Range], start: int, buffers: tuple[bytearray, bytearray]) -> int:
+def _write_batch(fd: int, src: int, pieces: list[Range], start: int, buffers: list[bytearray]) -> int:
     """Write ``pieces`` of ``src`` back to back at ``start``; return the end offset written."""
     try:
-        nbytes = read_pieces(src, pieces, *buffers)
+        nbytes = read_pieces(src, pieces, buffers[0], buffers[1])
     except EOFError as exc:
         raise OSError(f"source ended early ({exc})") from None
     pwrite_all(fd, memoryview(buffers[0])[:nbytes], start)

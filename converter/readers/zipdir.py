@@ -171,15 +171,18 @@ def read_directory(raw: Any, file_size: int) -> list[Member]:
     return members
 
 
-def _data_start(header: bytes, member: Member) -> tuple[int, int]:
-    """Where ``member``'s data starts and the compression method, from its local header's bytes.
+def _data_start(block: bytes, at: int, member: Member) -> tuple[int, int]:
+    """Where ``member``'s data starts and the compression method, from its local header at
+    ``block[at:]`` (a block read for many headers, or just this one).
 
     The central directory does not say where data starts: the local header's extra field
     (torch pads it to align storages) may differ from the directory's, so each is read.
     """
-    if len(header) != _LOCAL.size or header[:4] != b"PK\x03\x04":
+    if len(block) < at + _LOCAL.size:
         raise CorruptFileError(f"zip member {quoted(member.filename)} has no valid local header")
-    _, _, method, _, _, name_len, extra_len = _LOCAL.unpack(header)
+    signature, _, method, _, _, name_len, extra_len = _LOCAL.unpack_from(block, at)
+    if signature != b"PK\x03\x04":
+        raise CorruptFileError(f"zip member {quoted(member.filename)} has no valid local header")
     return member.header_offset + _LOCAL.size + name_len + extra_len, method
 
 
@@ -193,7 +196,7 @@ def data_starts(raw: Any, members: list[Member], file_size: int) -> dict[str, in
         >>> data_starts(raw, read_directory(raw, size), size)["archive/data/0"]  # doctest: +SKIP
         1088
     """
-    size, unpack = _LOCAL.size, _LOCAL.unpack_from
+    size = _LOCAL.size
     ordered = sorted(members, key=_HEADER_OFFSET)
     offsets = list(map(_HEADER_OFFSET, ordered))
     starts: dict[str, int] = {}
@@ -216,17 +219,11 @@ def data_starts(raw: Any, members: list[Member], file_size: int) -> dict[str, in
             block_start = offset
             block = _pread(raw, offsets[last] + size - block_start, block_start)
             block_end = block_start + len(block)
-            if offset + size > block_end:
-                raise CorruptFileError(f"zip member {quoted(member.filename)} has no valid local header")
-        # _data_start, inline: one call less for each of 100,000 storages
-        signature, _, method, _, _, name_len, extra_len = unpack(block, offset - block_start)
-        if signature != b"PK\x03\x04":
-            raise CorruptFileError(f"zip member {quoted(member.filename)} has no valid local header")
+        start, method = _data_start(block, offset - block_start, member)
         if method != STORED:  # the central directory said stored: the two disagree
             raise CorruptFileError(
                 f"zip member {quoted(member.filename)} is compressed; torch writes storages uncompressed"
             )
-        start = offset + size + name_len + extra_len
         if start + member.file_size > file_size:
             raise CorruptFileError(f"zip member {quoted(member.filename)} claims more bytes than the file holds")
         starts[member.filename] = start
@@ -240,7 +237,7 @@ def read_member(raw: Any, member: Member, file_size: int) -> bytes:
     most that many bytes, so a decompression bomb stops there.
     """
     what = f"zip member {quoted(member.filename)}"
-    start, _ = _data_start(_pread(raw, _LOCAL.size, member.header_offset), member)
+    start, _ = _data_start(_pread(raw, _LOCAL.size, member.header_offset), 0, member)
     if member.flags & _ENCRYPTED:
         raise CorruptFileError(f"cannot read {what}: it is encrypted")
     if start + member.compress_size > file_size:
