@@ -6,6 +6,7 @@ verify) and returns a plain report dataclass; the CLI only renders it.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -19,7 +20,7 @@ from .flat_convert import FlatPlan, verify_flat, write_flat
 from .gcpause import paused_gc
 from .geometry import numel
 from .layout import plan_file, stored_items
-from .readers.flat_file import FlatFile, read_flat_file
+from .readers.flat_file import FlatFile, NotFlat, read_flat_file
 from .readers.torchfile import checkpoint_from_tree, read_checkpoint, read_tree
 from .readers.unpickler import GROUPS
 from .reports import SavedBytesReport
@@ -135,11 +136,14 @@ def convert_file(
     src = Path(src)
     if key is None:
         with paused_gc():  # a list entry or two per tensor, no cycles
-            flat = read_flat_file(src, strip_prefix=strip_prefix, keep_names=keep_names)
+            # Its local headers are read as the copy reaches them: one pass over the file, in order.
+            flat = read_flat_file(src, strip_prefix=strip_prefix, keep_names=keep_names, read_starts=False)
             if flat is not None:  # the common shape, at mixture-of-experts scale: no objects per tensor
-                report = _convert_flat(flat, _resolve_output(src, dst, overwrite), verify=verify, metadata=metadata)
-                report.seconds = time.perf_counter() - started
-                return report
+                out = _resolve_output(src, dst, overwrite)
+                with contextlib.suppress(NotFlat):  # not flat after all: the general path's verdict
+                    report = _convert_flat(flat, out, verify=verify, metadata=metadata)
+                    report.seconds = time.perf_counter() - started
+                    return report
 
     def check(tmp: Path, progress: WriteProgress) -> None:
         verify_output(ckpt, [read_safetensors(tmp)], sharing.ties, wait=progress.wait)

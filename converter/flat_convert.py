@@ -19,14 +19,14 @@ import json
 import json.scanner
 import os
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from . import ties
-from .errors import TiesafeError, VerificationError
+from .errors import CorruptFileError, TiesafeError, VerificationError
 from .layout import FORMAT_METADATA, encode_header
-from .readers.flat_file import FlatFile
+from .readers.flat_file import FlatFile, NotFlat
 from .stfile import SafetensorsFile
 from .windows import Range, WindowComparer
 from .writer import StagedWrites, copy_ranges
@@ -43,14 +43,16 @@ class FlatPlan:
     """
 
     def __init__(self, flat: FlatFile, metadata: dict[str, str] | None) -> None:
-        # plan_file's order: element size (largest first), then where the bytes lie in the source.
-        # (Stable sorts: rows with equal keys keep their order, as plan_file's index tiebreak does.)
-        starts = flat.starts
+        # plan_file's order: element size (largest first), then where the bytes lie in the source,
+        # here where each storage's local header lies: the same order, as the copy checks
+        # (_source_ranges) when it reads each header. (Stable sorts: rows with equal keys keep
+        # their order, as plan_file's index tiebreak does.)
+        offsets = flat.header_offsets
         if flat.dtypes.count(flat.dtypes[0]) == len(flat):  # one dtype, the common case: no key tuple per row
-            self.order = sorted(range(len(flat)), key=starts.__getitem__)
+            self.order = sorted(range(len(flat)), key=offsets.__getitem__)
         else:
             itemsizes = [dtype.itemsize for dtype in flat.dtypes]
-            self.order = sorted(range(len(flat)), key=lambda i: (-itemsizes[i], starts[i]))
+            self.order = sorted(range(len(flat)), key=lambda i: (-itemsizes[i], offsets[i]))
         self.data_size = sum(flat.nbytes)
         self.metadata = {**(metadata or {}), **FORMAT_METADATA, **ties.encode(ties.TieRecord())}
         self.header = encode_header(self._rows(flat), self.metadata)
@@ -75,7 +77,8 @@ def write_flat(flat: FlatFile, plan: FlatPlan, dst: Path, *, verify: bool) -> No
     """Write ``plan`` to ``dst`` atomically; with ``verify``, read it back and compare it first.
 
     Raises :class:`~converter.errors.VerificationError` (nothing left behind) on a difference,
-    and the reader's error if the source changed meanwhile.
+    the reader's error if the source changed meanwhile, and :class:`.readers.flat_file.NotFlat`
+    (nothing left behind) if a local header read during the copy says the file is not flat.
 
     Example:
         >>> flat = read_flat_file("pytorch_model.bin")  # doctest: +SKIP
@@ -84,12 +87,8 @@ def write_flat(flat: FlatFile, plan: FlatPlan, dst: Path, *, verify: bool) -> No
     with StagedWrites() as staged:
         header_size = plan.file_size - plan.data_size
         fd, tmp = staged.start_file(dst, plan.take_header(), plan.file_size)
-        src = os.open(flat.path, os.O_RDONLY)
-        try:
-            starts, nbytes = flat.starts, flat.nbytes
-            _copy_ranges(src, fd, [(starts[i], nbytes[i]) for i in plan.order], header_size)
-        finally:
-            os.close(src)
+        with open(flat.path, "rb") as src:
+            _copy_ranges(src.fileno(), fd, _source_ranges(flat, plan, src), header_size)
         staged.sync_later(fd)  # the disk flushes while the output is read back
         if verify:
             try:
@@ -99,7 +98,33 @@ def write_flat(flat: FlatFile, plan: FlatPlan, dst: Path, *, verify: bool) -> No
         flat.check_unchanged()  # the bytes just verified are those of the file that was read
 
 
-def _copy_ranges(src: int, dst: int, ranges: list[Range], position: int) -> None:
+def _source_ranges(flat: FlatFile, plan: FlatPlan, src: BinaryIO) -> Iterator[Range]:
+    """Each row's source range in output order, its local header read as the copy reaches it
+    (the starts known already are taken as they are).
+
+    Raises NotFlat if a header is damaged, or if the bytes do not lie in the order of their
+    headers, one after the other: the plan's order would not be the general path's.
+    """
+    nbytes, offsets = flat.nbytes, flat.header_offsets
+    if flat.starts:
+        starts = flat.starts
+        yield from ((starts[i], nbytes[i]) for i in plan.order)
+        return
+    last_offset = last_end = 0
+    try:
+        for row, start in zip(plan.order, flat.stream_starts(src, plan.order), strict=True):
+            offset = offsets[row]
+            if offset < last_offset:  # the next run of the order (another element size)
+                last_end = 0
+            if start < last_end:
+                raise NotFlat(f"{flat.path}: storages overlap or lie out of order")
+            last_offset, last_end = offset, start + nbytes[row]
+            yield start, nbytes[row]
+    except CorruptFileError as exc:
+        raise NotFlat(str(exc)) from None
+
+
+def _copy_ranges(src: int, dst: int, ranges: Iterable[Range], position: int) -> None:
     """Copy source ``ranges`` back to back into ``dst`` from ``position`` (the writer's :func:`.writer.copy_ranges`)."""
     for _ in copy_ranges(src, dst, ranges, position):
         pass

@@ -187,8 +187,27 @@ def test_a_damaged_local_header_is_the_general_paths_error(tmp_path: Path) -> No
     data[at : at + 4] = b"XX\x03\x04"
     source.write_bytes(bytes(data))
     assert read_flat_file(source) is None
+    # Left for the copy to read, the header is met mid-copy: the output so far is discarded.
+    assert read_flat_file(source, read_starts=False) is not None
     with pytest.raises(TiesafeError, match="no valid local header"):
         converter.convert_file(source)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.bin"]
+
+
+def test_storages_out_of_their_headers_order_go_to_the_general_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source = tmp_path / "x.bin"
+    torch.save({f"w{i}": torch.randn(64) for i in range(3)}, source)
+    data = bytearray(source.read_bytes())
+    at = data.index(b"PK\x03\x04", data.index(b"/data/0") - 64)  # the local header of storage 0
+    (extra,) = struct.unpack_from("<H", data, at + 28)
+    struct.pack_into("<H", data, at + 28, extra + 320)  # its data now starts past storage 1's
+    source.write_bytes(bytes(data))
+    flat = read_flat_file(source, read_starts=False)
+    assert flat is not None  # taken for flat until the copy reads the headers
+    fast, fast_report, general, general_report = _both(tmp_path, monkeypatch, source)
+    assert fast == general and fast_report == general_report
 
 
 def test_a_compressed_storage_is_the_general_paths_error(tmp_path: Path) -> None:

@@ -17,11 +17,11 @@ to the same output, byte for byte.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from operator import itemgetter, le
 from pathlib import Path
-from typing import cast
+from typing import BinaryIO, cast
 
 from ..descriptors import check_unchanged, file_stamp
 from ..dtypes import DType
@@ -30,30 +30,43 @@ from ..names import strip_prefixes
 from .containers import StorageTable, open_torch_zip
 from .flat_state_dict import read_flat_columns
 from .unpickler import UnpickleContext
-from .zipdir import STORED, Member, data_starts
+from .zipdir import STORED, Member, stream_data_starts
 
-_METHOD, _COMPRESSED_SIZE, _SIZE = itemgetter(2), itemgetter(3), itemgetter(4)  # Member fields
+_HEADER_OFFSET, _METHOD, _COMPRESSED_SIZE, _SIZE = itemgetter(1), itemgetter(2), itemgetter(3), itemgetter(4)
 # Top-level names of files the general path refuses as training state (an optimizer's or
 # RNG state_dict) when every value is a tensor: left to it, whatever their values.
 _TRAINING_STATE_NAMES = frozenset({"state", "param_groups", "cpu", "python", "numpy", "param_shapes", "module"})
 
 
+class NotFlat(Exception):
+    """Raised while a file taken for flat is copied, when its local headers say otherwise
+    (damaged, out of order, compressed): the caller discards what it wrote and reads the
+    file by the general path, which gives its own verdict."""
+
+
 @dataclass
 class FlatFile:
     """A flat checkpoint's tensors as rows: ``names[i]`` is ``dtypes[i]`` of ``shapes[i]``,
-    its ``nbytes[i]`` bytes at ``starts[i]`` of ``path``, names in the file's order."""
+    its ``nbytes[i]`` bytes at ``starts[i]`` of ``path``, names in the file's order.
+
+    ``starts`` come from the storages' local headers, interleaved with the data through
+    the file: read up front by :func:`read_flat_file`, or as the copy reaches each one
+    (:meth:`stream_starts`), which reads the file once in order instead of twice.
+    """
 
     path: Path
     names: list[str]
     dtypes: list[DType]
     shapes: list[tuple[int, ...]]
-    starts: list[int]  # where each tensor's bytes start in the file
     nbytes: list[int]
     keys: list[str]  # each tensor's storage key in the archive
     locations: list[str]  # the device each was saved from: recorded, never needed
     stamp: tuple[int, ...]  # the file as it was read (see Checkpoint.check_unchanged)
     globals: dict[str, str]  # the globals the pickle names -> group (all tensor machinery)
     prefixes_removed: list[str]
+    header_offsets: list[int]  # where each storage's local header lies in the file
+    stored_sizes: list[int]  # each storage member's size, as the zip directory records it
+    starts: list[int] = field(default_factory=list)  # where each tensor's bytes start; empty until read
 
     def __len__(self) -> int:
         return len(self.names)
@@ -61,6 +74,33 @@ class FlatFile:
     def check_unchanged(self) -> None:
         """Raise if the file is no longer the one that was read (size, mtime, inode)."""
         check_unchanged(self.path, self.stamp)
+
+    def stream_starts(self, raw: BinaryIO, order: Sequence[int], *, prefetch: bool = False) -> Iterator[int]:
+        """Each row's data start, for the rows in ``order`` (ascending header offsets, in runs),
+        read from its local header as it is reached; ``starts`` is filled once all are read.
+
+        Raises :class:`~converter.errors.CorruptFileError` for a missing or compressed local
+        header, or one whose data would run past the end of the file.
+
+        Example:
+            >>> with open(flat.path, "rb") as raw:  # doctest: +SKIP
+            ...     next(flat.stream_starts(raw, [0]))
+            1088
+        """
+        offsets, sizes, keys = self.header_offsets, self.stored_sizes, self.keys
+        found = [0] * len(self)
+        headers = stream_data_starts(
+            raw,
+            [offsets[i] for i in order],
+            [sizes[i] for i in order],
+            self.stamp[0],
+            lambda k: keys[order[k]],
+            prefetch=prefetch,
+        )
+        for row, start in zip(order, headers, strict=True):
+            found[row] = start
+            yield start
+        self.starts = found
 
 
 def _storage_members(table: StorageTable, keys: list[str], nbytes: list[int]) -> list[Member] | None:
@@ -78,11 +118,15 @@ def _storage_members(table: StorageTable, keys: list[str], nbytes: list[int]) ->
     return checked
 
 
-def read_flat_file(path: str | Path, *, strip_prefix: Sequence[str] = (), keep_names: bool = False) -> FlatFile | None:
+def read_flat_file(
+    path: str | Path, *, strip_prefix: Sequence[str] = (), keep_names: bool = False, read_starts: bool = True
+) -> FlatFile | None:
     """``path`` as rows if it is a flat checkpoint of unshared tensors, else ``None``.
 
     Names lose a ``_orig_mod.``/``module.`` prefix as :func:`.torchfile.read_checkpoint`
-    removes it (``keep_names`` keeps it) and any ``strip_prefix``.
+    removes it (``keep_names`` keeps it) and any ``strip_prefix``. Without ``read_starts``
+    the local headers are left for the copy to read (:meth:`FlatFile.stream_starts`),
+    and a problem in one is met there, as :class:`NotFlat`.
 
     Example:
         >>> flat = read_flat_file("pytorch_model-00001-of-00163.bin")  # doctest: +SKIP
@@ -109,28 +153,36 @@ def read_flat_file(path: str | Path, *, strip_prefix: Sequence[str] = (), keep_n
             del table
             if members is None:
                 return None
-            found = data_starts(raw, members, file_size)
-        names = columns.names
+            header_offsets = list(map(_HEADER_OFFSET, members))
+            stored_sizes = list(map(_SIZE, members))
+            del members
+            flat = FlatFile(
+                path,
+                columns.names,
+                columns.dtypes,
+                columns.shapes,
+                nbytes,
+                columns.keys,
+                columns.locations,
+                stamp,
+                dict(context.globals_seen),
+                [],
+                header_offsets,
+                stored_sizes,
+            )
+            if read_starts:
+                order = sorted(range(len(flat)), key=header_offsets.__getitem__)
+                for _ in flat.stream_starts(raw, order, prefetch=True):
+                    pass
+        names = flat.names
         for name in names:
             if not name.isascii():
                 name.encode("utf-8")  # a lone surrogate: the general path names it
         if "__metadata__" in names:
             return None
-        renamed, removed = strip_prefixes(names, strip_prefix, auto=not keep_names)
-        if removed:
-            names = [renamed[name] for name in names]
+        renamed, flat.prefixes_removed = strip_prefixes(names, strip_prefix, auto=not keep_names)
+        if flat.prefixes_removed:
+            flat.names = [renamed[name] for name in names]
     except (TiesafeError, OSError, UnicodeEncodeError):
         return None
-    return FlatFile(
-        path,
-        names,
-        columns.dtypes,
-        columns.shapes,
-        [found[member.filename] for member in members],
-        nbytes,
-        columns.keys,
-        columns.locations,
-        stamp,
-        dict(context.globals_seen),
-        removed,
-    )
+    return flat

@@ -16,6 +16,7 @@ import contextlib
 import os
 import struct
 import zlib
+from collections.abc import Callable, Iterator, Sequence
 from operator import itemgetter
 from typing import Any, NamedTuple
 
@@ -171,41 +172,68 @@ def read_directory(raw: Any, file_size: int) -> list[Member]:
     return members
 
 
-def _data_start(block: bytes, at: int, member: Member) -> tuple[int, int]:
-    """Where ``member``'s data starts and the compression method, from its local header at
-    ``block[at:]`` (a block read for many headers, or just this one).
+def _data_start(block: bytes, at: int, header_offset: int) -> tuple[int, int] | None:
+    """Where a member's data starts and its compression method, from its local header at
+    ``block[at:]`` (a block read for many headers, or just this one), which lies at
+    ``header_offset`` in the archive; None if no local header is there.
 
     The central directory does not say where data starts: the local header's extra field
     (torch pads it to align storages) may differ from the directory's, so each is read.
     """
     if len(block) < at + _LOCAL.size:
-        raise CorruptFileError(f"zip member {quoted(member.filename)} has no valid local header")
+        return None
     signature, _, method, _, _, name_len, extra_len = _LOCAL.unpack_from(block, at)
     if signature != b"PK\x03\x04":
-        raise CorruptFileError(f"zip member {quoted(member.filename)} has no valid local header")
-    return member.header_offset + _LOCAL.size + name_len + extra_len, method
+        return None
+    return header_offset + _LOCAL.size + name_len + extra_len, method
 
 
 def data_starts(raw: Any, members: list[Member], file_size: int) -> dict[str, int]:
     """Where each stored member's data starts (by file name), from its local header.
 
-    Headers that lie close together (a file of thousands of small storages) are read by
-    one ``pread`` for many, in file order, rather than one seek and read each.
-
     Example:
         >>> data_starts(raw, read_directory(raw, size), size)["archive/data/0"]  # doctest: +SKIP
         1088
     """
-    size = _LOCAL.size
     ordered = sorted(members, key=_HEADER_OFFSET)
     offsets = list(map(_HEADER_OFFSET, ordered))
-    starts: dict[str, int] = {}
+    found = stream_data_starts(
+        raw, offsets, [m.file_size for m in ordered], file_size, lambda i: ordered[i].filename, prefetch=True
+    )
+    return dict(zip([m.filename for m in ordered], found, strict=True))
+
+
+def stream_data_starts(
+    raw: Any,
+    offsets: Sequence[int],
+    sizes: Sequence[int],
+    file_size: int,
+    name_of: Callable[[int], str],
+    *,
+    prefetch: bool = False,
+) -> Iterator[int]:
+    """Where the data of each stored member starts, read from its local header as it is reached.
+
+    ``offsets`` are the members' local header offsets, ascending (within runs: a later
+    run may start over), ``sizes`` their stored sizes; ``name_of(i)`` names member ``i``
+    in an error. Headers that lie close together (thousands of small storages) are read
+    by one ``pread`` for many. Consumed alongside the copy of each member's bytes, the
+    reads walk the file once, in order: on a cold cache the kernel's readahead brings in
+    each header with the data around it, where reading every header first would be
+    thousands of small synchronous reads and then a second pass for the data.
+    ``prefetch`` (when every header is read first) asks the kernel for dense windows ahead.
+
+    Example:
+        >>> list(stream_data_starts(raw, [0, 1088], [1024, 64], size, str))  # doctest: +SKIP
+        [64, 1152]
+    """
+    size = _LOCAL.size
     block, block_start, block_end, advised = b"", 0, 0, 0
-    for i, member in enumerate(ordered):
-        offset = offsets[i]
-        if offset >= advised:
+    count = len(offsets)
+    for i, offset in enumerate(offsets):
+        if prefetch and offset >= advised:
             advised = offset + _PREFETCH
-            if bisect.bisect_left(offsets, advised) - i >= _DENSE:
+            if bisect.bisect_left(offsets, advised, i) - i >= _DENSE:
                 # Headers every few KiB (thousands of small storages): their reads would be
                 # thousands of small synchronous disk reads on a cold cache. Ask the kernel for
                 # the whole window at once; the copy reads these bytes next anyway.
@@ -214,20 +242,20 @@ def data_starts(raw: Any, members: list[Member], file_size: int) -> dict[str, in
                     os.posix_fadvise(raw.fileno(), base + offset, _PREFETCH, os.POSIX_FADV_WILLNEED)
         if offset < block_start or offset + size > block_end:
             last = i  # read through the last header within _HEADERS_BLOCK of this one
-            while last + 1 < len(ordered) and offsets[last + 1] + size - offset <= _HEADERS_BLOCK:
+            while last + 1 < count and 0 <= offsets[last + 1] + size - offset <= _HEADERS_BLOCK:
                 last += 1
             block_start = offset
             block = _pread(raw, offsets[last] + size - block_start, block_start)
             block_end = block_start + len(block)
-        start, method = _data_start(block, offset - block_start, member)
+        found = _data_start(block, offset - block_start, offset)
+        if found is None:
+            raise CorruptFileError(f"zip member {quoted(name_of(i))} has no valid local header")
+        start, method = found
         if method != STORED:  # the central directory said stored: the two disagree
-            raise CorruptFileError(
-                f"zip member {quoted(member.filename)} is compressed; torch writes storages uncompressed"
-            )
-        if start + member.file_size > file_size:
-            raise CorruptFileError(f"zip member {quoted(member.filename)} claims more bytes than the file holds")
-        starts[member.filename] = start
-    return starts
+            raise CorruptFileError(f"zip member {quoted(name_of(i))} is compressed; torch writes storages uncompressed")
+        if start + sizes[i] > file_size:
+            raise CorruptFileError(f"zip member {quoted(name_of(i))} claims more bytes than the file holds")
+        yield start
 
 
 def read_member(raw: Any, member: Member, file_size: int) -> bytes:
@@ -237,7 +265,10 @@ def read_member(raw: Any, member: Member, file_size: int) -> bytes:
     most that many bytes, so a decompression bomb stops there.
     """
     what = f"zip member {quoted(member.filename)}"
-    start, _ = _data_start(_pread(raw, _LOCAL.size, member.header_offset), 0, member)
+    found = _data_start(_pread(raw, _LOCAL.size, member.header_offset), 0, member.header_offset)
+    if found is None:
+        raise CorruptFileError(f"{what} has no valid local header")
+    start = found[0]
     if member.flags & _ENCRYPTED:
         raise CorruptFileError(f"cannot read {what}: it is encrypted")
     if start + member.compress_size > file_size:
