@@ -15,6 +15,7 @@ tensor's bytes compared bit for bit with the source (:func:`verify_written`);
 
 from __future__ import annotations
 
+import contextlib
 import json
 import json.scanner
 import os
@@ -26,6 +27,7 @@ from typing import Any, BinaryIO
 from . import ties
 from .errors import CorruptFileError, TiesafeError, VerificationError
 from .layout import FORMAT_METADATA, encode_header
+from .readahead import READ_AHEAD_FROM, ReadAhead
 from .readers.flat_file import FlatFile, NotFlat
 from .stfile import SafetensorsFile
 from .windows import Range, WindowComparer
@@ -87,8 +89,11 @@ def write_flat(flat: FlatFile, plan: FlatPlan, dst: Path, *, verify: bool) -> No
     with StagedWrites() as staged:
         header_size = plan.file_size - plan.data_size
         fd, tmp = staged.start_file(dst, plan.take_header(), plan.file_size)
-        with open(flat.path, "rb") as src:
-            _copy_ranges(src.fileno(), fd, _source_ranges(flat, plan, src), header_size)
+        with open(flat.path, "rb") as src, contextlib.ExitStack() as stack:
+            ranges = _source_ranges(flat, plan, src)
+            if len(flat) >= READ_AHEAD_FROM:  # thousands of small copies: the disk reads ahead meanwhile
+                ranges = stack.enter_context(ReadAhead(src.fileno(), 0, flat.stamp[0])).follow(ranges)
+            _copy_ranges(src.fileno(), fd, ranges, header_size)
         staged.sync_later(fd)  # the disk flushes while the output is read back
         if verify:
             try:

@@ -27,6 +27,7 @@ from . import windows
 from .errors import WriteError
 from .gcpause import paused_gc
 from .layout import FilePlan
+from .readahead import READ_AHEAD_FROM, ReadAhead
 from .windows import FileWindow, PieceWindow, Range, gather, read_pieces
 
 TEMP_SUFFIX = ".tiesafe-tmp"  # temporary files are named .<final name>.<8 random characters>.tiesafe-tmp
@@ -497,11 +498,11 @@ def _copy_tensors(fd: int, plan: FilePlan) -> Iterator[int]:
                     segment.append(source.contiguous_range)
                     continue
                 if segment:
-                    yield from copy_ranges(_source_fd(sources, segment_path), fd, segment, segment_start, buffers)
+                    yield from _copy_segment(_source_fd(sources, segment_path), fd, segment, segment_start, buffers)
                 segment, segment_path, segment_start = [source.contiguous_range], source.path, base + tensor.begin
                 continue
             if segment:
-                yield from copy_ranges(_source_fd(sources, segment_path), fd, segment, segment_start, buffers)
+                yield from _copy_segment(_source_fd(sources, segment_path), fd, segment, segment_start, buffers)
                 segment = []
             if isinstance(source, PieceWindow):  # a training run's tensor: ranges of several files
                 _copy_pieces(source, fd, base + tensor.begin, sources)
@@ -512,10 +513,19 @@ def _copy_tensors(fd: int, plan: FilePlan) -> Iterator[int]:
                 source.write_into(fd, base + tensor.begin)
             yield base + tensor.end
         if segment:
-            yield from copy_ranges(_source_fd(sources, segment_path), fd, segment, segment_start, buffers)
+            yield from _copy_segment(_source_fd(sources, segment_path), fd, segment, segment_start, buffers)
     finally:
         for src in sources.values():
             os.close(src)
+
+
+def _copy_segment(src: int, fd: int, segment: list[Range], position: int, buffers: list[bytearray]) -> Iterator[int]:
+    """:func:`copy_ranges` of one run of contiguous windows; many small ones with a :class:`ReadAhead`."""
+    if len(segment) < READ_AHEAD_FROM:
+        yield from copy_ranges(src, fd, segment, position, buffers)
+        return
+    with ReadAhead(src, segment[0][0], max(offset + size for offset, size in segment)) as ahead:
+        yield from copy_ranges(src, fd, ahead.follow(segment), position, buffers)
 
 
 def copy_ranges(

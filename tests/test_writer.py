@@ -6,6 +6,8 @@ import ctypes
 import errno
 import os
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -276,3 +278,81 @@ def test_an_interrupted_write_releases_a_waiting_verifier(tmp_path: Path, monkey
         converter.convert_file(source)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["many.bin"]
     assert not [t for t in threading.enumerate() if t.name == "tiesafe-check"]  # the verifier ended
+
+
+def _reads_of(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
+    """(offset, size) of every ``os.preadv`` from now on (the read-ahead thread's reads)."""
+    reads: list[tuple[int, int]] = []
+    real = os.preadv
+
+    def preadv(fd: int, buffers: list[bytearray], offset: int) -> int:
+        read = real(fd, buffers, offset)
+        reads.append((offset, read))
+        return read
+
+    monkeypatch.setattr(os, "preadv", preadv)
+    return reads
+
+
+def _until(condition: Callable[[], bool]) -> bool:
+    deadline = time.monotonic() + 10
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    return condition()
+
+
+def test_read_ahead_stays_within_its_lead_and_follows_the_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    source = tmp_path / "source.bin"
+    source.write_bytes(os.urandom(1 << 20))
+    monkeypatch.setattr(writer_module.ReadAhead, "LEAD", 64 * 1024)
+    monkeypatch.setattr(writer_module.ReadAhead, "BLOCK", 16 * 1024)
+    reads = _reads_of(monkeypatch)
+    fd = os.open(source, os.O_RDONLY)
+    try:
+        with writer_module.ReadAhead(fd, 4096, 1 << 20) as ahead:
+            assert _until(lambda: sum(n for _, n in reads) >= 64 * 1024)
+            time.sleep(0.05)  # it would go on now if it did not wait for the copy
+            assert reads[0][0] == 4096 and max(o + n for o, n in reads) <= 4096 + 64 * 1024 + 16 * 1024
+            ranges = [(offset, 1024) for offset in range(4096, 1 << 20, 64 * 1024)]
+            assert list(ahead.follow(ranges)) == ranges  # the ranges as they are, the reader told
+            assert _until(lambda: max(o + n for o, n in reads) == 1 << 20)  # it read on to the end
+    finally:
+        os.close(fd)
+    offsets = [o for o, _ in reads]
+    assert offsets == sorted(offsets) and len(set(offsets)) == len(offsets)  # front to back, each block once
+
+
+def test_read_ahead_stops_when_closed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    source = tmp_path / "source.bin"
+    source.write_bytes(bytes(1 << 20))
+    monkeypatch.setattr(writer_module.ReadAhead, "LEAD", 32 * 1024)
+    monkeypatch.setattr(writer_module.ReadAhead, "BLOCK", 16 * 1024)
+    reads = _reads_of(monkeypatch)
+    fd = os.open(source, os.O_RDONLY)
+    try:
+        ahead = writer_module.ReadAhead(fd, 0, 1 << 20)
+        assert _until(lambda: len(reads) >= 2)
+        ahead.close()  # the reader waits for the copy: closing wakes it and it ends
+        assert not ahead._thread.is_alive()
+    finally:
+        os.close(fd)
+    assert max(o + n for o, n in reads) <= 48 * 1024
+
+
+def test_a_long_run_of_small_tensors_is_read_ahead_and_written_alike(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source = _many_tensors(tmp_path, count=40)
+    expected = converter.convert_file(source, tmp_path / "plain.safetensors")
+    started: list[tuple[int, int]] = []
+    real = writer_module.ReadAhead.__init__
+
+    def init(self: writer_module.ReadAhead, fd: int, start: int, end: int) -> None:
+        started.append((start, end))
+        real(self, fd, start, end)
+
+    monkeypatch.setattr(writer_module, "READ_AHEAD_FROM", 8)
+    monkeypatch.setattr(writer_module.ReadAhead, "__init__", init)
+    report = converter.convert_file(source, tmp_path / "ahead.safetensors")
+    assert started and report.verified and report.aliases == expected.aliases
+    assert (tmp_path / "ahead.safetensors").read_bytes() == (tmp_path / "plain.safetensors").read_bytes()

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from converter.errors import CorruptFileError
+from converter.readers import zipdir
 from converter.readers.zipdir import Member, read_directory, read_member
 
 
@@ -116,3 +117,33 @@ def test_a_small_member_is_bounded_and_checked(tmp_path: Path) -> None:
             read_member(raw, member._replace(file_size=10), size)  # a bomb that lies about its size
         with pytest.raises(CorruptFileError, match="CRC"):
             read_member(raw, member._replace(crc=member.crc ^ 1), size)
+
+
+def _zipfile_data_starts(path: Path) -> dict[str, int]:
+    """Where each member's data starts, as zipfile finds it (its file position after opening it)."""
+    with zipfile.ZipFile(path) as archive:
+        starts = {}
+        for info in archive.infolist():
+            with archive.open(info) as member:
+                starts[info.filename] = member._fileobj.tell()  # type: ignore[attr-defined]
+        return starts
+
+
+@pytest.mark.parametrize("count", [3, 600])
+def test_data_starts_as_zipfile_finds_them_read_ahead_or_not(
+    count: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "x.bin"
+    torch.save({f"w{i}": torch.randn(700 + i) for i in range(count)}, path)  # headers 3 KiB apart and more
+    started: list[int] = []
+    real = zipdir.ReadAhead
+
+    def spy(fd: int, start: int, end: int) -> object:
+        started.append(start)
+        return real(fd, start, end)
+
+    monkeypatch.setattr(zipdir, "ReadAhead", spy)
+    with open(path, "rb") as raw:
+        ours = zipdir.data_starts(raw, read_directory(raw, path.stat().st_size), path.stat().st_size)
+    assert ours == _zipfile_data_starts(path)
+    assert bool(started) == (count >= zipdir.READ_AHEAD_FROM)  # a pass over many headers is read ahead

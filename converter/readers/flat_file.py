@@ -75,7 +75,7 @@ class FlatFile:
         """Raise if the file is no longer the one that was read (size, mtime, inode)."""
         check_unchanged(self.path, self.stamp)
 
-    def stream_starts(self, raw: BinaryIO, order: Sequence[int], *, prefetch: bool = False) -> Iterator[int]:
+    def stream_starts(self, raw: BinaryIO, order: Sequence[int], *, read_ahead: bool = False) -> Iterator[int]:
         """Each row's data start, for the rows in ``order`` (ascending header offsets, in runs),
         read from its local header as it is reached; ``starts`` is filled once all are read.
 
@@ -95,7 +95,7 @@ class FlatFile:
             [sizes[i] for i in order],
             self.stamp[0],
             lambda k: keys[order[k]],
-            prefetch=prefetch,
+            read_ahead=read_ahead,
         )
         for row, start in zip(order, headers, strict=True):
             found[row] = start
@@ -172,7 +172,7 @@ def read_flat_file(
             )
             if read_starts:
                 order = sorted(range(len(flat)), key=header_offsets.__getitem__)
-                for _ in flat.stream_starts(raw, order, prefetch=True):
+                for _ in flat.stream_starts(raw, order, read_ahead=True):
                     pass
         names = flat.names
         for name in names:

@@ -11,8 +11,6 @@ tests hold the two readers to the same answers.
 
 from __future__ import annotations
 
-import bisect
-import contextlib
 import os
 import struct
 import zlib
@@ -21,6 +19,7 @@ from operator import itemgetter
 from typing import Any, NamedTuple
 
 from ..errors import CorruptFileError, quoted
+from ..readahead import READ_AHEAD_FROM, ReadAhead
 
 STORED = 0
 DEFLATED = 8
@@ -35,8 +34,6 @@ _ENCRYPTED = 0x1
 _ZIP64_EXTRA = 0x0001
 _LIMIT32 = 0xFFFFFFFF
 _HEADERS_BLOCK = 64 * 1024  # local headers closer than this are read together
-_PREFETCH = 64 * 1024 * 1024  # a window of the file read ahead when it holds many headers ...
-_DENSE = 64  # ... at least this many (one per MiB on average)
 _HEADER_OFFSET = itemgetter(1)  # Member.header_offset, without an attribute look-up
 _MAX_EXTRACT_VERSION = 63  # zipfile's: newer features (e.g. strong encryption) it refuses, and so do we
 
@@ -198,7 +195,7 @@ def data_starts(raw: Any, members: list[Member], file_size: int) -> dict[str, in
     ordered = sorted(members, key=_HEADER_OFFSET)
     offsets = list(map(_HEADER_OFFSET, ordered))
     found = stream_data_starts(
-        raw, offsets, [m.file_size for m in ordered], file_size, lambda i: ordered[i].filename, prefetch=True
+        raw, offsets, [m.file_size for m in ordered], file_size, lambda i: ordered[i].filename, read_ahead=True
     )
     return dict(zip([m.filename for m in ordered], found, strict=True))
 
@@ -210,7 +207,7 @@ def stream_data_starts(
     file_size: int,
     name_of: Callable[[int], str],
     *,
-    prefetch: bool = False,
+    read_ahead: bool = False,
 ) -> Iterator[int]:
     """Where the data of each stored member starts, read from its local header as it is reached.
 
@@ -221,41 +218,48 @@ def stream_data_starts(
     reads walk the file once, in order: on a cold cache the kernel's readahead brings in
     each header with the data around it, where reading every header first would be
     thousands of small synchronous reads and then a second pass for the data.
-    ``prefetch`` (when every header is read first) asks the kernel for dense windows ahead.
+    ``read_ahead`` (when every header is read first, before the data is copied) reads
+    the file in a thread ahead of the headers when they are many (:mod:`..readahead`):
+    one sequential pass over the disk, and the copy after it finds the data cached.
 
     Example:
         >>> list(stream_data_starts(raw, [0, 1088], [1024, 64], size, str))  # doctest: +SKIP
         [64, 1152]
     """
     size = _LOCAL.size
-    block, block_start, block_end, advised = b"", 0, 0, 0
+    block, block_start, block_end = b"", 0, 0
     count = len(offsets)
-    for i, offset in enumerate(offsets):
-        if prefetch and offset >= advised:
-            advised = offset + _PREFETCH
-            if bisect.bisect_left(offsets, advised, i) - i >= _DENSE:
-                # Headers every few KiB (thousands of small storages): their reads would be
-                # thousands of small synchronous disk reads on a cold cache. Ask the kernel for
-                # the whole window at once; the copy reads these bytes next anyway.
-                with contextlib.suppress(OSError, AttributeError):
-                    base = getattr(raw, "base_offset", 0)
-                    os.posix_fadvise(raw.fileno(), base + offset, _PREFETCH, os.POSIX_FADV_WILLNEED)
-        if offset < block_start or offset + size > block_end:
-            last = i  # read through the last header within _HEADERS_BLOCK of this one
-            while last + 1 < count and 0 <= offsets[last + 1] + size - offset <= _HEADERS_BLOCK:
-                last += 1
-            block_start = offset
-            block = _pread(raw, offsets[last] + size - block_start, block_start)
-            block_end = block_start + len(block)
-        found = _data_start(block, offset - block_start, offset)
-        if found is None:
-            raise CorruptFileError(f"zip member {quoted(name_of(i))} has no valid local header")
-        start, method = found
-        if method != STORED:  # the central directory said stored: the two disagree
-            raise CorruptFileError(f"zip member {quoted(name_of(i))} is compressed; torch writes storages uncompressed")
-        if start + sizes[i] > file_size:
-            raise CorruptFileError(f"zip member {quoted(name_of(i))} claims more bytes than the file holds")
-        yield start
+    base = getattr(raw, "base_offset", 0)
+    ahead = (
+        ReadAhead(raw.fileno(), base + offsets[0], base + file_size)
+        if read_ahead and count >= READ_AHEAD_FROM
+        else None
+    )
+    try:
+        for i, offset in enumerate(offsets):
+            if ahead is not None:
+                ahead.reached(base + offset)
+            if offset < block_start or offset + size > block_end:
+                last = i  # read through the last header within _HEADERS_BLOCK of this one
+                while last + 1 < count and 0 <= offsets[last + 1] + size - offset <= _HEADERS_BLOCK:
+                    last += 1
+                block_start = offset
+                block = _pread(raw, offsets[last] + size - block_start, block_start)
+                block_end = block_start + len(block)
+            found = _data_start(block, offset - block_start, offset)
+            if found is None:
+                raise CorruptFileError(f"zip member {quoted(name_of(i))} has no valid local header")
+            start, method = found
+            if method != STORED:  # the central directory said stored: the two disagree
+                raise CorruptFileError(
+                    f"zip member {quoted(name_of(i))} is compressed; torch writes storages uncompressed"
+                )
+            if start + sizes[i] > file_size:
+                raise CorruptFileError(f"zip member {quoted(name_of(i))} claims more bytes than the file holds")
+            yield start
+    finally:
+        if ahead is not None:
+            ahead.close()
 
 
 def read_member(raw: Any, member: Member, file_size: int) -> bytes:
