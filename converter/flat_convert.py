@@ -87,20 +87,30 @@ def write_flat(flat: FlatFile, plan: FlatPlan, dst: Path, *, verify: bool) -> No
         >>> write_flat(flat, FlatPlan(flat, None), Path("model.safetensors"), verify=True)  # doctest: +SKIP
     """
     with StagedWrites() as staged:
-        header_size = plan.file_size - plan.data_size
-        fd, tmp = staged.start_file(dst, plan.take_header(), plan.file_size)
-        with open(flat.path, "rb") as src, contextlib.ExitStack() as stack:
-            ranges = _source_ranges(flat, plan, src)
-            if len(flat) >= READ_AHEAD_FROM:  # thousands of small copies: the disk reads ahead meanwhile
-                ranges = stack.enter_context(ReadAhead(src.fileno(), 0, flat.stamp[0])).follow(ranges)
-            _copy_ranges(src.fileno(), fd, ranges, header_size)
-        staged.sync_later(fd)  # the disk flushes while the output is read back
-        if verify:
-            try:
-                verify_written(flat, plan, tmp)
-            except TiesafeError as exc:  # named by the output's final name, not the temporary one
-                raise type(exc)(exc.problem, path=dst) from None
-        flat.check_unchanged()  # the bytes just verified are those of the file that was read
+        stage_flat(staged, flat, plan, dst, verify=verify)
+
+
+def stage_flat(staged: StagedWrites, flat: FlatFile, plan: FlatPlan, dst: Path, *, verify: bool) -> None:
+    """:func:`write_flat` into ``staged``: ``dst`` appears when ``staged`` commits, with the rest.
+
+    Example:
+        >>> with StagedWrites() as staged:  # doctest: +SKIP
+        ...     stage_flat(staged, flat, FlatPlan(flat, None), Path("out/model.safetensors"), verify=True)
+    """
+    header_size = plan.file_size - plan.data_size
+    fd, tmp = staged.start_file(dst, plan.take_header(), plan.file_size)
+    with open(flat.path, "rb") as src, contextlib.ExitStack() as stack:
+        ranges = _source_ranges(flat, plan, src)
+        if len(flat) >= READ_AHEAD_FROM:  # thousands of small copies: the disk reads ahead meanwhile
+            ranges = stack.enter_context(ReadAhead(src.fileno(), 0, flat.stamp[0])).follow(ranges)
+        _copy_ranges(src.fileno(), fd, ranges, header_size)
+    staged.sync_later(fd)  # the disk flushes while the output is read back
+    if verify:
+        try:
+            verify_written(flat, plan, tmp)
+        except TiesafeError as exc:  # named by the output's final name, not the temporary one
+            raise type(exc)(exc.problem, path=dst) from None
+    flat.check_unchanged()  # the bytes just verified are those of the file that was read
 
 
 def _source_ranges(flat: FlatFile, plan: FlatPlan, src: BinaryIO) -> Iterator[Range]:

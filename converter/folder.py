@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import re
 import time
@@ -29,12 +30,13 @@ from .conventions import ADAPTER_CONFIG, NOT_WEIGHTS, WEIGHT_SUFFIXES, WeightNam
 from .declared import resolve_declared
 from .descriptors import Checkpoint, StorageRecord, TensorRef
 from .errors import TiesafeError, VerificationError
+from .flat_convert import FlatPlan, stage_flat
 from .gcpause import paused_gc
 from .geometry import contiguous_strides
-from .identical import equal_bytes, identical_groups, search_is_costly
+from .identical import costly_candidates, equal_bytes, identical_groups, search_is_costly
 from .layout import SetPlan, plan_shards, stored_items
 from .names import strip_prefixes
-from .readers.flat_file import FlatFile, read_flat_file
+from .readers.flat_file import FlatFile, NotFlat, read_flat_file
 from .readers.torchfile import read_checkpoint
 from .reports import SavedBytesReport
 from .sharing import SharingPlan, plan_sharing, retie
@@ -409,7 +411,96 @@ class SetOutput:
     @property
     def label(self) -> str:
         """``unet/diffusion_pytorch_model.fp16``: the set's name in reports."""
-        return _relative(self.component, conventions.safetensors_name(self.stem, self.variant)[: -len(".safetensors")])
+        return _label(self.component, self.stem, self.variant)
+
+    # What the folder's report sums over its sets.
+    @property
+    def tensor_count(self) -> int:
+        return len(self.checkpoint.tensors)
+
+    @property
+    def stored_count(self) -> int:
+        return len(self.sharing.stored)
+
+    @property
+    def bytes_all_names(self) -> int:
+        return sum(t.nbytes for t in self.checkpoint.tensors.values())
+
+    @property
+    def bytes_written(self) -> int:
+        return self.output.data_size
+
+    @property
+    def skipped(self) -> list[str]:
+        return self.checkpoint.skipped
+
+    @property
+    def prefixes_removed(self) -> list[str]:
+        return self.checkpoint.prefixes_removed
+
+
+@dataclass
+class FlatSetOutput:
+    """A weight set that is one flat file (a mixture of experts' ``pytorch_model.bin``, every
+    tensor a storage of its own) with nothing to tie: no tie declared among its names, too
+    many small tensors of one shape for the identical-bytes search, one output file.
+
+    Written from its columns (:func:`.flat_convert.stage_flat`): the same file the general
+    plan writes, without an object per tensor. ``general`` plans the set by the general
+    path, for a file whose local headers turn out, during the copy, not to be flat.
+    """
+
+    component: str
+    weights: WeightSet
+    flat: FlatFile
+    plan: FlatPlan
+    filename: str  # the output file, in the component folder
+    warnings: list[str]
+    stem: str
+    variant: str | None
+    general: Callable[[], SetOutput]
+    ties: list[Tie] = field(default_factory=list)  # none: kept for the report's sake
+    identical: list[list[str]] = field(default_factory=list)  # not searched (a warning says so)
+    index_name: str | None = None  # never sharded
+
+    @property
+    def written_names(self) -> list[str]:
+        return [self.filename]
+
+    @property
+    def label(self) -> str:
+        return _label(self.component, self.stem, self.variant)
+
+    @property
+    def tensor_count(self) -> int:
+        return len(self.flat)
+
+    @property
+    def stored_count(self) -> int:
+        return len(self.flat)
+
+    @property
+    def bytes_all_names(self) -> int:
+        return self.plan.data_size
+
+    @property
+    def bytes_written(self) -> int:
+        return self.plan.data_size
+
+    @property
+    def skipped(self) -> list[str]:
+        return []
+
+    @property
+    def prefixes_removed(self) -> list[str]:
+        return self.flat.prefixes_removed
+
+
+PlannedSet = SetOutput | FlatSetOutput
+
+
+def _label(component: str, stem: str, variant: str | None) -> str:
+    return _relative(component, conventions.safetensors_name(stem, variant)[: -len(".safetensors")])
 
 
 def _relative(component: str, name: str) -> str:
@@ -422,7 +513,7 @@ class FolderPlan:
 
     source: Path
     library: str
-    sets: list[SetOutput]
+    sets: list[PlannedSet]
     others: list[str]  # files carried over as they are, relative to the source
     multi: bool  # several component folders make one model (all carried over)
     notes: list[str] = field(default_factory=list)
@@ -453,15 +544,15 @@ class FolderPlan:
             output=str(output),
             files=files,
             copied=list(self.others) if output != self.source else [],
-            tensors=sum(len(s.checkpoint.tensors) for s in self.sets),
-            stored=sum(len(s.sharing.stored) for s in self.sets),
-            bytes_all_names=sum(t.nbytes for s in self.sets for t in s.checkpoint.tensors.values()),
-            bytes_written=sum(s.output.data_size for s in self.sets),
+            tensors=sum(s.tensor_count for s in self.sets),
+            stored=sum(s.stored_count for s in self.sets),
+            bytes_all_names=sum(s.bytes_all_names for s in self.sets),
+            bytes_written=sum(s.bytes_written for s in self.sets),
             ties=[dataclasses.replace(t, where=s.label if several else "") for s in self.sets for t in s.ties],
             identical=[g for s in self.sets for g in s.identical],
-            skipped=[_relative(s.component, k) for s in self.sets for k in s.checkpoint.skipped],
+            skipped=[_relative(s.component, k) for s in self.sets for k in s.skipped],
             prefixes_removed=[
-                f"{s.component}: {r}" if s.component else r for s in self.sets for r in s.checkpoint.prefixes_removed
+                f"{s.component}: {r}" if s.component else r for s in self.sets for r in s.prefixes_removed
             ],
             warnings=[w for s in self.sets for w in s.warnings] + self._left_behind(output),
             verified=verified,
@@ -481,10 +572,17 @@ class _Options:
     strict: bool = False
     strip_prefix: tuple[str, ...] = ()
     keep_names: bool = False
+    columns: bool = True  # a flat set is planned from its columns (False: the general path for every set)
 
 
-def _plan_set(component: Component, weights: WeightSet, options: _Options) -> tuple[SetOutput, str | None]:
+def _plan_set(component: Component, weights: WeightSet, options: _Options) -> tuple[PlannedSet, str | None]:
     """Read one weight set and decide its output; the note says how declared ties were found."""
+    flat = _plan_flat_set(component, weights, options)
+    return flat if flat is not None else _plan_general_set(component, weights, options)
+
+
+def _plan_general_set(component: Component, weights: WeightSet, options: _Options) -> tuple[SetOutput, str | None]:
+    """:func:`_plan_set` by the general path: every tensor a descriptor, every kind of tie looked for."""
     ckpt = read_folder_checkpoint(
         weights.files,
         weights.weight_map,
@@ -503,10 +601,7 @@ def _plan_set(component: Component, weights: WeightSet, options: _Options) -> tu
         weights.folder, declared.groups, ckpt, sharing, None if costly else identical, options.allow_untied
     )
     if costly:  # said, not silent: the report names what was not looked for
-        warnings.append(
-            f"identical bytes not searched: {costly} small tensors share a dtype and shape "
-            "(--dedup-identical searches them and stores equal ones once)"
-        )
+        warnings.append(_not_searched(costly))
     ties += config_ties
     identical = [g for g in identical if not set(g) & moved]
     if options.dedup_identical:
@@ -517,11 +612,9 @@ def _plan_set(component: Component, weights: WeightSet, options: _Options) -> tu
     total = sum(item.nbytes for item in items)
     limit = options.limit
     stem = weights.out_stem
-    name = conventions.safetensors_name(stem, weights.variant)
-    shardable = weights.stem in _SHARDED_STEMS and conventions.LIBRARIES[component.library or "other"].shards
+    shardable = _shardable(component, weights)
     if not shardable and total > limit:  # its loader reads one file: never sharded
-        who = "PEFT" if component.library == "peft" else component.library
-        warnings.append(f"written as one file over the shard size: {who} loads {name} unsharded")
+        warnings.append(_unsharded(component, weights))
     if not shardable:
         limit = max(limit, total)
     pattern = conventions.shard_pattern(stem, weights.variant)
@@ -533,7 +626,85 @@ def _plan_set(component: Component, weights: WeightSet, options: _Options) -> tu
     return plan, note
 
 
-def _carried_files(source: Path, sets: list[SetOutput], components: list[Component]) -> list[str]:
+def _plan_flat_set(
+    component: Component, weights: WeightSet, options: _Options
+) -> tuple[FlatSetOutput, str | None] | None:
+    """:func:`_plan_set` from a flat file's columns, when the general path would find nothing
+    to tie and write one file from it; else None (the general path plans the set).
+
+    Every decision the general path takes is taken here on the columns: names placed by
+    the index and stripped of prefixes over the set, the identical-bytes search skipped as
+    too costly (else it runs there), no tie the model declares among the names, one output
+    file under the same name. The tests hold the two to the same files and report.
+    """
+    if not options.columns or options.dedup_identical or len(weights.files) != 1:
+        return None
+    path = weights.files[0]
+    flat = read_flat_file(path, keep_names=True, read_starts=False)  # headers: read as the copy reaches them
+    if flat is None:
+        return None
+    names = flat.names
+    weight_map = weights.weight_map
+    if weight_map is not None and (len(weight_map) != len(names) or any(weight_map.get(n) != path.name for n in names)):
+        return None  # the index places names elsewhere, or lists others
+    costly = costly_candidates(zip(flat.dtypes, flat.shapes, flat.nbytes, strict=True))
+    if not costly:
+        return None  # the general path searches identical bytes
+    try:
+        renamed, flat.prefixes_removed = strip_prefixes(names, options.strip_prefix, auto=not options.keep_names)
+    except TiesafeError:
+        return None  # the general path refuses it, naming the folder
+    if flat.prefixes_removed:
+        flat.names = names = [renamed[name] for name in names]
+    declared = resolve_declared(weights.folder, names)
+    present = set(names)
+    if any(sum(name in present for name in group) > 1 for group in declared.groups):
+        return None  # a tie the model declares: the general path checks and records it
+    warnings = [_not_searched(costly)]
+    plan = FlatPlan(flat, None)
+    if plan.data_size > options.limit:
+        if _shardable(component, weights):
+            return None  # sharded: the general path splits it
+        warnings.append(_unsharded(component, weights))
+    stem = weights.out_stem
+    output = FlatSetOutput(
+        component.path,
+        weights,
+        flat,
+        plan,
+        conventions.shard_pattern(stem, weights.variant).format(suffix=""),  # huggingface_hub's name for one shard
+        warnings,
+        stem,
+        weights.variant,
+        functools.partial(_general_only, component, weights, options),
+    )
+    note = f"{output.label}: {declared.note}" if declared.note else None
+    return output, note
+
+
+def _general_only(component: Component, weights: WeightSet, options: _Options) -> SetOutput:
+    return _plan_general_set(component, weights, options)[0]
+
+
+def _not_searched(costly: int) -> str:
+    return (
+        f"identical bytes not searched: {costly} small tensors share a dtype and shape "
+        "(--dedup-identical searches them and stores equal ones once)"
+    )
+
+
+def _shardable(component: Component, weights: WeightSet) -> bool:
+    """Whether the set's loader reads shards through an index (transformers, diffusers)."""
+    return weights.stem in _SHARDED_STEMS and conventions.LIBRARIES[component.library or "other"].shards
+
+
+def _unsharded(component: Component, weights: WeightSet) -> str:
+    who = "PEFT" if component.library == "peft" else component.library
+    name = conventions.safetensors_name(weights.out_stem, weights.variant)
+    return f"written as one file over the shard size: {who} loads {name} unsharded"
+
+
+def _carried_files(source: Path, sets: list[PlannedSet], components: list[Component]) -> list[str]:
     """Files copied as they are: the model's files (its own, and its component folders') that are
     neither a replaced pickle nor an output name of a set in the same folder."""
     replaced = {p for s in sets for p in s.weights.replaced}
@@ -583,7 +754,7 @@ def plan_folder(
     )
     library, components = model_components(src)
     multi = is_multi_component(library)
-    sets: list[SetOutput] = []
+    sets: list[PlannedSet] = []
     notes: list[str] = []
     for component in components:
         for weights in find_weight_sets(src / component.path):
@@ -694,22 +865,37 @@ def write_plan(plan: FolderPlan, out: Path, *, verify: bool) -> list[str]:
     Returns the files written, relative to ``out``. On failure nothing is left: no file,
     and no folder this call created.
 
+    A set planned from a flat file's columns whose local headers turn out not to be flat
+    (:class:`.readers.flat_file.NotFlat`, met during the copy) is planned again by the
+    general path, and the whole plan written again.
+
     Example:
         >>> write_plan(plan_folder("sd-pipeline"), Path("sd-st"), verify=True)  # doctest: +SKIP
         ['unet/diffusion_pytorch_model.safetensors', 'vae/diffusion_pytorch_model.safetensors']
     """
+    try:
+        return _write_plan(plan, out, verify=verify)
+    except NotFlat:  # nothing was left behind: plan those sets as the general path does, and write again
+        plan.sets = [s.general() if isinstance(s, FlatSetOutput) else s for s in plan.sets]
+        return _write_plan(plan, out, verify=verify)
+
+
+def _write_plan(plan: FolderPlan, out: Path, *, verify: bool) -> list[str]:
     copies = plan.others if out != plan.source else []
     folders = [out, *(out / s.component for s in plan.sets), *((out / c).parent for c in copies)]
     created = _make_folders(list(dict.fromkeys(folders)))
     try:
         with StagedWrites() as staged:
             for s in plan.sets:
+                if isinstance(s, FlatSetOutput):
+                    stage_flat(staged, s.flat, s.plan, out / s.component / s.filename, verify=verify)
+                    continue
                 plans = {out / s.component / name: file_plan for name, file_plan in s.output.files.items()}
                 staged.write_set(plans, _checker(s, out) if verify else None)
             for relative in copies:
                 staged.copy_file(plan.source / relative, out / relative)
             for s in plan.sets:
-                if s.index_name is not None:  # an index appears after its shards
+                if isinstance(s, SetOutput) and s.index_name is not None:  # an index appears after its shards
                     staged.write_bytes(s.output.index_json(), out / s.component / s.index_name)
     except BaseException:
         for folder in created:

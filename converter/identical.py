@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections import defaultdict
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterable
 from pathlib import Path
 
 from .layout import StoredItem
@@ -139,10 +139,17 @@ def search_is_costly(items: list[StoredItem]) -> int:
         >>> search_is_costly(stored_items(ckpt, sharing))  # doctest: +SKIP
         12288
     """
+    return costly_candidates(
+        (item.dtype, item.shape, item.nbytes) for item in items if isinstance(item.source, FileWindow)
+    )
+
+
+def costly_candidates(tensors: Iterable[tuple[object, tuple[int, ...], int]]) -> int:
+    """:func:`search_is_costly` of tensors given as (dtype, shape, bytes), all of them in files."""
     shapes: dict[tuple[object, ...], list[int]] = defaultdict(list)
-    for item in items:
-        if item.nbytes and isinstance(item.source, FileWindow):
-            shapes[(item.dtype, item.shape)].append(item.nbytes)
+    for dtype, shape, nbytes in tensors:
+        if nbytes:
+            shapes[(dtype, shape)].append(nbytes)
     sizes = [n for group in shapes.values() if len(group) > 1 for n in group]
     if len(sizes) > SEARCH_AT_MOST and sum(sizes) < _SMALL_CANDIDATE * len(sizes):
         return len(sizes)

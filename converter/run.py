@@ -249,6 +249,7 @@ def convert_run(
         raise TiesafeError("output must be a folder", path=out)
     _refuse_existing(out, plan, overwrite)
     weights = plan.sets[0]
+    assert isinstance(weights, SetOutput)  # a run's weights are gathered, never a flat file's columns
     parallel = executor is not None or (workers or 1) > 1
     if parallel and len(weights.output.files) > 1:
         written = _write_shards_parallel(plan, weights, out, verify=verify, workers=workers or 1, executor=executor)
