@@ -17,14 +17,16 @@ from collections.abc import Iterable, Iterator
 
 # A pass of this many steps or more is read ahead: a few large copies keep the disk busy on their own.
 READ_AHEAD_FROM = 256
+_NOWAIT: int | None = getattr(os, "RWF_NOWAIT", None)  # Linux 4.14+
 
 
 class ReadAhead:
     """Read ``fd`` from ``start`` to ``end`` in a thread, at most LEAD bytes ahead of the pass.
 
     The bytes read are dropped; they stay in the page cache for the pass (and for a
-    verification after it). A cached file costs a memory copy on the other core.
-    ``reached(offset)`` tells the reader where the pass is; ``close()`` stops it.
+    verification after it). A block already cached is not read again: a non-blocking read
+    of its last page (``RWF_NOWAIT``) says so, and a cached file costs one such read a
+    block. ``reached(offset)`` tells the reader where the pass is; ``close()`` stops it.
 
     Example:
         >>> with ReadAhead(src_fd, 0, size) as ahead:  # doctest: +SKIP
@@ -33,6 +35,7 @@ class ReadAhead:
 
     LEAD = 128 * 1024 * 1024  # how far ahead of the pass the reader may go
     BLOCK = 2 * 1024 * 1024  # one read
+    _PAGE = 4096
 
     def __init__(self, fd: int, start: int, end: int) -> None:
         self._fd, self._end = fd, end
@@ -43,7 +46,7 @@ class ReadAhead:
         self._thread.start()
 
     def _run(self, at: int) -> None:
-        block = bytearray(self.BLOCK)
+        block, page = bytearray(self.BLOCK), bytearray(self._PAGE)
         with contextlib.suppress(OSError):  # a read error is the pass's to meet and report
             while at < self._end:
                 with self._moved:
@@ -51,10 +54,22 @@ class ReadAhead:
                         self._moved.wait()
                     if self._stop:
                         return
+                if self._cached(page, min(at + self.BLOCK, self._end) - 1):
+                    at += self.BLOCK
+                    continue
                 read = os.preadv(self._fd, [block], at)
                 if read <= 0:
                     return
                 at += read
+
+    def _cached(self, page: bytearray, offset: int) -> bool:
+        """Whether the page holding ``offset`` is in the page cache (read without waiting for the disk)."""
+        if _NOWAIT is None:
+            return False
+        try:
+            return os.preadv(self._fd, [page], offset - offset % self._PAGE, _NOWAIT) > 0
+        except OSError:  # EAGAIN: not cached; EOPNOTSUPP: the filesystem cannot say
+            return False
 
     def reached(self, offset: int) -> None:
         """The pass is now at ``offset`` of the file."""

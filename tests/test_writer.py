@@ -280,17 +280,21 @@ def test_an_interrupted_write_releases_a_waiting_verifier(tmp_path: Path, monkey
     assert not [t for t in threading.enumerate() if t.name == "tiesafe-check"]  # the verifier ended
 
 
-def _reads_of(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
-    """(offset, size) of every ``os.preadv`` from now on (the read-ahead thread's reads)."""
+def _reads_of(monkeypatch: pytest.MonkeyPatch, *, cold: bool = True) -> list[tuple[int, int]]:
+    """(offset, size) of every blocking ``os.preadv`` from now on (the read-ahead thread's reads);
+    ``cold``: every block is taken as not cached (a file just written here is)."""
     reads: list[tuple[int, int]] = []
     real = os.preadv
 
-    def preadv(fd: int, buffers: list[bytearray], offset: int) -> int:
-        read = real(fd, buffers, offset)
-        reads.append((offset, read))
+    def preadv(fd: int, buffers: list[bytearray], offset: int, flags: int = 0) -> int:
+        read = real(fd, buffers, offset, flags)
+        if not flags:  # not the non-blocking probe of a page
+            reads.append((offset, read))
         return read
 
     monkeypatch.setattr(os, "preadv", preadv)
+    if cold:
+        monkeypatch.setattr(writer_module.ReadAhead, "_cached", lambda self, page, offset: False)
     return reads
 
 
@@ -337,6 +341,28 @@ def test_read_ahead_stops_when_closed(tmp_path: Path, monkeypatch: pytest.Monkey
     finally:
         os.close(fd)
     assert max(o + n for o, n in reads) <= 48 * 1024
+
+
+def test_read_ahead_skips_what_is_cached(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    source = tmp_path / "source.bin"
+    source.write_bytes(os.urandom(1 << 20))  # just written: in the page cache
+    monkeypatch.setattr(writer_module.ReadAhead, "BLOCK", 64 * 1024)
+    reads = _reads_of(monkeypatch, cold=False)
+    probes: list[int] = []
+    real = writer_module.ReadAhead._cached
+
+    def cached(self: writer_module.ReadAhead, page: bytearray, offset: int) -> bool:
+        probes.append(offset)
+        return real(self, page, offset)
+
+    monkeypatch.setattr(writer_module.ReadAhead, "_cached", cached)
+    fd = os.open(source, os.O_RDONLY)
+    try:
+        with writer_module.ReadAhead(fd, 0, 1 << 20):
+            assert _until(lambda: len(probes) == 16)  # one probe a block, through to the end
+    finally:
+        os.close(fd)
+    assert reads == []  # every block found cached: none read
 
 
 def test_a_long_run_of_small_tensors_is_read_ahead_and_written_alike(
