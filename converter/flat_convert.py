@@ -211,7 +211,6 @@ def verify_written(flat: FlatFile, plan: FlatPlan, path: Path) -> int:
     if len(raw) != length or size != plan.file_size or data_start + plan.data_size != size:
         raise VerificationError("the output's size or header length differs from the one planned", path=path)
     names, dtypes, shapes, nbytes = flat.names, flat.dtypes, flat.shapes, flat.nbytes
-    pairs: list[tuple[int, int, int]] = []
     try:
         text = raw.decode("utf-8")
         del raw
@@ -227,14 +226,15 @@ def verify_written(flat: FlatFile, plan: FlatPlan, path: Path) -> int:
             planned = {"dtype": dtypes[row].code, "shape": list(shapes[row]), "data_offsets": [position, end]}
             if name != names[row] or spec != planned:
                 raise VerificationError(f"tensor {names[row]!r} is not described as planned in the output", path=path)
-            pairs.append((data_start + position, row, nbytes[row]))
             position = end
         missing = next(order, None)
         if missing is not None:
             raise VerificationError(f"tensor {names[missing]!r} is missing from the output", path=path)
     except (ValueError, StopIteration):
         raise VerificationError("the header read back is not the JSON object written", path=path) from None
-    different = _first_difference(flat, path, pairs)
+    del text, members
+    # Each row where the header just read says it lies: the planned places, made as compared (no list).
+    different = _first_difference(flat, path, _planned_places(plan, nbytes, data_start))
     if different is not None:
         raise VerificationError(f"tensor {names[different]!r} differs from the source", path=path)
     return 2 * sum(nbytes)
@@ -288,7 +288,15 @@ def _members(text: str) -> Iterator[tuple[str, object]]:
         raise ValueError("text after the object")
 
 
-def _first_difference(flat: FlatFile, out_path: Path, pairs: list[tuple[int, int, int]]) -> int | None:
+def _planned_places(plan: FlatPlan, nbytes: list[int], data_start: int) -> Iterator[tuple[int, int, int]]:
+    """(output offset, row, size) of every row, in output order, as ``plan`` lays them out."""
+    position = data_start
+    for row in plan.order:
+        yield position, row, nbytes[row]
+        position += nbytes[row]
+
+
+def _first_difference(flat: FlatFile, out_path: Path, pairs: Iterable[tuple[int, int, int]]) -> int | None:
     """The first row whose output bytes differ from the source's, in output order, else None.
 
     ``pairs`` are (output offset, row, size); the comparer reads the source span of a run

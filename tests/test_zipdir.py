@@ -147,3 +147,46 @@ def test_data_starts_as_zipfile_finds_them_read_ahead_or_not(
         ours = zipdir.data_starts(raw, read_directory(raw, path.stat().st_size), path.stat().st_size)
     assert ours == _zipfile_data_starts(path)
     assert bool(started) == (count >= zipdir.READ_AHEAD_FROM)  # a pass over many headers is read ahead
+
+
+def _archive(path: Path, names: list[str]) -> Path:
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("p/data.pkl", b"\x80\x02}q\x00.")
+        for i, name in enumerate(names):
+            archive.writestr(name, bytes(range(8 + i)))
+    return path
+
+
+def test_the_storage_table_holds_every_member_as_the_directory_reads_it(tmp_path: Path) -> None:
+    from converter.readers.containers import open_torch_zip
+
+    # Numbered members held as rows (in any order, with a gap), the rest by name: a key with a
+    # leading zero, a name that is not a number, one far past the others, nested folders.
+    keys = ["10", "0", "2", "1", "007", "x", "99999999", "a/1", "3"]
+    path = _archive(tmp_path / "x.bin", [f"p/data/{key}" for key in keys])
+    by_name = {m.filename: m for m in _ours(path)}
+    with open(path, "rb") as raw:
+        _, table = open_torch_zip(raw, path.stat().st_size)
+    for key in keys:
+        assert table.get(key) == by_name[f"p/data/{key}"], key
+    assert table.get("4") is None and table.get("11") is None and table.get("01") is None
+    sizes = [by_name[f"p/data/{key}"].file_size for key in keys]
+    offsets = [by_name[f"p/data/{key}"].header_offset for key in keys]
+    assert table.stored(keys, sizes) == (offsets, sizes)
+    numbered = [by_name[f"p/data/{k}"] for k in ("0", "1", "2", "3", "10")]  # all numbers: read in C
+    numbered_sizes = [m.file_size for m in numbered]
+    assert table.stored(["0", "1", "2", "3", "10"], numbered_sizes) == (
+        [m.header_offset for m in numbered],
+        numbered_sizes,
+    )
+    assert table.stored(["0", "4"], [1, 1]) is None  # no member 4
+    assert table.stored(["0"], [by_name["p/data/0"].file_size + 1]) is None  # more bytes than its member holds
+
+
+def test_a_storage_number_held_twice_is_refused(tmp_path: Path) -> None:
+    from converter.readers.containers import open_torch_zip
+
+    with pytest.warns(UserWarning, match="Duplicate name"):
+        path = _archive(tmp_path / "x.bin", ["p/data/0", "p/data/1", "p/data/1"])
+    with open(path, "rb") as raw, pytest.raises(CorruptFileError, match="duplicate member names"):
+        open_torch_zip(raw, path.stat().st_size)

@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import io
 import struct
+from array import array
+from itertools import repeat
+from operator import itemgetter, le
 from pathlib import Path
-from typing import Any, BinaryIO, NamedTuple
+from typing import Any, BinaryIO, NamedTuple, cast
 
 from ..descriptors import StorageRecord
 from ..dtypes import BYTE, DType
 from ..errors import CorruptFileError, UnsupportedError, quoted
 from .flat_state_dict import read_flat_state_dict
 from .unpickler import MAX_ELEMENTS, MAX_PICKLE_BYTES, StorageNode, UnpickleContext, storage_fields, unpickle
-from .zipdir import STORED, Member, data_starts, read_directory, read_member
+from .zipdir import STORED, Member, data_starts, iter_directory, read_member
 
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 LEGACY_PROTOCOL = 1001
@@ -26,22 +29,130 @@ LEGACY_PROTOCOL = 1001
 # --------------------------------------------------------------------------- zip format
 
 
-class StorageTable:
-    """Storage key -> its member (``<prefix>/data/<key>``), looked up in the directory's own
-    table of names: no second table and no key string per storage (100,000 of them in a
-    mixture-of-experts archive)."""
+# Member's fields after its name, as machine integers: header offset, method, two sizes, flags, CRC.
+_TYPECODES = "qHqqHL"
 
-    def __init__(self, by_name: dict[str, Member], data_prefix: str) -> None:
-        self._by_name = by_name
-        self._prefix = data_prefix
+
+class NumberedRows:
+    """Numbered storage members (``<prefix>/data/0``, ...) gathered as columns, a chunk at a
+    time: no member tuple outlives its chunk, so 100,000 of them never stand at once."""
+
+    _CHUNK = 4096
+
+    def __init__(self, data_prefix: str) -> None:
+        self._cut = len(data_prefix)
+        self.numbers = array("q")
+        self.columns = [array(code) for code in _TYPECODES]
+        self._chunk: list[Member] = []
+
+    def add(self, member: Member) -> None:
+        self._chunk.append(member)
+        if len(self._chunk) >= self._CHUNK:
+            self.flush()
+
+    def flush(self) -> None:
+        chunk, cut = self._chunk, self._cut
+        try:
+            self.numbers.extend([int(member.filename[cut:]) for member in chunk])
+            for field, column in enumerate(self.columns, start=1):
+                column.extend(map(itemgetter(field), chunk))
+        except OverflowError:
+            raise CorruptFileError("damaged zip archive (a storage member claims an impossible size)") from None
+        chunk.clear()
+
+
+class StorageTable:
+    """Storage key -> its member (``<prefix>/data/<key>``).
+
+    torch numbers its storages ``0``, ``1``, ...: a member so named is held as a row of
+    columns indexed by its number (32 bytes, where a member tuple and its name take about
+    300: 100,000 of them in a mixture-of-experts archive), and made a :class:`Member`
+    again when asked for. A member under any other key is held as it is, by name.
+    """
+
+    # A number this far past the count of numbered members is kept by name: no gap of empty rows for it.
+    _MAX_GAP = 1 << 16
+
+    def __init__(self, data_prefix: str, rows: NumberedRows, others: dict[str, Member]) -> None:
+        """Hold ``rows`` by number and ``others`` (storages under other keys) by name.
+
+        Raises :class:`~converter.errors.CorruptFileError` for a number held twice.
+        """
+        self.prefix = data_prefix
+        self.others = others
+        rows.flush()
+        numbers, columns = rows.numbers, rows.columns
+        if len(set(numbers)) != len(numbers):
+            raise CorruptFileError("zip archive holds duplicate member names")
+        limit = len(numbers) + self._MAX_GAP
+        if numbers and max(numbers) >= limit:  # far-out numbers: held by name instead
+            for i, number in enumerate(numbers):
+                if number >= limit:
+                    others[f"{data_prefix}{number}"] = Member(f"{data_prefix}{number}", *(c[i] for c in columns))
+            kept = [i for i, number in enumerate(numbers) if number < limit]
+            numbers = array("q", map(numbers.__getitem__, kept))
+            columns = [array(c.typecode, map(c.__getitem__, kept)) for c in columns]
+        count = max(numbers, default=-1) + 1
+        if count == len(numbers):  # every number from 0 up, once (as torch numbers them): reordered in C
+            order = sorted(range(count), key=numbers.__getitem__)
+            self._columns = [array(c.typecode, map(c.__getitem__, order)) for c in columns]
+        else:
+            self._columns = [array(c.typecode, repeat(0, count)) for c in columns]
+            self._columns[0] = array("q", repeat(-1, count))  # -1: no member of that number
+            for i, number in enumerate(numbers):
+                for column, values in zip(self._columns, columns, strict=True):
+                    column[number] = values[i]
+        self._offsets, self._methods, self._compressed, self._sizes = self._columns[:4]
+
+    def _row(self, key: str) -> int | None:
+        """The row of storage ``key`` if it is a number held here."""
+        if _is_number(key):
+            number = int(key)
+            if number < len(self._offsets) and self._offsets[number] >= 0:
+                return number
+        return None
 
     def get(self, key: str) -> Member | None:
-        return self._by_name.get(self._prefix + key)
+        number = self._row(key)
+        if number is None:
+            return self.others.get(self.prefix + key)
+        return Member(self.prefix + key, *(column[number] for column in self._columns))
 
-    def many(self, keys: list[str]) -> list[Member | None]:
-        """``get`` of every key, in C."""
-        prefix = self._prefix
-        return list(map(self._by_name.get, [prefix + key for key in keys]))
+    def stored(self, keys: list[str], nbytes: list[int]) -> tuple[list[int], list[int]] | None:
+        """Each key's member as (local header offsets, sizes), if each holds its ``nbytes``
+        uncompressed (as :func:`storage_member` checks it, here column by column in C);
+        None for any doubt.
+
+        Example:
+            >>> table.stored(["0", "1"], [8, 4])  # doctest: +SKIP
+            ([0, 1152], [8, 4])
+        """
+        if not keys:
+            return [], []
+        numbers = list(map(int, keys)) if all(map(str.isdigit, keys)) and all(map(str.isascii, keys)) else []
+        if len(numbers) != len(keys) or list(map(str, numbers)) != keys or max(numbers) >= len(self._offsets):
+            members = [self.get(key) for key in keys]  # keys that are not all numbers held: one by one
+            if None in members:
+                return None
+            found = cast(list[Member], members)
+            if any(m.compress_type != STORED or m.compress_size != m.file_size for m in found):
+                return None
+            offsets, sizes = [m.header_offset for m in found], [m.file_size for m in found]
+        else:
+            offsets = list(map(self._offsets.__getitem__, numbers))
+            sizes = list(map(self._sizes.__getitem__, numbers))
+            if min(offsets) < 0 or set(map(self._methods.__getitem__, numbers)) != {STORED}:
+                return None
+            if list(map(self._compressed.__getitem__, numbers)) != sizes:
+                return None
+        if not all(map(le, nbytes, sizes)):
+            return None
+        return offsets, sizes
+
+
+def _is_number(key: str) -> bool:
+    """``0``, ``1``, ``12``, ...: how torch names its storages (no sign, no leading zero, 18 digits at most)."""
+    return key.isdigit() and key.isascii() and len(key) <= 18 and (key[0] != "0" or key == "0")
 
 
 class TorchZip(NamedTuple):
@@ -53,18 +164,28 @@ class TorchZip(NamedTuple):
 
 def open_torch_zip(raw: BinaryIO, file_size: int) -> TorchZip:
     """Check that ``raw`` is a torch checkpoint archive and read its ``data.pkl`` and member table."""
-    infos = read_directory(raw, file_size)
-    if not infos:
+    prefix: str | None = None
+    data_prefix = ""
+    numbered: NumberedRows | None = None  # "<prefix>/data/<number>": inside the archive folder by their form
+    by_name: dict[str, Member] = {}  # every other member
+    for member in iter_directory(raw, file_size):
+        name = member.filename
+        if numbered is None:
+            prefix = name.split("/", 1)[0]
+            data_prefix = prefix + "/data/"
+            numbered = NumberedRows(data_prefix)
+        if name.startswith(data_prefix) and _is_number(name[len(data_prefix) :]):
+            numbered.add(member)
+            continue
+        if name in by_name:
+            raise CorruptFileError("zip archive holds duplicate member names")
+        by_name[name] = member
+    if prefix is None or numbered is None:
         raise CorruptFileError("empty zip archive")
-    names = [i.filename for i in infos]
-    if len(set(names)) != len(names):
-        raise CorruptFileError("zip archive holds duplicate member names")
-    prefix = names[0].split("/", 1)[0]
+    names = list(by_name)
     pickle_name = f"{prefix}/data.pkl"
-    by_name = {i.filename: i for i in infos}
     # All names in one string, each between two newlines: a check over every name is one
-    # substring search in C (a mixture-of-experts archive has 100,000 of them). A name
-    # holding a newline itself is checked one by one.
+    # substring search in C. A name holding a newline itself is checked one by one.
     listing = "\n" + "\n".join(names) + "\n"
     one_per_line = listing.count("\n") == len(names) + 1
     # TorchScript archives hold a data.pkl too, whose globals are the model's classes.
@@ -92,8 +213,11 @@ def open_torch_zip(raw: BinaryIO, file_size: int) -> TorchZip:
     pickle_info = by_name[pickle_name]
     if pickle_info.file_size > MAX_PICKLE_BYTES:
         raise CorruptFileError(f"data.pkl claims {pickle_info.file_size} bytes: too large for a weights file")
+    # The numbered members become columns before data.pkl is read: at no time both.
+    others = {name: member for name, member in by_name.items() if name.startswith(data_prefix)}
+    table = StorageTable(data_prefix, numbered, others)
     pickle_bytes = read_member(raw, pickle_info, file_size)
-    return TorchZip(pickle_bytes, StorageTable(by_name, f"{prefix}/data/"))
+    return TorchZip(pickle_bytes, table)
 
 
 def storage_member(table: StorageTable, key: str, nbytes: int) -> Member:

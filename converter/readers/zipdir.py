@@ -112,7 +112,8 @@ def _zip64_fields(extra: bytes, file_size: int, compress_size: int, header_offse
 
 
 def read_directory(raw: Any, file_size: int) -> list[Member]:
-    """Every member of the zip archive ``raw`` (``file_size`` bytes), in directory order.
+    """Every member of the zip archive ``raw`` (``file_size`` bytes), in directory order
+    (:func:`iter_directory` as a list).
 
     ``raw`` needs ``fileno()``; a ``base_offset`` attribute places the archive inside
     a larger file. Raises :class:`~converter.errors.CorruptFileError` for anything
@@ -123,13 +124,20 @@ def read_directory(raw: Any, file_size: int) -> list[Member]:
         ...     read_directory(raw, os.fstat(raw.fileno()).st_size)[0].filename
         'archive/data.pkl'
     """
+    return list(iter_directory(raw, file_size))
+
+
+def iter_directory(raw: Any, file_size: int) -> Iterator[Member]:
+    """The members of the zip archive ``raw`` one at a time, in directory order: a caller that
+    keeps only what it needs of each (:class:`.containers.StorageTable`) holds no tuple
+    per member. Raises as :func:`read_directory` does.
+    """
     start, dir_size, concat = _end_record(raw, file_size)
     if start + dir_size > file_size:
         raise _damaged("Truncated central directory")
     data = _pread(raw, dir_size, start)
     if len(data) != dir_size:
         raise _damaged("Truncated central directory")
-    members: list[Member] = []
     unpack, fixed, pos = _CENTRAL.unpack_from, _CENTRAL.size, 0
     new = tuple.__new__  # a Member without its Python-level __new__: 100,000 of them in an MoE archive
     sizes: dict[int, int] = {}
@@ -165,8 +173,7 @@ def read_directory(raw: Any, file_size: int) -> list[Member]:
         # Sizes repeat (experts of one shape) and a stored member's two are equal: one int object each.
         size = sizes.setdefault(size, size)
         compress_size = size if compress_size == size else compress_size
-        members.append(new(Member, (name, offset + concat, method, compress_size, size, flags, crc)))
-    return members
+        yield new(Member, (name, offset + concat, method, compress_size, size, flags, crc))
 
 
 def _data_start(block: bytes, at: int, header_offset: int) -> tuple[int, int] | None:
