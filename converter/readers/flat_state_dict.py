@@ -615,6 +615,7 @@ class _Columns(_Reader):
         readbacks, geometry, numbers = self.readbacks, self.geometry, self.numbers
         names, keys, dtypes, shapes, sizes, locations = self.columns
         slot, writes = self.slots, self.writes
+        byte_counts: dict[int, int] = {}  # experts repeat a few sizes: one int object each
         while data[pos] == 0x58:  # BINUNICODE: a new name
             at = 2 * slot if slot <= 256 else 5 * slot - 768  # where the slot's write lies in ``writes``
             if at + 40 > len(writes):  # an entry writes at most 8 slots of 5 bytes
@@ -650,7 +651,8 @@ class _Columns(_Reader):
             keys.append(key.decode("ascii"))
             dtypes.append(dtype)
             shapes.append(layout[0])
-            sizes.append(layout[1] * dtype.itemsize)
+            size = layout[1] * dtype.itemsize
+            sizes.append(byte_counts.setdefault(size, size))
             locations.append(where)
             slot += 6 + (shape_write != b"") + (stride_write != b"")
             pos = found.end()
