@@ -19,6 +19,8 @@ from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
     PreTrainedModel,
+    Qwen2MoeConfig,
+    Qwen2MoeForCausalLM,
     T5Config,
     T5ForConditionalGeneration,
 )
@@ -56,6 +58,25 @@ def llama_tied() -> PreTrainedModel:
         pad_token_id=0,
     )
     return LlamaForCausalLM(config)
+
+
+def qwen_moe() -> PreTrainedModel:
+    """A mixture of experts (Qwen2-MoE, untied), fixed weights: 4 experts a layer."""
+    torch.manual_seed(0)
+    config = Qwen2MoeConfig(
+        vocab_size=32,
+        hidden_size=8,
+        intermediate_size=8,
+        moe_intermediate_size=4,
+        shared_expert_intermediate_size=4,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        num_experts=4,
+        num_experts_per_tok=2,
+        tie_word_embeddings=False,
+    )
+    return Qwen2MoeForCausalLM(config).eval()
 
 
 def t5() -> PreTrainedModel:

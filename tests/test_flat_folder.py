@@ -16,8 +16,7 @@ from typing import Any
 
 import pytest
 import torch
-from models import llama_tied, tiny_unet
-from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+from models import llama_tied, qwen_moe, tiny_unet
 
 import converter
 from converter import folder as folder_module
@@ -54,21 +53,7 @@ def _both(
 
 def _qwen_moe_folder(folder: Path, weights: str = "pytorch_model.bin", prefix: str = "") -> dict[str, torch.Tensor]:
     """A tiny Qwen2-MoE (a real transformers model, untied) as a folder: its config and a torch.save'd state dict."""
-    torch.manual_seed(0)
-    config = Qwen2MoeConfig(
-        vocab_size=32,
-        hidden_size=8,
-        intermediate_size=8,
-        moe_intermediate_size=4,
-        shared_expert_intermediate_size=4,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        num_experts=4,
-        num_experts_per_tok=2,
-        tie_word_embeddings=False,
-    )
-    model = Qwen2MoeForCausalLM(config).eval()
+    model = qwen_moe()
     model.config.architectures = ["Qwen2MoeForCausalLM"]
     folder.mkdir(parents=True)
     model.config.save_pretrained(folder)
