@@ -237,11 +237,10 @@ def stream_data_starts(
     block, block_start, block_end = b"", 0, 0
     count = len(offsets)
     base = getattr(raw, "base_offset", 0)
-    ahead = (
-        ReadAhead(raw.fileno(), base + offsets[0], base + file_size)
-        if read_ahead and count >= READ_AHEAD_FROM
-        else None
-    )
+    # Headers further apart than a block are read one by one: then the thread keeps the disk busy.
+    # (Closer ones are read a block of many at a time, which reads the file through already.)
+    sparse = count >= READ_AHEAD_FROM and offsets[-1] - offsets[0] > count * _HEADERS_BLOCK
+    ahead = ReadAhead(raw.fileno(), base + offsets[0], base + file_size) if read_ahead and sparse else None
     try:
         for i, offset in enumerate(offsets):
             if ahead is not None:
