@@ -16,7 +16,9 @@ from typing import Any
 
 import pytest
 import torch
+from helpers import same_bits
 from models import llama_tied, qwen_moe, tiny_unet
+from transformers import Qwen2MoeForCausalLM
 
 import converter
 from converter import folder as folder_module
@@ -187,3 +189,35 @@ def test_storages_out_of_their_headers_order_are_written_by_the_general_path(
     _assert_planned_from_columns(source)
     fast, fast_report, general, general_report = _both(source, tmp_path, monkeypatch)
     assert fast == general and fast_report == general_report
+
+
+def test_the_output_loads_in_transformers_as_the_model_it_came_from(tmp_path: Path) -> None:
+    source = tmp_path / "moe"
+    state = _qwen_moe_folder(source)
+    _assert_planned_from_columns(source)
+    converter.convert_folder(source, tmp_path / "out")
+    loaded = Qwen2MoeForCausalLM.from_pretrained(tmp_path / "out", local_files_only=True).eval()
+    assert (tmp_path / "out" / "model.safetensors").exists() and not (tmp_path / "out" / "pytorch_model.bin").exists()
+    ids = torch.tensor([[1, 5, 7, 3]])
+    expected = qwen_moe()
+    expected.load_state_dict(state)
+    with torch.no_grad():
+        assert same_bits(loaded(ids).logits, expected.eval()(ids).logits)
+
+
+def test_a_diffusers_pipeline_with_a_flat_component_loads_in_diffusers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import diffusers
+
+    unet = tiny_unet()
+    pipe = diffusers.DDPMPipeline(unet=unet, scheduler=diffusers.DDPMScheduler(num_train_timesteps=10))
+    source = tmp_path / "ddpm"
+    pipe.save_pretrained(source, safe_serialization=False)  # diffusers' own save: unet/diffusion_pytorch_model.bin
+    assert [type(s) for s in plan_folder(source).sets] == [FlatSetOutput]
+    fast, fast_report, general, general_report = _both(source, tmp_path, monkeypatch)
+    assert fast == general and fast_report == general_report
+    loaded = diffusers.DiffusionPipeline.from_pretrained(tmp_path / "fast", use_safetensors=True, local_files_only=True)
+    sample = torch.randn(1, 3, 8, 8)
+    with torch.no_grad():
+        assert same_bits(loaded.unet(sample, 3).sample, unet(sample, 3).sample)
