@@ -271,6 +271,7 @@ def _plan_item(item: BatchItem, options: dict[str, Any]) -> dict[str, Any]:
     if item.kind == "folder":
         planning = {k: v for k, v in options.items() if k != "verify"}
         plan = plan_folder(item.source, **planning)
+        plan.confirm_flat_sets()  # not copied here: their local headers are read now
         return plan.report(item.output, plan.written_names, verified=False, seconds=0.0).to_dict()
     ckpt = read_checkpoint(
         item.source,

@@ -221,3 +221,19 @@ def test_a_diffusers_pipeline_with_a_flat_component_loads_in_diffusers(
     sample = torch.randn(1, 3, 8, 8)
     with torch.no_grad():
         assert same_bits(loaded.unet(sample, 3).sample, unet(sample, 3).sample)
+
+
+def test_a_dry_run_reads_the_local_headers_a_conversion_would_meet(tmp_path: Path) -> None:
+    tree = tmp_path / "tree"
+    _qwen_moe_folder(tree / "good")
+    _qwen_moe_folder(tree / "damaged")
+    weights = tree / "damaged" / "pytorch_model.bin"
+    data = bytearray(weights.read_bytes())
+    at = _local_header(data, "3")
+    data[at : at + 4] = b"XX\x03\x04"
+    weights.write_bytes(bytes(data))
+    results = {r.item: r for r in converter.convert_tree(tree, tmp_path / "out", dry_run=True, workers=1)}
+    assert results["good"].status == "planned" and results["good"].error is None
+    assert results["damaged"].status == "failed"  # listed as the conversion would end: refused
+    assert results["damaged"].error is not None and "no valid local header" in results["damaged"].error
+    assert not (tmp_path / "out").exists()

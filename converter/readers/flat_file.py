@@ -102,6 +102,17 @@ class FlatFile:
             yield start
         self.starts = found
 
+    def read_starts(self, raw: BinaryIO) -> None:
+        """Read every row's data start now, in file order (:meth:`stream_starts` to the end).
+
+        Example:
+            >>> with open(flat.path, "rb") as raw:  # doctest: +SKIP
+            ...     flat.read_starts(raw)
+        """
+        order = sorted(range(len(self)), key=self.header_offsets.__getitem__)
+        for _ in self.stream_starts(raw, order, read_ahead=True):
+            pass
+
 
 def read_flat_file(
     path: str | Path, *, strip_prefix: Sequence[str] = (), keep_names: bool = False, read_starts: bool = True
@@ -155,9 +166,7 @@ def read_flat_file(
                 stored_sizes,
             )
             if read_starts:
-                order = sorted(range(len(flat)), key=header_offsets.__getitem__)
-                for _ in flat.stream_starts(raw, order, read_ahead=True):
-                    pass
+                flat.read_starts(raw)
         names = flat.names
         for name in names:
             if not name.isascii():
