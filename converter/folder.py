@@ -259,7 +259,7 @@ def read_folder_checkpoint(
     formats = set()
     stamps: dict[Path, tuple[int, ...]] = {}
     for path in files:
-        flat = read_flat_file(path, keep_names=True)
+        flat = read_flat_file(path, keep_names=True, keep_keys=True)
         if flat is not None:  # the common shape (a mixture of experts' shards): from its columns
             formats.add("zip")
             stamps[path] = flat.stamp
