@@ -114,17 +114,12 @@ def stage_flat(staged: StagedWrites, flat: FlatFile, plan: FlatPlan, dst: Path, 
 
 
 def _source_ranges(flat: FlatFile, plan: FlatPlan, src: BinaryIO) -> Iterator[Range]:
-    """Each row's source range in output order, its local header read as the copy reaches it
-    (the starts known already are taken as they are).
+    """Each row's source range in output order, its local header read as the copy reaches it.
 
     Raises NotFlat if a header is damaged, or if the bytes do not lie in the order of their
     headers, one after the other: the plan's order would not be the general path's.
     """
     nbytes, offsets = flat.nbytes, flat.header_offsets
-    if flat.starts:
-        starts = flat.starts
-        yield from ((starts[i], nbytes[i]) for i in plan.order)
-        return
     last_offset = last_end = 0
     try:
         for row, start in zip(plan.order, flat.stream_starts(src, plan.order), strict=True):

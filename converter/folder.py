@@ -589,7 +589,6 @@ class _Options:
     strict: bool = False
     strip_prefix: tuple[str, ...] = ()
     keep_names: bool = False
-    columns: bool = True  # a flat set is planned from its columns (False: the general path for every set)
 
 
 def _plan_set(component: Component, weights: WeightSet, options: _Options) -> tuple[PlannedSet, str | None]:
@@ -654,7 +653,7 @@ def _plan_flat_set(
     too costly (else it runs there), no tie the model declares among the names, one output
     file under the same name. The tests hold the two to the same files and report.
     """
-    if not options.columns or options.dedup_identical or len(weights.files) != 1:
+    if options.dedup_identical or len(weights.files) != 1:
         return None
     path = weights.files[0]
     flat = read_flat_file(path, keep_names=True, read_starts=False)  # headers: read as the copy reaches them

@@ -13,7 +13,7 @@ from array import array
 from itertools import repeat
 from operator import itemgetter, le
 from pathlib import Path
-from typing import Any, BinaryIO, NamedTuple, cast
+from typing import Any, BinaryIO, NamedTuple
 
 from ..descriptors import StorageRecord
 from ..dtypes import BYTE, DType
@@ -131,20 +131,17 @@ class StorageTable:
             return [], []
         numbers = list(map(int, keys)) if all(map(str.isdigit, keys)) and all(map(str.isascii, keys)) else []
         if len(numbers) != len(keys) or list(map(str, numbers)) != keys or max(numbers) >= len(self._offsets):
-            members = [self.get(key) for key in keys]  # keys that are not all numbers held: one by one
-            if None in members:
+            try:  # keys that are not all numbers held: one by one
+                found = [storage_member(self, key, n) for key, n in zip(keys, nbytes, strict=True)]
+            except CorruptFileError:
                 return None
-            found = cast(list[Member], members)
-            if any(m.compress_type != STORED or m.compress_size != m.file_size for m in found):
-                return None
-            offsets, sizes = [m.header_offset for m in found], [m.file_size for m in found]
-        else:
-            offsets = list(map(self._offsets.__getitem__, numbers))
-            sizes = list(map(self._sizes.__getitem__, numbers))
-            if min(offsets) < 0 or set(map(self._methods.__getitem__, numbers)) != {STORED}:
-                return None
-            if list(map(self._compressed.__getitem__, numbers)) != sizes:
-                return None
+            return [m.header_offset for m in found], [m.file_size for m in found]
+        offsets = list(map(self._offsets.__getitem__, numbers))
+        sizes = list(map(self._sizes.__getitem__, numbers))
+        if min(offsets) < 0 or set(map(self._methods.__getitem__, numbers)) != {STORED}:
+            return None
+        if list(map(self._compressed.__getitem__, numbers)) != sizes:
+            return None
         if not all(map(le, nbytes, sizes)):
             return None
         return offsets, sizes
