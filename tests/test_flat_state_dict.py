@@ -23,7 +23,7 @@ from converter.errors import TiesafeError
 from converter.geometry import contiguous_strides
 from converter.readers.flat_state_dict import read_flat_columns, read_flat_state_dict
 from converter.readers.torchfile import read_tree
-from converter.readers.unpickler import StorageNode, UnpickleContext, storage_fields, unpickle
+from converter.readers.unpickler import StorageNode, UnpickleContext, is_storage_number, storage_fields, unpickle
 
 
 def _data_pkl(obj: Any) -> bytes:
@@ -204,7 +204,7 @@ def _columns(data: bytes) -> tuple[Any, ...] | None:
     dtypes = [d.code for d in columns.dtypes]
     return (
         columns.names,
-        columns.keys,
+        list(columns.keys),
         dtypes,
         columns.shapes,
         columns.nbytes,
@@ -215,7 +215,7 @@ def _columns(data: bytes) -> tuple[Any, ...] | None:
 
 def _general_columns(data: bytes) -> tuple[Any, ...] | None:
     """What the columns must be, from the general path's tree: None unless every value is a
-    supported tensor that is a whole, contiguous storage of its own."""
+    supported tensor that is a whole, contiguous storage of its own, numbered as torch numbers them."""
     storages, context = _Storages(), UnpickleContext()
     root = unpickle(io.BytesIO(data), context, storages)
     if not isinstance(root, dict) or not root:
@@ -231,10 +231,11 @@ def _general_columns(data: bytes) -> tuple[Any, ...] | None:
             or ref.offset
             or ref.stride != contiguous_strides(ref.shape)
             or ref.numel != numel[ref.storage]
+            or not is_storage_number(ref.storage)
         ):
             return None
         names.append(name)
-        keys.append(ref.storage)
+        keys.append(int(ref.storage))
         dtypes.append(ref.dtype.code)
         shapes.append(ref.shape)
         sizes.append(ref.nbytes)

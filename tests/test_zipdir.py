@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import zipfile
+from array import array
 from pathlib import Path
 
 import pytest
@@ -176,17 +177,19 @@ def test_the_storage_table_holds_every_member_as_the_directory_reads_it(tmp_path
     for key in keys:
         assert table.get(key) == by_name[f"p/data/{key}"], key
     assert table.get("4") is None and table.get("11") is None and table.get("01") is None
-    sizes = [by_name[f"p/data/{key}"].file_size for key in keys]
-    offsets = [by_name[f"p/data/{key}"].header_offset for key in keys]
-    assert table.stored(keys, sizes) == (offsets, sizes)
-    numbered = [by_name[f"p/data/{k}"] for k in ("0", "1", "2", "3", "10")]  # all numbers: read in C
+    numbers = ["10", "0", "2", "1", "99999999", "3"]  # every number: in C, or by name when far out
+    sizes = [by_name[f"p/data/{key}"].file_size for key in numbers]
+    offsets = [by_name[f"p/data/{key}"].header_offset for key in numbers]
+    assert table.stored([int(k) for k in numbers], sizes) == (array("q", offsets), array("q", sizes))
+    numbered = [by_name[f"p/data/{k}"] for k in ("0", "1", "2", "3", "10")]  # all rows: read in C
     numbered_sizes = [m.file_size for m in numbered]
-    assert table.stored(["0", "1", "2", "3", "10"], numbered_sizes) == (
-        [m.header_offset for m in numbered],
-        numbered_sizes,
+    assert table.stored([0, 1, 2, 3, 10], numbered_sizes) == (
+        array("q", [m.header_offset for m in numbered]),
+        array("q", numbered_sizes),
     )
-    assert table.stored(["0", "4"], [1, 1]) is None  # no member 4
-    assert table.stored(["0"], [by_name["p/data/0"].file_size + 1]) is None  # more bytes than its member holds
+    assert table.stored([0, 4], [1, 1]) is None  # no member 4
+    assert table.stored([0, 5000], [1, 1]) is None  # none so far out
+    assert table.stored([0], [by_name["p/data/0"].file_size + 1]) is None  # more bytes than its member holds
 
 
 def test_a_storage_number_held_twice_is_refused(tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import struct
 from array import array
+from collections.abc import Sequence
 from itertools import repeat
 from operator import itemgetter, le
 from pathlib import Path
@@ -19,7 +20,15 @@ from ..descriptors import StorageRecord
 from ..dtypes import BYTE, DType
 from ..errors import CorruptFileError, UnsupportedError, quoted
 from .flat_state_dict import read_flat_state_dict
-from .unpickler import MAX_ELEMENTS, MAX_PICKLE_BYTES, StorageNode, UnpickleContext, storage_fields, unpickle
+from .unpickler import (
+    MAX_ELEMENTS,
+    MAX_PICKLE_BYTES,
+    StorageNode,
+    UnpickleContext,
+    is_storage_number,
+    storage_fields,
+    unpickle,
+)
 from .zipdir import STORED, Member, data_starts, iter_directory, read_member
 
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
@@ -106,7 +115,7 @@ class StorageTable:
 
     def _row(self, key: str) -> int | None:
         """The row of storage ``key`` if it is a number held here."""
-        if _is_number(key):
+        if is_storage_number(key):
             number = int(key)
             if number < len(self._offsets) and self._offsets[number] >= 0:
                 return number
@@ -118,38 +127,33 @@ class StorageTable:
             return self.others.get(self.prefix + key)
         return Member(self.prefix + key, *(column[number] for column in self._columns))
 
-    def stored(self, keys: list[str], nbytes: list[int]) -> tuple[list[int], list[int]] | None:
-        """Each key's member as (local header offsets, sizes), if each holds its ``nbytes``
-        uncompressed (as :func:`storage_member` checks it, here column by column in C);
-        None for any doubt.
+    def stored(self, numbers: Sequence[int], nbytes: list[int]) -> tuple[array[int], array[int]] | None:
+        """Each numbered storage's member as (local header offsets, sizes), if its member holds
+        its ``nbytes`` uncompressed (as :func:`storage_member` checks it, here column by column
+        in C); None for any doubt.
 
         Example:
-            >>> table.stored(["0", "1"], [8, 4])  # doctest: +SKIP
-            ([0, 1152], [8, 4])
+            >>> table.stored([0, 1], [8, 4])  # doctest: +SKIP
+            (array('q', [0, 1152]), array('q', [8, 4]))
         """
-        if not keys:
-            return [], []
-        numbers = list(map(int, keys)) if all(map(str.isdigit, keys)) and all(map(str.isascii, keys)) else []
-        if len(numbers) != len(keys) or list(map(str, numbers)) != keys or max(numbers) >= len(self._offsets):
-            try:  # keys that are not all numbers held: one by one
-                found = [storage_member(self, key, n) for key, n in zip(keys, nbytes, strict=True)]
+        if not numbers:
+            return array("q"), array("q")
+        count = len(self._offsets)
+        if min(numbers) < 0 or max(numbers) >= count:
+            try:  # numbers beyond the rows (held by name): one by one
+                found = [storage_member(self, str(key), n) for key, n in zip(numbers, nbytes, strict=True)]
             except CorruptFileError:
                 return None
-            return [m.header_offset for m in found], [m.file_size for m in found]
-        offsets = list(map(self._offsets.__getitem__, numbers))
-        sizes = list(map(self._sizes.__getitem__, numbers))
-        if min(offsets) < 0 or set(map(self._methods.__getitem__, numbers)) != {STORED}:
+            return array("q", [m.header_offset for m in found]), array("q", [m.file_size for m in found])
+        offsets = array("q", map(self._offsets.__getitem__, numbers))
+        sizes = array("q", map(self._sizes.__getitem__, numbers))
+        if min(offsets) < 0 or any(map(STORED.__ne__, map(self._methods.__getitem__, numbers))):
             return None
-        if list(map(self._compressed.__getitem__, numbers)) != sizes:
+        if array("q", map(self._compressed.__getitem__, numbers)) != sizes:
             return None
         if not all(map(le, nbytes, sizes)):
             return None
         return offsets, sizes
-
-
-def _is_number(key: str) -> bool:
-    """``0``, ``1``, ``12``, ...: how torch names its storages (no sign, no leading zero, 18 digits at most)."""
-    return key.isdigit() and key.isascii() and len(key) <= 18 and (key[0] != "0" or key == "0")
 
 
 class TorchZip(NamedTuple):
@@ -171,7 +175,7 @@ def open_torch_zip(raw: BinaryIO, file_size: int) -> TorchZip:
             prefix = name.split("/", 1)[0]
             data_prefix = prefix + "/data/"
             numbered = NumberedRows(data_prefix)
-        if name.startswith(data_prefix) and _is_number(name[len(data_prefix) :]):
+        if name.startswith(data_prefix) and is_storage_number(name[len(data_prefix) :]):
             numbered.add(member)
             continue
         if name in by_name:

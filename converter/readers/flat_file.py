@@ -58,7 +58,7 @@ class FlatFile:
     dtypes: list[DType]
     shapes: list[tuple[int, ...]]
     nbytes: list[int]
-    keys: list[str]  # each tensor's storage key in the archive; empty unless asked for (keep_keys)
+    keys: array[int]  # each tensor's storage number in the archive; empty unless asked for (keep_keys)
     locations: list[str]  # the device each was saved from: recorded, never needed
     stamp: tuple[int, ...]  # the file as it was read (see Checkpoint.check_unchanged)
     globals: dict[str, str]  # the globals the pickle names -> group (all tensor machinery)
@@ -92,7 +92,7 @@ class FlatFile:
         in_order = [offsets[i] for i in order]
 
         def name_of(k: int) -> str:
-            return keys[order[k]] if keys else f"at byte {in_order[k]}"
+            return str(keys[order[k]]) if keys else f"at byte {in_order[k]}"
 
         headers = stream_data_starts(
             raw, in_order, [sizes[i] for i in order], self.stamp[0], name_of, read_ahead=read_ahead
@@ -156,10 +156,10 @@ def read_flat_file(
             del table
             if stored is None:
                 return None
-            header_offsets, stored_sizes = array("q", stored[0]), array("q", stored[1])
+            header_offsets, stored_sizes = stored
             del stored
             if not keep_keys:
-                columns.keys.clear()
+                del columns.keys[:]
             flat = FlatFile(
                 path,
                 columns.names,

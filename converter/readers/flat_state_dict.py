@@ -34,6 +34,7 @@ import sys
 from array import array
 from collections import OrderedDict
 from collections.abc import Callable
+from itertools import repeat
 from typing import Any, NamedTuple, TypeVar
 
 from ..dtypes import BYTE, DType
@@ -47,6 +48,7 @@ from .unpickler import (
     TensorNode,
     UnpickleContext,
     _tensor,
+    is_storage_number,
     storage_fields,
 )
 
@@ -512,39 +514,78 @@ class FlatColumns(NamedTuple):
     """A flat state dict whose every tensor is a whole storage of its own, as columns.
 
     Row ``i`` is the tensor ``names[i]``: all of storage ``keys[i]``, contiguous, of
-    ``dtypes[i]`` and ``shapes[i]``, ``nbytes[i]`` bytes. No object per tensor beyond its name, key and shape
+    ``dtypes[i]`` and ``shapes[i]``, ``nbytes[i]`` bytes. No object per tensor beyond its name
     (shapes are shared between tensors of one shape): what a mixture-of-experts file of
     100,000 experts' matrices is, read at a few microseconds a tensor.
     """
 
     names: list[str]
-    keys: list[str]
+    keys: array[int]  # each storage's number (torch names them 0, 1, ...)
     dtypes: list[DType]
     shapes: list[tuple[int, ...]]
     nbytes: list[int]
     locations: list[str]  # the device each storage was saved from ("cpu"): recorded, never needed
 
 
-def _memo_writes(count: int) -> bytes:
-    """The memo writes of slots ``0 .. count-1`` back to back, as the pickler writes them:
+def _memo_writes(first: int, stop: int) -> bytes:
+    """The memo writes of slots ``first .. stop-1`` back to back, as the pickler writes them:
     BINPUT and one byte below 256, LONG_BINPUT and four bytes from there on."""
-    short = bytes(b for slot in range(min(count, 256)) for b in (0x71, slot))
-    if count <= 256:
+    short = bytes(b for slot in range(first, min(stop, 256)) for b in (0x71, slot))
+    first = max(first, 256)
+    if stop <= first:
         return short
-    long = bytearray(5 * (count - 256))
-    numbers = array("I", range(256, count))
+    long = bytearray(5 * (stop - first))
+    numbers = array("I", range(first, stop))
     if sys.byteorder != "little":  # pragma: no cover - big-endian hosts
         numbers.byteswap()
     raw = numbers.tobytes()
-    long[0::5] = b"r" * (count - 256)
+    long[0::5] = b"r" * (stop - first)
     for i in range(4):
         long[1 + i :: 5] = raw[i::4]
     return short + bytes(long)
 
 
 def _memo_write_position(slot: int) -> int:
-    """Where slot ``slot``'s write starts in :func:`_memo_writes`."""
-    return 2 * slot if slot <= 256 else 512 + 5 * (slot - 256)
+    """Where slot ``slot``'s write starts in the memo writes from slot 0 on (:func:`_memo_writes`)."""
+    return 2 * slot if slot <= 256 else 5 * slot - 768
+
+
+_WRITES_AHEAD = 1 << 14  # memo slots whose writes are made at a time (80 KiB): not all 800,000 at once
+
+
+def _distinct_numbers(numbers: array[int]) -> bool:
+    """Whether no number repeats: each marked in a bytearray, in C, when they lie close to 0 (as
+    torch numbers storages), where a set of 100,000 numbers would take 7 MB."""
+    top = max(numbers)
+    if top >= 2 * len(numbers) + 65536:
+        return len(set(numbers)) == len(numbers)
+    marks = bytearray(top + 1)
+    any(map(marks.__setitem__, numbers, repeat(1)))
+    return marks.count(1) == len(numbers)
+
+
+def _distinct(names: list[str]) -> bool:
+    """Whether no name repeats: a bitmap of their hashes (1 MiB), the names of colliding
+    hashes then compared exactly, where a set of 100,000 names would take 4 MB."""
+    bits, mask = bytearray(1 << 20), (1 << 23) - 1
+    suspects: set[int] = set()
+    for name in names:
+        h = hash(name) & mask
+        byte, bit = h >> 3, 1 << (h & 7)
+        if bits[byte] & bit:
+            suspects.add(h)
+        else:
+            bits[byte] |= bit
+    if not suspects:
+        return True
+    del bits
+    seen: set[str] = set()
+    for name in names:
+        if hash(name) & mask in suspects:
+            if name in seen:
+                return False
+            seen.add(name)
+    return True
 
 
 class _Columns(_Reader):
@@ -562,8 +603,9 @@ class _Columns(_Reader):
     def __init__(self, data: bytes, context: UnpickleContext) -> None:
         self.records: dict[str, tuple[DType, int, str]] = {}  # storage key -> dtype, element count, location
         super().__init__(data, context, self.storage)
-        self.columns = FlatColumns([], [], [], [], [], [])
-        self.writes = b""  # the memo writes expected from slot 0 on, grown as the slots go
+        self.columns = FlatColumns([], array("q"), [], [], [], [])
+        self.writes = b""  # the memo writes expected from slot ``written_from`` on, made a window at a time
+        self.written_from = 0
         # memo reads -> dtype (None: not the template), location
         self.readbacks: dict[tuple[bytes, ...], tuple[DType | None, str]] = {}
         self.geometry: dict[tuple[bytes, bytes], tuple[tuple[int, ...], int] | None] = {}  # shape, stride tokens
@@ -582,7 +624,7 @@ class _Columns(_Reader):
         columns = self.columns
         if not columns.names:
             raise _NotTemplate  # no tensor: nothing to read as columns
-        if len(set(columns.names)) != len(columns.names) or len(set(columns.keys)) != len(columns.keys):
+        if not _distinct(columns.names) or not _distinct_numbers(columns.keys):
             raise _NotTemplate  # a name set twice, or a storage under two names
         return columns
 
@@ -602,7 +644,9 @@ class _Columns(_Reader):
             raise _NotTemplate
         columns = self.columns
         columns.names.append(name)
-        columns.keys.append(ref.storage)
+        if not is_storage_number(ref.storage):
+            raise _NotTemplate  # torch numbers its storages 0, 1, ...: any other key, the general path reads
+        columns.keys.append(int(ref.storage))
         columns.dtypes.append(dtype)
         columns.shapes.append(ref.shape)
         columns.nbytes.append(ref.nbytes)
@@ -614,12 +658,14 @@ class _Columns(_Reader):
         data, match = self.data, _ROW.match
         readbacks, geometry, numbers = self.readbacks, self.geometry, self.numbers
         names, keys, dtypes, shapes, sizes, locations = self.columns
-        slot, writes = self.slots, self.writes
+        slot, writes, written_from = self.slots, self.writes, self.written_from
         byte_counts: dict[int, int] = {}  # experts repeat a few sizes: one int object each
         while data[pos] == 0x58:  # BINUNICODE: a new name
-            at = 2 * slot if slot <= 256 else 5 * slot - 768  # where the slot's write lies in ``writes``
+            at = (2 * slot if slot <= 256 else 5 * slot - 768) - written_from  # the slot's write in ``writes``
             if at + 40 > len(writes):  # an entry writes at most 8 slots of 5 bytes
-                writes = self.writes = _memo_writes(2 * slot + len(data) // 16)
+                writes = self.writes = _memo_writes(slot, slot + _WRITES_AHEAD)
+                written_from = self.written_from = _memo_write_position(slot)
+                at = 0
             start = pos + 5
             end = start + int.from_bytes(data[pos + 1 : start], "little")
             found = match(data, end)
@@ -642,13 +688,15 @@ class _Columns(_Reader):
                 or layout is None
                 or not writes.startswith(took, at)
                 or key_size[0] != len(key)
+                or (key[0] == 0x30 and len(key) > 1)  # a leading zero: not a number torch names a storage
+                or len(key) > 18
                 or layout[1] != (numbers.get(count) or self.number(count))
                 or (shape_write == b"") == bool(layout[0])  # a non-empty tuple is memoized, the empty one not
                 or (stride_write == b"") == bool(layout[0])
             ):
                 break
             names.append(data[start:end].decode("utf-8", "surrogatepass"))  # as BINUNICODE decodes
-            keys.append(key.decode("ascii"))
+            keys.append(int(key))
             dtypes.append(dtype)
             shapes.append(layout[0])
             size = layout[1] * dtype.itemsize

@@ -452,6 +452,11 @@ def unpickle(
         raise CorruptFileError(f"the pickle is malformed ({type(exc).__name__}: {exc})"[:300]) from None
 
 
+def is_storage_number(key: str) -> bool:
+    """``0``, ``1``, ``12``, ...: how torch names its storages (no sign, no leading zero, 18 digits at most)."""
+    return key.isdigit() and key.isascii() and len(key) <= 18 and (key[0] != "0" or key == "0")
+
+
 def storage_fields(data: tuple[object, ...]) -> tuple[StorageType, str, str, int]:
     if len(data) < 4:
         raise CorruptFileError("a storage record has too few fields")
