@@ -15,20 +15,22 @@ tensor's bytes compared bit for bit with the source (:func:`verify_written`);
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import json
 import json.scanner
 import os
 import re
-from collections.abc import Callable, Iterable, Iterator
+from array import array
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from . import ties
 from .errors import CorruptFileError, TiesafeError, VerificationError
-from .layout import FORMAT_METADATA, encode_header
+from .layout import FORMAT_METADATA, header_pieces
 from .readahead import READ_AHEAD_FROM, ReadAhead
-from .readers.flat_file import FlatFile, NotFlat
+from .readers.flat_file import FlatFile, NotFlat, file_order
 from .stfile import SafetensorsFile
 from .windows import Range, WindowComparer
 from .writer import StagedWrites, copy_ranges
@@ -36,43 +38,50 @@ from .writer import StagedWrites, copy_ranges
 
 class FlatPlan:
     """Where each row of a flat file goes, as :func:`.layout.plan_file` would lay it out:
-    ``order`` (row indices in output order), ``data_size`` and the encoded ``header``.
+    ``order`` (row indices in output order), ``data_size`` and the header's entries
+    (:meth:`header_pieces`), written as they are made; ``header_size`` once written.
 
     Example:
         >>> plan = FlatPlan(read_flat_file("pytorch_model.bin"), None)  # doctest: +SKIP
-        >>> plan.header[8:9], plan.file_size
-        (b'{', 101063896)
+        >>> plan.data_size, list(plan.order[:3])
+        (101056512, [0, 1, 2])
     """
 
     def __init__(self, flat: FlatFile, metadata: dict[str, str] | None) -> None:
         # plan_file's order: element size (largest first), then where the bytes lie in the source,
         # here where each storage's local header lies: the same order, as the copy checks
         # (_source_ranges) when it reads each header. (Stable sorts: rows with equal keys keep
-        # their order, as plan_file's index tiebreak does.)
-        offsets = flat.header_offsets
-        if flat.dtypes.count(flat.dtypes[0]) == len(flat):  # one dtype, the common case: no key tuple per row
-            self.order = sorted(range(len(flat)), key=offsets.__getitem__)
+        # their order, as plan_file's index tiebreak does.) Kept as a range or machine integers:
+        # a list of 100,000 row numbers would be 3.6 MB of int objects.
+        offsets, count = flat.header_offsets, len(flat)
+        self.order: Sequence[int]
+        if flat.dtypes.count(flat.dtypes[0]) == count:  # one dtype, the common case: no key tuple per row
+            self.order = file_order(offsets)
         else:
             itemsizes = [dtype.itemsize for dtype in flat.dtypes]
-            self.order = sorted(range(len(flat)), key=lambda i: (-itemsizes[i], offsets[i]))
+            self.order = array("q", sorted(range(count), key=lambda i: (-itemsizes[i], offsets[i])))
         self.data_size = sum(flat.nbytes)
         self.metadata = {**(metadata or {}), **FORMAT_METADATA, **ties.encode(ties.TieRecord())}
-        self.header = encode_header(self._rows(flat), self.metadata)
-        self.file_size = len(self.header) + self.data_size
+        self.header_size = 0  # the length prefix, the JSON and its padding: known once written
+        self._flat = flat
 
-    def _rows(self, flat: FlatFile) -> Iterator[tuple[str, str, tuple[int, ...], int, int, None]]:
+    @property
+    def file_size(self) -> int:
+        return self.header_size + self.data_size
+
+    def header_pieces(self) -> Iterator[bytes]:
+        """The header's JSON in pieces, made as the writer takes them (11 MB at 100,000 tensors, never whole)."""
+        return header_pieces(self._rows(), self.metadata)
+
+    def _rows(self) -> Iterator[tuple[str, str, tuple[int, ...], int, int, None]]:
         """Each row's header entry in output order, made as the header takes it (no list of them)."""
+        flat = self._flat
         names, dtypes, shapes, nbytes = flat.names, flat.dtypes, flat.shapes, flat.nbytes
         position = 0
         for i in self.order:
             end = position + nbytes[i]
             yield names[i], dtypes[i].code, shapes[i], position, end, None
             position = end
-
-    def take_header(self) -> bytes:
-        """The encoded header, released from the plan (11 MB at 100,000 tensors, written once)."""
-        header, self.header = self.header, b""
-        return header
 
 
 def write_flat(flat: FlatFile, plan: FlatPlan, dst: Path, *, verify: bool) -> None:
@@ -97,8 +106,8 @@ def stage_flat(staged: StagedWrites, flat: FlatFile, plan: FlatPlan, dst: Path, 
         >>> with StagedWrites() as staged:  # doctest: +SKIP
         ...     stage_flat(staged, flat, FlatPlan(flat, None), Path("out/model.safetensors"), verify=True)
     """
-    header_size = plan.file_size - plan.data_size
-    fd, tmp = staged.start_file(dst, plan.take_header(), plan.file_size)
+    fd, tmp, header_size = staged.start_streamed(dst, plan.header_pieces(), plan.data_size)
+    plan.header_size = header_size
     with open(flat.path, "rb") as src, contextlib.ExitStack() as stack:
         ranges = _source_ranges(flat, plan, src)
         if len(flat) >= READ_AHEAD_FROM:  # thousands of small copies: the disk reads ahead meanwhile
@@ -195,39 +204,37 @@ def verify_written(flat: FlatFile, plan: FlatPlan, path: Path) -> int:
         >>> verify_written(flat, plan, Path(".model.safetensors.x1y2z3w4.tiesafe-tmp"))  # doctest: +SKIP
         216006656
     """
+    names, dtypes, shapes, nbytes = flat.names, flat.dtypes, flat.shapes, flat.nbytes
     try:
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
             length = int.from_bytes(f.read(8), "little")
-            raw = f.read(min(length, size))
+            data_start = 8 + length
+            if data_start != plan.header_size or size != plan.file_size:
+                raise VerificationError("the output's size or header length differs from the one planned", path=path)
+            members = _members(_header_text(f, length))
+            if next(members) != ("__metadata__", plan.metadata):
+                raise VerificationError("the metadata read back differs from the one planned", path=path)
+            position, order = 0, iter(plan.order)
+            for name, spec in members:
+                row = next(order, None)
+                if row is None:
+                    raise VerificationError(f"output has a tensor the source lacks: {name!r}", path=path)
+                end = position + nbytes[row]
+                planned = {"dtype": dtypes[row].code, "shape": list(shapes[row]), "data_offsets": [position, end]}
+                if name != names[row] or spec != planned:
+                    raise VerificationError(
+                        f"tensor {names[row]!r} is not described as planned in the output", path=path
+                    )
+                position = end
+            missing = next(order, None)
+            if missing is not None:
+                raise VerificationError(f"tensor {names[missing]!r} is missing from the output", path=path)
     except OSError as exc:
         raise VerificationError(f"cannot read the output back ({exc.strerror or exc})", path=path) from None
-    data_start = 8 + length
-    if len(raw) != length or size != plan.file_size or data_start + plan.data_size != size:
-        raise VerificationError("the output's size or header length differs from the one planned", path=path)
-    names, dtypes, shapes, nbytes = flat.names, flat.dtypes, flat.shapes, flat.nbytes
-    try:
-        text = raw.decode("utf-8")
-        del raw
-        members = _members(text)
-        if next(members) != ("__metadata__", plan.metadata):
-            raise VerificationError("the metadata read back differs from the one planned", path=path)
-        position, order = 0, iter(plan.order)
-        for name, spec in members:
-            row = next(order, None)
-            if row is None:
-                raise VerificationError(f"output has a tensor the source lacks: {name!r}", path=path)
-            end = position + nbytes[row]
-            planned = {"dtype": dtypes[row].code, "shape": list(shapes[row]), "data_offsets": [position, end]}
-            if name != names[row] or spec != planned:
-                raise VerificationError(f"tensor {names[row]!r} is not described as planned in the output", path=path)
-            position = end
-        missing = next(order, None)
-        if missing is not None:
-            raise VerificationError(f"tensor {names[missing]!r} is missing from the output", path=path)
     except (ValueError, StopIteration):
         raise VerificationError("the header read back is not the JSON object written", path=path) from None
-    del text, members
+    del members
     # Each row where the header just read says it lies: the planned places, made as compared (no list).
     different = _first_difference(flat, path, _planned_places(plan, nbytes, data_start))
     if different is not None:
@@ -250,40 +257,96 @@ def _skip(text: str, pos: int) -> int:
     return match.end() if match else pos
 
 
-def _members(text: str) -> Iterator[tuple[str, object]]:
-    """The members of the JSON object ``text``, in order, each value parsed on its own.
+def _header_text(f: BinaryIO, length: int) -> Iterator[str]:
+    """The ``length`` bytes of header from ``f``'s position, decoded a block at a time.
+
+    Raises ValueError (UnicodeDecodeError) for bytes that are not UTF-8 and for a file that ends early.
+    """
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    while length > 0:
+        block = f.read(min(length, _HEADER_BLOCK))
+        if not block:
+            raise ValueError("the header is cut off")
+        length -= len(block)
+        yield decoder.decode(block, final=length == 0)
+
+
+_HEADER_BLOCK = 1 << 20
+
+
+def _members(pieces: Iterable[str]) -> Iterator[tuple[str, object]]:
+    """The members of the JSON object whose text comes in ``pieces``, in order, each value parsed on its own.
 
     The grammar of the top level (braces, strings, colons, commas, whitespace) is walked
-    here; keys and values are read by json's own C scanner,
-    so that a text this accepts is one json.loads accepts, member for member. Raises
-    ValueError or StopIteration on anything else, including text after the object.
+    here; keys and values are read by json's own C scanner, so that a text this accepts
+    is one json.loads accepts, member for member. Raises ValueError or StopIteration on
+    anything else, including text after the object.
+
+    A member is taken only once the text holds the comma or brace after it (a prefix of
+    the text that holds that much parses as the whole text does); short of it, the next
+    piece is added and the member read again. Text before the member is dropped as it
+    goes: a header of 100,000 members is never held whole.
     """
-    pos = _skip(text, 0)
-    if text[pos : pos + 1] != "{":
-        raise ValueError("not an object")
-    pos = _skip(text, pos + 1)
-    if text[pos : pos + 1] == "}":
-        pos += 1
-    else:
-        while True:
-            if text[pos : pos + 1] != '"':
-                raise ValueError("a key is not a string")
-            key, pos = _SCAN(text, pos)  # a string: its opening quote is there
-            pos = _skip(text, pos)
-            if text[pos : pos + 1] != ":":
-                raise ValueError("no colon after a key")
-            value, pos = _SCAN(text, _skip(text, pos + 1))
-            yield key, value
-            pos = _skip(text, pos)
-            if text[pos : pos + 1] == ",":
-                pos = _skip(text, pos + 1)
-                continue
-            if text[pos : pos + 1] != "}":
-                raise ValueError("no comma or closing brace after a value")
-            pos += 1
+    rest = iter(pieces)
+    text, pos, ended = "", 0, False
+
+    def more() -> bool:
+        nonlocal text, pos, ended
+        piece = next(rest, None)
+        if piece is None:
+            ended = True
+            return False
+        text = text[pos:] + piece  # pos: the start of what is still to read
+        pos = 0
+        return True
+
+    while True:  # the opening brace, after any whitespace
+        at = _skip(text, pos)
+        if at < len(text) or not more():
             break
-    if _skip(text, pos) != len(text):
-        raise ValueError("text after the object")
+    if text[at : at + 1] != "{":
+        raise ValueError("not an object")
+    pos, first = at + 1, True
+    while True:  # members, each with the comma or brace after it
+        try:
+            at = _skip(text, pos)
+            if first and text[at : at + 1] == "}":
+                member, closing = None, at  # an empty object
+            else:
+                member, closing = _member(text, at)
+        except (ValueError, StopIteration, IndexError):
+            if ended or not more():
+                raise ValueError("not a JSON object") from None
+            continue  # perhaps only cut off: read again with the next piece
+        if closing >= len(text):  # the separator is not in the text yet
+            if ended or not more():
+                raise ValueError("no comma or closing brace after a value")
+            continue
+        first = False
+        if member is not None:
+            yield member
+        separator, pos = text[closing], closing + 1
+        if separator == "}":
+            break
+        if separator != ",":
+            raise ValueError("no comma or closing brace after a value")
+    while True:  # nothing but whitespace after the object
+        if _skip(text, pos) != len(text):
+            raise ValueError("text after the object")
+        if not more():
+            return
+
+
+def _member(text: str, pos: int) -> tuple[tuple[str, object], int]:
+    """The member (key, value) at ``pos`` and where the comma or brace after it is (or the text's end)."""
+    if text[pos : pos + 1] != '"':
+        raise ValueError("a key is not a string")
+    key, pos = _SCAN(text, pos)  # a string: its opening quote is there
+    pos = _skip(text, pos)
+    if text[pos : pos + 1] != ":":
+        raise ValueError("no colon after a key")
+    value, pos = _SCAN(text, _skip(text, pos + 1))
+    return (key, value), _skip(text, pos)
 
 
 def _planned_places(plan: FlatPlan, nbytes: list[int], data_start: int) -> Iterator[tuple[int, int, int]]:

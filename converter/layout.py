@@ -8,7 +8,7 @@ The writer carries the plan out; verification reads the result back.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
@@ -71,28 +71,44 @@ def encode_header(
     Padded with spaces to a multiple of 8 bytes, as the safetensors library does,
     so that every tensor's data stays aligned to its element size.
     """
+    data = b"".join(header_pieces(tensors, metadata))
+    padding = -len(data) % 8
+    return b"".join(((len(data) + padding).to_bytes(8, "little"), data, b" " * padding))
+
+
+_ENTRIES_PER_PIECE = 4096  # about 450 KB of JSON a piece, in a mixture-of-experts file
+
+
+def header_pieces(
+    tensors: Iterable[tuple[str, str, tuple[int, ...], int, int, object]], metadata: dict[str, str]
+) -> Iterator[bytes]:
+    """The header's JSON text (no length prefix, no padding), UTF-8, a few thousand entries a piece:
+    what :func:`encode_header` joins, and what a writer of 100,000 entries streams into its
+    file without holding the whole (11 MB, made three times over on the way).
+
+    Example:
+        >>> b"".join(header_pieces([("a", "F32", (2,), 0, 8, None)], {"format": "pt"}))
+        b'{"__metadata__":{"format":"pt"},"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}'
+    """
     # The same bytes json.dumps gives for the document as one dict, written entry by
-    # entry: no dict and two lists per tensor (tens of thousands in a mixture-of-experts
-    # file), and each distinct dtype and shape encoded once.
+    # entry: no dict and two lists per tensor, and each distinct dtype and shape encoded once.
     parts = [f'"__metadata__":{_JSON(metadata)}'] if metadata else []
     append, name_json = parts.append, _JSON_STRING
     middles: dict[tuple[str, tuple[int, ...]], str] = {}
+    opening = "{"  # before the first piece; a comma before each later one
     for name, dtype, shape, begin, end, _ in tensors:
         middle = middles.get((dtype, shape))
         if middle is None:
             middle = middles[dtype, shape] = f'{{"dtype":{_JSON(dtype)},"shape":[{",".join(map(str, shape))}],'
         append(f'{name_json(name)}:{middle}"data_offsets":[{begin},{end}]}}')
-    # The braces go on the first and last parts, and each stage is dropped once the next is
-    # made: a header of 100,000 tensors is 11 MB in every form it takes here.
+        if len(parts) >= _ENTRIES_PER_PIECE:
+            yield (opening + ",".join(parts)).encode("utf-8")
+            opening = ","
+            parts.clear()
     if parts:
-        parts[0] = "{" + parts[0]
-        parts[-1] += "}"
-    text = ",".join(parts) if parts else "{}"
-    parts.clear()
-    data = text.encode("utf-8")
-    del text
-    padding = -len(data) % 8
-    return b"".join(((len(data) + padding).to_bytes(8, "little"), data, b" " * padding))
+        yield (opening + ",".join(parts) + "}").encode("utf-8")
+    else:
+        yield b"{}" if opening == "{" else b"}"
 
 
 class StoredItem(NamedTuple):

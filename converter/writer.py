@@ -379,6 +379,27 @@ class StagedWrites:
         _start_file(fd, header, file_size)
         return fd, tmp
 
+    def start_streamed(self, dst: Path, header: Iterable[bytes], data_size: int) -> tuple[int, Path, int]:
+        """Stage ``dst`` from its header's JSON in pieces (:func:`.layout.header_pieces`), each
+        written as it comes, then padded and prefixed as :func:`.layout.encode_header` does;
+        the descriptor, the temporary path and the header's size (prefix and padding included).
+
+        Example:
+            >>> fd, tmp, size = staged.start_streamed(dst, plan.header_pieces(), plan.data_size)  # doctest: +SKIP
+        """
+        fd, tmp = self.open(dst)
+        position = 8
+        for piece in header:
+            pwrite_all(fd, piece, position)
+            position += len(piece)
+        padding = -(position - 8) % 8
+        pwrite_all(fd, b" " * padding, position)
+        header_size = position + padding
+        pwrite_all(fd, (header_size - 8).to_bytes(8, "little"), 0)
+        _preallocate(fd, header_size + data_size)
+        os.ftruncate(fd, header_size + data_size)
+        return fd, tmp, header_size
+
     def sync_later(self, fd: int) -> None:
         """Start syncing a staged file that is complete, while the caller goes on (verifies it)."""
         self._sync.add(fd)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import os
 import struct
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -210,6 +211,33 @@ def test_storages_out_of_their_headers_order_go_to_the_general_path(
     assert fast == general and fast_report == general_report
 
 
+def test_storages_in_torch_1s_order_are_read_as_columns(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import zipfile
+
+    from converter.flat_convert import FlatPlan
+
+    # torch 1.x wrote an archive's storages sorted by key as strings (0, 1, 10, 11, 2, ...), not
+    # in the order it pickled them: the output's order is the file's, as the general path's.
+    state = {f"w{i}": torch.randn(4 + i) for i in range(12)}
+    plain, source = tmp_path / "plain.bin", tmp_path / "x.bin"
+    torch.save(state, plain)
+    with zipfile.ZipFile(plain) as archive, zipfile.ZipFile(source, "w", zipfile.ZIP_STORED) as out:
+        infos = archive.infolist()
+        storages = [i for i in infos if i.filename.rsplit("/", 1)[-1].isdigit() and "/data/" in i.filename]
+        assert [i.filename for i in storages] != sorted(i.filename for i in storages)
+        by_string = iter(sorted(storages, key=lambda i: i.filename))
+        for info in infos:
+            chosen = next(by_string) if info in storages else info
+            out.writestr(chosen.filename, archive.read(chosen))
+    flat = read_flat_file(source)
+    assert flat is not None
+    assert not isinstance(FlatPlan(flat, None).order, range)  # rows reordered to the file's order
+    fast, fast_report, general, general_report = _both(tmp_path, monkeypatch, source)
+    assert fast == general and fast_report == general_report
+    loaded = load_file(tmp_path / "fast.safetensors")
+    assert all(torch.equal(loaded[name], tensor) for name, tensor in state.items()) and loaded.keys() == state.keys()
+
+
 def test_a_compressed_storage_is_the_general_paths_error(tmp_path: Path) -> None:
     import zipfile
 
@@ -274,14 +302,15 @@ def test_a_source_changed_during_the_conversion_is_refused(tmp_path: Path, monke
 def test_a_header_that_says_other_than_planned_is_caught(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     source = tmp_path / "x.bin"
     torch.save({"a": torch.randn(2, 3), "b": torch.randn(3, 2)}, source)
-    real = flat_convert.StagedWrites.start_file
+    real = flat_convert.StagedWrites.start_streamed
 
-    def start_file(self: Any, dst: Path, header: bytes, file_size: int) -> tuple[int, Path]:
-        swapped = header.replace(b'"shape":[3,2]', b'"shape":[2,3]')  # valid JSON, the same size, wrong
-        assert swapped != header and len(swapped) == len(header)
-        return real(self, dst, swapped, file_size)
+    def start_streamed(self: Any, dst: Path, header: Iterable[bytes], data_size: int) -> tuple[int, Path, int]:
+        pieces = list(header)
+        swapped = [p.replace(b'"shape":[3,2]', b'"shape":[2,3]') for p in pieces]  # valid JSON, the same size, wrong
+        assert swapped != pieces and list(map(len, swapped)) == list(map(len, pieces))
+        return real(self, dst, swapped, data_size)
 
-    monkeypatch.setattr(flat_convert.StagedWrites, "start_file", start_file)
+    monkeypatch.setattr(flat_convert.StagedWrites, "start_streamed", start_streamed)
     with pytest.raises(VerificationError, match="'b' is not described as planned"):
         converter.convert_file(source)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.bin"]
@@ -300,19 +329,27 @@ def test_a_header_that_says_other_than_planned_is_caught(tmp_path: Path, monkeyp
 def test_members_are_what_json_reads(text: str) -> None:
     import json
 
-    members = list(flat_convert._members(text))
+    members = list(flat_convert._members([text]))
     assert dict(members) == json.loads(text)
     assert [key for key, _ in members] == [key for key, _ in json.loads(text, object_pairs_hook=list)]
+    for cut in range(len(text) + 1):  # the text in pieces, cut anywhere (a header read a block at a time)
+        for pieces in ([text[:cut], text[cut:]], [text[:cut], "", *text[cut:]]):
+            assert list(flat_convert._members(pieces)) == members, pieces
 
 
-@pytest.mark.parametrize("text", ['{"a":1', '{"a":1}}', '{"a" 1}', "{a:1}", '{"a":1,}', "[1", '{"a":1} x', ""])
+@pytest.mark.parametrize(
+    "text", ['{"a":1', '{"a":1}}', '{"a" 1}', "{a:1}", '{"a":1,}', "[1", '{"a":1} x', "", '{"a":12', '{"a":1 2}', "{,}"]
+)
 def test_members_refuse_what_json_refuses(text: str) -> None:
     import json
 
     with pytest.raises(ValueError):
         json.loads(text)
-    with pytest.raises((ValueError, StopIteration)):
-        list(flat_convert._members(text))
+    with pytest.raises(ValueError):
+        list(flat_convert._members([text]))
+    for cut in range(len(text) + 1):
+        with pytest.raises(ValueError):
+            list(flat_convert._members([text[:cut], *text[cut:]]))
 
 
 def test_inspect_and_verify_alike(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -20,6 +20,8 @@ import os
 from array import array
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from itertools import islice
+from operator import lt
 from pathlib import Path
 from typing import BinaryIO
 
@@ -89,14 +91,18 @@ class FlatFile:
         """
         offsets, sizes, keys = self.header_offsets, self.stored_sizes, self.keys
         found = array("q", bytes(8 * len(self)))
-        in_order = [offsets[i] for i in order]
+        if order == range(len(self)):  # the rows' own order (as torch writes them): no copies
+            in_order, sizes_in_order = offsets, sizes
+        else:  # machine integers: lists of 100,000 offsets would be int objects, 7 MB
+            in_order, sizes_in_order = (
+                array("q", map(offsets.__getitem__, order)),
+                array("q", map(sizes.__getitem__, order)),
+            )
 
         def name_of(k: int) -> str:
             return str(keys[order[k]]) if keys else f"at byte {in_order[k]}"
 
-        headers = stream_data_starts(
-            raw, in_order, [sizes[i] for i in order], self.stamp[0], name_of, read_ahead=read_ahead
-        )
+        headers = stream_data_starts(raw, in_order, sizes_in_order, self.stamp[0], name_of, read_ahead=read_ahead)
         for row, start in zip(order, headers, strict=True):
             found[row] = start
             yield start
@@ -109,9 +115,21 @@ class FlatFile:
             >>> with open(flat.path, "rb") as raw:  # doctest: +SKIP
             ...     flat.read_starts(raw)
         """
-        order = sorted(range(len(self)), key=self.header_offsets.__getitem__)
-        for _ in self.stream_starts(raw, order, read_ahead=True):
+        for _ in self.stream_starts(raw, file_order(self.header_offsets), read_ahead=True):
             pass
+
+
+def file_order(offsets: array[int]) -> Sequence[int]:
+    """Row numbers in the order of ``offsets``: ``range`` when they ascend already (torch writes
+    storages in the order it pickles them), else machine integers, not a list of int objects.
+
+    Example:
+        >>> file_order(array("q", [10, 30, 20]))
+        array('q', [0, 2, 1])
+    """
+    if all(map(lt, offsets, islice(offsets, 1, None))):
+        return range(len(offsets))
+    return array("q", sorted(range(len(offsets)), key=offsets.__getitem__))
 
 
 def read_flat_file(
