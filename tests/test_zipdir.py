@@ -77,6 +77,28 @@ def test_zip64_records_and_extra_fields(tmp_path: Path, monkeypatch: pytest.Monk
     _members_read_alike(path)
 
 
+def test_a_directory_read_a_block_at_a_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Records of every length (names, extra fields, comments) cut across blocks anywhere: the
+    # blocks made small, with the record bound lowered to fit (these records are shorter).
+    path = tmp_path / "many.zip"
+    with zipfile.ZipFile(path, "w") as archive:
+        for i in range(300):
+            info = zipfile.ZipInfo(f"p/data/{i}" + "x" * (i % 37))
+            info.comment = b"c" * (i % 11)
+            info.extra = b"\xfe\xca" + (i % 5).to_bytes(2, "little") + bytes(i % 5)
+            archive.writestr(info, bytes(i % 7))
+    monkeypatch.setattr(zipdir, "_RECORD_MAX", 120)
+    for block in (120, 121, 250, 997):
+        monkeypatch.setattr(zipdir, "_DIRECTORY_BLOCK", block)
+        _members_read_alike(path)
+    data = path.read_bytes()
+    cut = tmp_path / "cut.zip"  # the directory's last record cut short, its end record intact
+    end = data.rindex(b"PK\x05\x06")
+    cut.write_bytes(data[: end - 3] + data[end:])
+    with pytest.raises(CorruptFileError):
+        _ours(cut)
+
+
 def test_damaged_directories_are_refused_or_read_as_zipfile_reads_them(tmp_path: Path) -> None:
     source = tmp_path / "model.bin"
     torch.save({f"w{i}": torch.randn(2) for i in range(8)}, source)

@@ -11,8 +11,8 @@ import io
 import struct
 from array import array
 from collections.abc import Sequence
-from itertools import repeat
-from operator import itemgetter, le
+from itertools import islice, repeat
+from operator import itemgetter, le, lt
 from pathlib import Path
 from typing import Any, BinaryIO, NamedTuple
 
@@ -102,7 +102,9 @@ class StorageTable:
             numbers = array("q", map(numbers.__getitem__, kept))
             columns = [array(c.typecode, map(c.__getitem__, kept)) for c in columns]
         count = max(numbers, default=-1) + 1
-        if count == len(numbers):  # every number from 0 up, once (as torch numbers them): reordered in C
+        if count == len(numbers) and all(map(lt, numbers, islice(numbers, 1, None))):  # 0, 1, 2, ... as torch writes
+            self._columns = columns
+        elif count == len(numbers):  # every number from 0 up, once, in another order: reordered in C
             order = sorted(range(count), key=numbers.__getitem__)
             self._columns = [array(c.typecode, map(c.__getitem__, order)) for c in columns]
         else:

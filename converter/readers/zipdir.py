@@ -127,6 +127,10 @@ def read_directory(raw: Any, file_size: int) -> list[Member]:
     return list(iter_directory(raw, file_size))
 
 
+_RECORD_MAX = _CENTRAL.size + 3 * 0xFFFF  # a central directory record: its fixed part, name, extra, comment
+_DIRECTORY_BLOCK = 1 << 20
+
+
 def iter_directory(raw: Any, file_size: int) -> Iterator[Member]:
     """The members of the zip archive ``raw`` one at a time, in directory order: a caller that
     keeps only what it needs of each (:class:`.containers.StorageTable`) holds no tuple
@@ -135,14 +139,21 @@ def iter_directory(raw: Any, file_size: int) -> Iterator[Member]:
     start, dir_size, concat = _end_record(raw, file_size)
     if start + dir_size > file_size:
         raise _damaged("Truncated central directory")
-    data = _pread(raw, dir_size, start)
-    if len(data) != dir_size:
-        raise _damaged("Truncated central directory")
-    unpack, fixed, pos = _CENTRAL.unpack_from, _CENTRAL.size, 0
+    # Read a block at a time (an archive of 100,000 storages has a directory of 6 MB): each
+    # block holds every whole record that starts in it, as a record is at most _RECORD_MAX long.
+    data, data_at, pos = b"", 0, 0  # data: the directory from data_at on; pos: the next record in data
+    unpack, fixed = _CENTRAL.unpack_from, _CENTRAL.size
     new = tuple.__new__  # a Member without its Python-level __new__: 100,000 of them in an MoE archive
     sizes: dict[int, int] = {}
-    while pos < dir_size:
-        if pos + fixed > dir_size:
+    while data_at + pos < dir_size:
+        if pos + _RECORD_MAX > len(data) and data_at + len(data) < dir_size:
+            data_at += pos
+            wanted = min(_DIRECTORY_BLOCK, dir_size - data_at - (len(data) - pos))
+            block = _pread(raw, wanted, start + data_at + len(data) - pos)
+            if len(block) != wanted:
+                raise _damaged("Truncated central directory")
+            data, pos = data[pos:] + block, 0
+        if pos + fixed > len(data):
             raise _damaged("Truncated central directory")
         signature, version, flags, method, crc, compress_size, size, name_len, extra_len, comment_len, offset = unpack(
             data, pos
@@ -160,7 +171,7 @@ def iter_directory(raw: Any, file_size: int) -> Iterator[Member]:
                 size, compress_size, offset = _zip64_fields(extra, size, compress_size, offset)
             pos += extra_len
         pos += comment_len
-        if pos > dir_size:
+        if pos > len(data):
             raise _damaged("Truncated central directory")
         try:
             name = raw_name.decode("utf-8" if flags & _UTF8_NAMES else "cp437")
