@@ -35,7 +35,7 @@ from .gcpause import paused_gc
 from .geometry import contiguous_strides
 from .identical import costly_candidates, equal_bytes, identical_groups, search_is_costly
 from .layout import SetPlan, plan_shards, stored_items
-from .names import strip_prefixes
+from .names import strip_prefixes, strips_nothing
 from .readers.flat_file import FlatFile, NotFlat, read_flat_file
 from .readers.torchfile import read_checkpoint
 from .reports import SavedBytesReport
@@ -666,12 +666,13 @@ def _plan_flat_set(
     costly = costly_candidates(zip(flat.dtypes, flat.shapes, flat.nbytes, strict=True))
     if not costly:
         return None  # the general path searches identical bytes
-    try:
-        renamed, flat.prefixes_removed = strip_prefixes(names, options.strip_prefix, auto=not options.keep_names)
-    except TiesafeError:
-        return None  # the general path refuses it, naming the folder
-    if flat.prefixes_removed:
-        flat.names = names = [renamed[name] for name in names]
+    if not strips_nothing(names, options.strip_prefix, auto=not options.keep_names):
+        try:
+            renamed, flat.prefixes_removed = strip_prefixes(names, options.strip_prefix, auto=not options.keep_names)
+        except TiesafeError:
+            return None  # the general path refuses it, naming the folder
+        if flat.prefixes_removed:
+            flat.names = names = [renamed[name] for name in names]
     declared = resolve_declared(weights.folder, names)
     present = set(names)
     if any(sum(name in present for name in group) > 1 for group in declared.groups):

@@ -58,6 +58,19 @@ def strip_prefixes(
     return current, removed
 
 
+def strips_nothing(names: Sequence[str], explicit: Sequence[str] = (), auto: bool = True) -> bool:
+    """Whether :func:`strip_prefixes` would leave every one of ``names`` (distinct) as it is
+    and raise nothing: told in C, where its map of every name would take 10 MB at 100,000.
+
+    Example:
+        >>> strips_nothing(["wte.weight", "head.w"]), strips_nothing(["module.w"])
+        (True, False)
+    """
+    if explicit or "" in names:
+        return False
+    return not auto or not names or not any(names[0].startswith(prefix) for prefix in AUTO_PREFIXES)
+
+
 _KEEP = "keep the names as they are (keep_names=True, --keep-names)"
 
 

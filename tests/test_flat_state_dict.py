@@ -12,6 +12,7 @@ import io
 import pickle
 import random
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ import torch
 from converter.dtypes import BYTE
 from converter.errors import TiesafeError
 from converter.geometry import contiguous_strides
+from converter.readers import flat_state_dict
 from converter.readers.flat_state_dict import read_flat_columns, read_flat_state_dict
 from converter.readers.torchfile import read_tree
 from converter.readers.unpickler import StorageNode, UnpickleContext, is_storage_number, storage_fields, unpickle
@@ -197,6 +199,10 @@ def test_a_whole_file_reads_alike(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
 
 
 def _columns(data: bytes) -> tuple[Any, ...] | None:
+    return _columns_of(data)
+
+
+def _columns_of(data: bytes | Iterator[bytes]) -> tuple[Any, ...] | None:
     context = UnpickleContext()
     columns = read_flat_columns(data, context)
     if columns is None:
@@ -256,6 +262,24 @@ def test_columns_are_the_general_trees_or_none(case: str) -> None:
         assert expected is None or case in ("odd",), case
     else:
         assert got == expected, case
+
+
+@pytest.mark.parametrize("block", [1, 5, 64, 1000])
+def test_columns_of_a_pickle_read_in_blocks_are_those_of_the_whole(block: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The window held ahead of each entry made small, so that it moves on in every place it can:
+    # between items, within a run of rows, before the _metadata and its STOP.
+    monkeypatch.setattr(flat_state_dict, "_MARGIN", 300)
+    cases = dict(_state_dicts())
+    model = torch.nn.Sequential(*[torch.nn.Linear(2, 2) for _ in range(40)])
+    cases["model.state_dict() (long _metadata)"] = model.state_dict()
+    for case, state in cases.items():
+        data = _data_pkl(state)
+        whole = _columns(data)
+        in_blocks = _columns_of(iter([data[i : i + block] for i in range(0, len(data), block)]))
+        assert in_blocks == whole, case
+    data = _data_pkl(cases["many (long memo, batches)"])
+    assert _columns_of(iter([data[:-1]])) is None  # the pickle cut short: never a verdict, the general path's
+    assert _columns_of(iter([data, b"."])) is None  # bytes after STOP
 
 
 def test_columns_of_a_mixture_of_experts_and_a_model() -> None:

@@ -142,6 +142,29 @@ def test_a_small_member_is_bounded_and_checked(tmp_path: Path) -> None:
             read_member(raw, member._replace(crc=member.crc ^ 1), size)
 
 
+def test_a_stored_member_in_blocks_is_the_member_whole(tmp_path: Path) -> None:
+    from converter.readers.zipdir import iter_member
+
+    data = bytes(random.Random(3).randrange(256) for _ in range(10_000))
+    path = tmp_path / "a.zip"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as archive:
+        archive.writestr("a/data.pkl", data)
+        archive.writestr("a/empty", b"")
+    member, empty = _ours(path)
+    size = path.stat().st_size
+    with open(path, "rb") as raw:
+        for block in (1, 999, 10_000, 1 << 20):
+            blocks = list(iter_member(raw, member, size, block=block))
+            assert b"".join(blocks) == data and max(map(len, blocks)) == min(block, len(data))
+        assert list(iter_member(raw, empty, size)) == [] and read_member(raw, empty, size) == b""
+        damaged = iter_member(raw, member._replace(crc=member.crc ^ 1), size, block=4096)
+        assert len(next(damaged)) == 4096 and len(next(damaged)) == 4096  # read as it goes ...
+        with pytest.raises(CorruptFileError, match="CRC"):
+            next(damaged)  # ... and refused before its last block is given
+        with pytest.raises(CorruptFileError, match="CRC"):
+            list(iter_member(raw, empty._replace(crc=1), size))
+
+
 def _zipfile_data_starts(path: Path) -> dict[str, int]:
     """Where each member's data starts, as zipfile finds it (its file position after opening it)."""
     with zipfile.ZipFile(path) as archive:

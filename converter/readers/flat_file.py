@@ -28,8 +28,8 @@ from typing import BinaryIO
 from ..descriptors import check_unchanged, file_stamp
 from ..dtypes import DType
 from ..errors import TiesafeError
-from ..names import strip_prefixes
-from .containers import open_torch_zip
+from ..names import strip_prefixes, strips_nothing
+from .containers import open_torch_zip_in_blocks
 from .flat_state_dict import read_flat_columns
 from .unpickler import UnpickleContext
 from .zipdir import stream_data_starts
@@ -161,7 +161,7 @@ def read_flat_file(
             file_size = stamp[0]
             if raw.read(2) != b"PK":
                 return None
-            pickle, table = open_torch_zip(raw, file_size)
+            pickle, table = open_torch_zip_in_blocks(raw, file_size)
             context = UnpickleContext()
             columns = read_flat_columns(pickle, context)
             del pickle  # each structure goes once read: peak memory, at 100,000 tensors
@@ -200,6 +200,8 @@ def read_flat_file(
                 name.encode("utf-8")  # a lone surrogate: the general path names it
         if "__metadata__" in names:
             return None
+        if strips_nothing(names, strip_prefix, auto=not keep_names):
+            return flat
         renamed, flat.prefixes_removed = strip_prefixes(names, strip_prefix, auto=not keep_names)
         if flat.prefixes_removed:
             flat.names = [renamed[name] for name in names]

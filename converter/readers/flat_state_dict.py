@@ -33,7 +33,7 @@ import re
 import sys
 from array import array
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from itertools import repeat
 from typing import Any, NamedTuple, TypeVar
 
@@ -232,8 +232,18 @@ def _decoded(cache: dict[bytes, _T], token: bytes, decode: Callable[[bytes], _T]
 
 
 class _Reader:
-    def __init__(self, data: bytes, context: UnpickleContext, on_storage: Callable[..., StorageNode]) -> None:
-        self.data = data
+    def __init__(
+        self, data: bytes | Iterable[bytes], context: UnpickleContext, on_storage: Callable[..., StorageNode]
+    ) -> None:
+        # The pickle whole, or in blocks: then ``data`` is a window of it from ``base`` on, moved
+        # on (:meth:`ahead`) between entries, so that at least _MARGIN bytes lie ahead of each.
+        self.data, self.base = b"", 0
+        self.rest: Iterator[bytes] | None = None
+        if isinstance(data, bytes):
+            self.data = data
+        else:
+            self.rest = iter(data)
+            self.ahead(0)
         self.context = context
         self.on_storage = on_storage
         self.slots = 0  # memo slots written so far: every write must be the next one
@@ -241,6 +251,22 @@ class _Reader:
         self.back = _ReadBack(self.memo)  # a memo read's token (b"h\x02") -> what it reads
         self.numbers: dict[bytes, int] = {}
         self.tuples: dict[bytes, tuple[int, ...]] = {}
+
+    def ahead(self, pos: int) -> int:
+        """``pos`` in the window once _MARGIN bytes lie ahead of it, or the rest of the pickle."""
+        if self.rest is None or len(self.data) - pos >= _MARGIN:
+            return pos
+        parts, have = [self.data[pos:]], len(self.data) - pos
+        while have < _MARGIN:
+            block = next(self.rest, None)
+            if block is None:
+                self.rest = None
+                break
+            parts.append(block)
+            have += len(block)
+        self.data = b"".join(parts)
+        self.base += pos
+        return 0
 
     def put(self, slot: int, value: object = None) -> None:
         if slot != self.slots:
@@ -297,26 +323,31 @@ class _Reader:
 
     def close(self, pos: int, ordered: bool) -> None:
         """After the items: ``model.state_dict()``'s ``_metadata`` (an ``OrderedDict`` only), then STOP."""
+        pos = self.ahead(pos)
+        if ordered and self.data[pos] == 0x7D:  # EMPTY_DICT: the state BUILD sets
+            pos = self.ahead(self.metadata(pos))
         data = self.data
-        if ordered and data[pos] == 0x7D:  # EMPTY_DICT: the state BUILD sets
-            pos = self.metadata(pos)
-        if pos != len(data) - 1 or data[pos] != 0x2E:  # STOP, and nothing after it
+        if self.rest is not None or pos != len(data) - 1 or data[pos] != 0x2E:  # STOP, and nothing after it
             raise _NotTemplate
 
     def items(self, pos: int, entry: Callable[[int], int]) -> int:
         """A dict's items as the pickler batches them: MARK ... SETITEMS, or one item and SETITEM."""
-        data = self.data
-        while True:
+        while True:  # (the window may move on before each entry and in one: ``data`` is read again after)
+            pos = self.ahead(pos)
+            data = self.data
             if data[pos] == 0x28:  # MARK: a batch of up to 1,000 items, closed by SETITEMS
                 pos += 1
-                while data[pos] in _NAME_START:
+                while True:
+                    pos = self.ahead(pos)
+                    if self.data[pos] not in _NAME_START:
+                        break
                     pos = entry(pos)
-                if data[pos] != 0x75:
+                if self.data[pos] != 0x75:
                     raise _NotTemplate
                 pos += 1
             elif data[pos] in _NAME_START:  # one item alone, closed by SETITEM
                 pos = entry(pos)
-                if data[pos] != 0x73:
+                if self.data[pos] != 0x73:
                     raise _NotTemplate
                 pos += 1
             else:
@@ -336,8 +367,8 @@ class _Reader:
         if ordered_dict is not _ORDERED_DICT or data[pos : pos + 2] != b")R":
             raise _NotTemplate
         pos = self.put_at(pos + 2)
-        pos = self.items(pos, self.module_version)
-        if data[pos : pos + 2] != b"sb":  # SETITEM into the state, BUILD
+        pos = self.ahead(self.items(pos, self.module_version))
+        if self.data[pos : pos + 2] != b"sb":  # SETITEM into the state, BUILD
             raise _NotTemplate
         return pos + 2
 
@@ -550,6 +581,7 @@ def _memo_write_position(slot: int) -> int:
     return 2 * slot if slot <= 256 else 5 * slot - 768
 
 
+_MARGIN = 1 << 18  # bytes of pickle held ahead of each entry read from blocks: an entry is far shorter
 _WRITES_AHEAD = 1 << 14  # memo slots whose writes are made at a time (80 KiB): not all 800,000 at once
 
 
@@ -600,7 +632,7 @@ class _Columns(_Reader):
     a storage key, a tensor under two names) finds nothing and ends this reading.
     """
 
-    def __init__(self, data: bytes, context: UnpickleContext) -> None:
+    def __init__(self, data: bytes | Iterable[bytes], context: UnpickleContext) -> None:
         self.records: dict[str, tuple[DType, int, str]] = {}  # storage key -> dtype, element count, location
         super().__init__(data, context, self.storage)
         self.columns = FlatColumns([], array("q"), [], [], [], [])
@@ -630,8 +662,9 @@ class _Columns(_Reader):
 
     def rows(self, pos: int) -> int:
         """Entries from ``pos``: a run of :data:`_ROW` ones, or else one by the reader."""
+        start = self.base + pos
         end = self.run(pos)
-        if end != pos:
+        if self.base + end != start:  # (the run may have moved the window on)
             return end
         scratch: dict[str, TensorNode] = {}
         end = self.entry(pos, scratch)
@@ -660,7 +693,14 @@ class _Columns(_Reader):
         names, keys, dtypes, shapes, sizes, locations = self.columns
         slot, writes, written_from = self.slots, self.writes, self.written_from
         byte_counts: dict[int, int] = {}  # experts repeat a few sizes: one int object each
-        while data[pos] == 0x58:  # BINUNICODE: a new name
+        limit = len(data) - _MARGIN if self.rest is not None else len(data)  # past it, the window moves on
+        while True:
+            if pos > limit:
+                pos = self.ahead(pos)
+                data = self.data
+                limit = len(data) - _MARGIN if self.rest is not None else len(data)
+            if data[pos] != 0x58:  # BINUNICODE: a new name
+                break
             at = (2 * slot if slot <= 256 else 5 * slot - 768) - written_from  # the slot's write in ``writes``
             if at + 40 > len(writes):  # an entry writes at most 8 slots of 5 bytes
                 writes = self.writes = _memo_writes(slot, slot + _WRITES_AHEAD)
@@ -731,7 +771,7 @@ def _no_storage(data: tuple[object, ...]) -> StorageNode:
     raise _NotTemplate
 
 
-def read_flat_columns(data: bytes, context: UnpickleContext) -> FlatColumns | None:
+def read_flat_columns(data: bytes | Iterable[bytes], context: UnpickleContext) -> FlatColumns | None:
     """The state dict of a pickle that is exactly torch.save's flat template, as columns, when
     every tensor is a whole storage of its own (no shared storage, no views); else ``None``.
 
@@ -742,11 +782,13 @@ def read_flat_columns(data: bytes, context: UnpickleContext) -> FlatColumns | No
         >>> read_flat_columns(pickle_bytes, UnpickleContext()).names[:1]  # doctest: +SKIP
         ['model.layers.0.mlp.experts.0.gate_proj.weight']
     """
-    reader = _Columns(data, context)
+    reader = None
     try:
+        reader = _Columns(data, context)  # (a pickle in blocks: the first read here)
         return reader.read_columns()
     except (_NotTemplate, TiesafeError, IndexError, UnicodeDecodeError, ValueError):
         return None
     finally:
-        reader.on_storage = _no_storage  # its own bound method: a cycle that would keep the pickle
-        # (and the reader's tables) alive until the next collection, paused during a conversion
+        if reader is not None:
+            reader.on_storage = _no_storage  # its own bound method: a cycle that would keep the pickle
+            # (and the reader's tables) alive until the next collection, paused during a conversion
