@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -142,7 +143,7 @@ class Declared:
     architecture: str | None = None  # the transformers class, named by the config or chosen
 
 
-def resolve_declared(folder: str | Path, names: list[str]) -> Declared:
+def resolve_declared(folder: str | Path, names: Sequence[str]) -> Declared:
     """The ties of ``folder``'s model for a checkpoint holding ``names``.
 
     ``architectures`` names the class when present. A ``config.json`` saved with
@@ -218,7 +219,7 @@ def auto_classes(model_type: str) -> list[str]:
     return list(dict.fromkeys(found))
 
 
-def _choose_class(folder: Path, model_type: str, candidates: list[str], names: list[str]) -> Declared:
+def _choose_class(folder: Path, model_type: str, candidates: list[str], names: Sequence[str]) -> Declared:
     import torch  # lazily: only a config without architectures gets here
     import transformers
 

@@ -72,7 +72,8 @@ def _cases() -> dict[str, Any]:
         "model.state_dict() (OrderedDict with _metadata)": model.state_dict(),
         "torch.compile's prefix": {f"_orig_mod.{k}": v for k, v in model.state_dict().items()},
         "ordered dict": collections.OrderedDict({"b": torch.ones(2), "a": torch.zeros(3, 1)}),
-        "non-ASCII names": {"名前.weight": torch.ones(2), "b\u00e9ta": torch.randn(2, 2)},
+        "non-ASCII names": {"名前.weight": torch.ones(2), "b\u00e9ta": torch.randn(2, 2), "😀": torch.ones(1)},
+        "a name within another": {"ab": torch.ones(1), "b": torch.ones(3), "a": torch.ones(2)},
     }
 
 
@@ -169,6 +170,8 @@ def test_the_legacy_format_goes_to_the_general_path(tmp_path: Path) -> None:
         ({"__metadata__": torch.ones(2), "w": torch.ones(1)}, "reserves"),
         ({"a": torch.zeros(0), "b": torch.zeros(0, 2)}, "only empty tensors"),
         ({"state": torch.ones(1), "param_groups": torch.ones(1)}, "optimizer"),
+        ({"w\ud800": torch.ones(2), "v": torch.ones(1)}, "lone surrogate"),
+        ({"": torch.ones(2), "v": torch.ones(1)}, "without a name"),
     ],
 )
 def test_files_the_general_path_refuses_are_refused(state: dict[str, Any], message: str, tmp_path: Path) -> None:

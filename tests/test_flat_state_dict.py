@@ -209,7 +209,7 @@ def _columns_of(data: bytes | Iterator[bytes]) -> tuple[Any, ...] | None:
         return None
     dtypes = [d.code for d in columns.dtypes]
     return (
-        columns.names,
+        list(columns.names),
         list(columns.keys),
         dtypes,
         columns.shapes,

@@ -31,6 +31,7 @@ from ..errors import TiesafeError
 from ..names import strip_prefixes, strips_nothing
 from .containers import open_torch_zip_in_blocks
 from .flat_state_dict import read_flat_columns
+from .name_column import NameColumn
 from .unpickler import UnpickleContext
 from .zipdir import stream_data_starts
 
@@ -56,7 +57,7 @@ class FlatFile:
     """
 
     path: Path
-    names: list[str]
+    names: Sequence[str]  # a NameColumn: 100,000 names in one buffer
     dtypes: list[DType]
     shapes: list[tuple[int, ...]]
     nbytes: list[int]
@@ -165,7 +166,7 @@ def read_flat_file(
             context = UnpickleContext()
             columns = read_flat_columns(pickle, context)
             del pickle  # each structure goes once read: peak memory, at 100,000 tensors
-            if columns is None or not columns.names or _TRAINING_STATE_NAMES.intersection(columns.names):
+            if columns is None or not columns.names or any(n in columns.names for n in _TRAINING_STATE_NAMES):
                 return None
             nbytes = columns.nbytes
             if not any(nbytes):
@@ -194,17 +195,16 @@ def read_flat_file(
             )
             if read_starts:
                 flat.read_starts(raw)
-        names = flat.names
-        for name in names:
-            if not name.isascii():
-                name.encode("utf-8")  # a lone surrogate: the general path names it
+        names = columns.names
+        if names.has_lone_surrogates():
+            return None  # not UTF-8 proper: the general path names it
         if "__metadata__" in names:
             return None
         if strips_nothing(names, strip_prefix, auto=not keep_names):
             return flat
         renamed, flat.prefixes_removed = strip_prefixes(names, strip_prefix, auto=not keep_names)
         if flat.prefixes_removed:
-            flat.names = [renamed[name] for name in names]
-    except (TiesafeError, OSError, UnicodeEncodeError):
+            flat.names = NameColumn(renamed[name] for name in names)
+    except (TiesafeError, OSError):
         return None
     return flat

@@ -40,6 +40,7 @@ from typing import Any, NamedTuple, TypeVar
 from ..dtypes import BYTE, DType
 from ..errors import TiesafeError
 from ..geometry import contiguous_strides
+from .name_column import NameColumn
 from .unpickler import (
     _ALLOWED,
     GROUPS,
@@ -550,7 +551,7 @@ class FlatColumns(NamedTuple):
     100,000 experts' matrices is, read at a few microseconds a tensor.
     """
 
-    names: list[str]
+    names: NameColumn
     keys: array[int]  # each storage's number (torch names them 0, 1, ...)
     dtypes: list[DType]
     shapes: list[tuple[int, ...]]
@@ -596,12 +597,12 @@ def _distinct_numbers(numbers: array[int]) -> bool:
     return marks.count(1) == len(numbers)
 
 
-def _distinct(names: list[str]) -> bool:
-    """Whether no name repeats: a bitmap of their hashes (1 MiB), the names of colliding
-    hashes then compared exactly, where a set of 100,000 names would take 4 MB."""
+def _distinct(names: Callable[[], Iterable[bytes]]) -> bool:
+    """Whether no name of ``names()`` repeats: a bitmap of their hashes (1 MiB), the names of
+    colliding hashes then compared exactly, where a set of 100,000 names would take 4 MB."""
     bits, mask = bytearray(1 << 20), (1 << 23) - 1
     suspects: set[int] = set()
-    for name in names:
+    for name in names():
         h = hash(name) & mask
         byte, bit = h >> 3, 1 << (h & 7)
         if bits[byte] & bit:
@@ -611,8 +612,8 @@ def _distinct(names: list[str]) -> bool:
     if not suspects:
         return True
     del bits
-    seen: set[str] = set()
-    for name in names:
+    seen: set[bytes] = set()
+    for name in names():
         if hash(name) & mask in suspects:
             if name in seen:
                 return False
@@ -635,7 +636,7 @@ class _Columns(_Reader):
     def __init__(self, data: bytes | Iterable[bytes], context: UnpickleContext) -> None:
         self.records: dict[str, tuple[DType, int, str]] = {}  # storage key -> dtype, element count, location
         super().__init__(data, context, self.storage)
-        self.columns = FlatColumns([], array("q"), [], [], [], [])
+        self.columns = FlatColumns(NameColumn(), array("q"), [], [], [], [])
         self.writes = b""  # the memo writes expected from slot ``written_from`` on, made a window at a time
         self.written_from = 0
         # memo reads -> dtype (None: not the template), location
@@ -656,7 +657,7 @@ class _Columns(_Reader):
         columns = self.columns
         if not columns.names:
             raise _NotTemplate  # no tensor: nothing to read as columns
-        if not _distinct(columns.names) or not _distinct_numbers(columns.keys):
+        if not _distinct(columns.names.encoded) or not _distinct_numbers(columns.keys):
             raise _NotTemplate  # a name set twice, or a storage under two names
         return columns
 
@@ -691,6 +692,7 @@ class _Columns(_Reader):
         data, match = self.data, _ROW.match
         readbacks, geometry, numbers = self.readbacks, self.geometry, self.numbers
         names, keys, dtypes, shapes, sizes, locations = self.columns
+        add_name = names.append_encoded
         slot, writes, written_from = self.slots, self.writes, self.written_from
         byte_counts: dict[int, int] = {}  # experts repeat a few sizes: one int object each
         limit = len(data) - _MARGIN if self.rest is not None else len(data)  # past it, the window moves on
@@ -735,7 +737,9 @@ class _Columns(_Reader):
                 or (stride_write == b"") == bool(layout[0])
             ):
                 break
-            names.append(data[start:end].decode("utf-8", "surrogatepass"))  # as BINUNICODE decodes
+            name = data[start:end]
+            name.decode("utf-8", "surrogatepass")  # as BINUNICODE decodes it (checked: kept as bytes)
+            add_name(name)
             keys.append(int(key))
             dtypes.append(dtype)
             shapes.append(layout[0])

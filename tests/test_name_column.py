@@ -1,0 +1,28 @@
+"""NameColumn: names in one buffer behave as the list of them."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from converter.readers.name_column import NameColumn
+
+_PIECES = ["", "a", "ab", "b", "ba", "é", "x.y", "\ud800", "日本", "😀"]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_a_name_column_is_the_list_of_its_names(seed: int) -> None:
+    rng = random.Random(seed)
+    for _ in range(300):
+        names = [rng.choice(_PIECES) + rng.choice(_PIECES) for _ in range(rng.randint(0, 7))]
+        column = NameColumn(names)
+        assert list(column) == names and len(column) == len(names)
+        assert [column[i] for i in range(-len(names), len(names))] == names + names
+        assert column[1:4] == names[1:4] and column[::-1] == names[::-1]
+        assert [e.decode("utf-8", "surrogatepass") for e in column.encoded()] == names
+        for probe in [a + b for a in _PIECES for b in _PIECES[:4]]:
+            assert (probe in column) == (probe in names), (names, probe)
+        assert column.has_lone_surrogates() == any("\ud800" in n for n in names)
+        with pytest.raises(IndexError):
+            column[len(names)]
