@@ -25,6 +25,7 @@ from .unpickler import (
     MAX_PICKLE_BYTES,
     StorageNode,
     UnpickleContext,
+    distinct_numbers,
     is_storage_number,
     storage_fields,
     unpickle,
@@ -91,7 +92,7 @@ class StorageTable:
         self.others = others
         rows.flush()
         numbers, columns = rows.numbers, rows.columns
-        if len(set(numbers)) != len(numbers):
+        if not distinct_numbers(numbers):
             raise CorruptFileError("zip archive holds duplicate member names")
         limit = len(numbers) + self._MAX_GAP
         if numbers and max(numbers) >= limit:  # far-out numbers: held by name instead

@@ -34,7 +34,6 @@ import sys
 from array import array
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
-from itertools import repeat
 from typing import Any, NamedTuple, TypeVar
 
 from ..dtypes import BYTE, DType
@@ -49,6 +48,7 @@ from .unpickler import (
     TensorNode,
     UnpickleContext,
     _tensor,
+    distinct_numbers,
     is_storage_number,
     storage_fields,
 )
@@ -586,17 +586,6 @@ _MARGIN = 1 << 18  # bytes of pickle held ahead of each entry read from blocks: 
 _WRITES_AHEAD = 1 << 14  # memo slots whose writes are made at a time (80 KiB): not all 800,000 at once
 
 
-def _distinct_numbers(numbers: array[int]) -> bool:
-    """Whether no number repeats: each marked in a bytearray, in C, when they lie close to 0 (as
-    torch numbers storages), where a set of 100,000 numbers would take 7 MB."""
-    top = max(numbers)
-    if top >= 2 * len(numbers) + 65536:
-        return len(set(numbers)) == len(numbers)
-    marks = bytearray(top + 1)
-    any(map(marks.__setitem__, numbers, repeat(1)))
-    return marks.count(1) == len(numbers)
-
-
 def _distinct(names: Callable[[], Iterable[bytes]]) -> bool:
     """Whether no name of ``names()`` repeats: a bitmap of their hashes (1 MiB), the names of
     colliding hashes then compared exactly, where a set of 100,000 names would take 4 MB."""
@@ -657,7 +646,7 @@ class _Columns(_Reader):
         columns = self.columns
         if not columns.names:
             raise _NotTemplate  # no tensor: nothing to read as columns
-        if not _distinct(columns.names.encoded) or not _distinct_numbers(columns.keys):
+        if not _distinct(columns.names.encoded) or not distinct_numbers(columns.keys):
             raise _NotTemplate  # a name set twice, or a storage under two names
         return columns
 
