@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from .errors import TiesafeError
+from .libc import fix_mmap_threshold
 from .reports import human_bytes
 from .reports import shown as _shown
 
@@ -328,6 +329,7 @@ def main(debug: bool) -> None:
 
     No code from a checkpoint is ever run.
     """
+    fix_mmap_threshold()  # this process is the command's own: see libc.fix_mmap_threshold
 
 
 _Decorator = Callable[[Callable[..., None]], Callable[..., None]]

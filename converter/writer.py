@@ -14,19 +14,18 @@ import contextlib
 import ctypes
 import errno
 import fcntl
-import functools
 import os
 import stat
 import tempfile
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import cast
 
 from . import windows
 from .errors import WriteError
 from .gcpause import paused_gc
 from .layout import FilePlan
+from .libc import libc_function
 from .readahead import READ_AHEAD_FROM, ReadAhead
 from .windows import FileWindow, PieceWindow, Range, gather, read_pieces
 
@@ -476,15 +475,8 @@ def _preallocate(fd: int, size: int) -> None:
         # EOPNOTSUPP, ENOSYS, EINVAL, ...: no reservation on this file system
 
 
-@functools.cache
 def _libc_fallocate() -> Callable[[int, int, int, int], int] | None:
-    try:
-        function = ctypes.CDLL(None, use_errno=True).fallocate
-    except (OSError, AttributeError):  # not Linux, or no symbol
-        return None
-    function.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-    function.restype = ctypes.c_int
-    return cast(Callable[[int, int, int, int], int], function)
+    return libc_function("fallocate", (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64))
 
 
 def _start_plan(fd: int, plan: FilePlan) -> None:

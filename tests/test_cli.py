@@ -118,3 +118,17 @@ def test_hostile_names_cannot_drive_the_terminal(tmp_path: Path) -> None:
         assert result.returncode == 0, result.stderr
         assert "\x1b[2J" not in result.stdout and "\\x1b" in result.stdout
         assert "[red]name[/]" in result.stdout  # the markup is shown, not applied
+
+
+def test_the_command_fixes_its_own_mmap_threshold(tied_checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import ctypes
+
+    from converter import libc
+
+    calls: list[bool] = []
+    monkeypatch.setattr(cli, "fix_mmap_threshold", lambda: calls.append(True) or True)
+    assert CliRunner().invoke(cli.main, ["inspect", str(tied_checkpoint)]).exit_code == 0
+    assert calls == [True]  # the command's process; importing the library sets nothing
+    if sys.platform.startswith("linux") and libc.libc_function("gnu_get_libc_version", (), ctypes.c_char_p):
+        assert libc.fix_mmap_threshold()  # glibc takes the setting
+    assert libc.libc_function("no_such_function_in_libc", ()) is None
