@@ -16,7 +16,7 @@ from typing import Any
 from .conventions import WEIGHT_SUFFIXES, converted_name
 from .descriptors import Checkpoint
 from .errors import TiesafeError
-from .flat_convert import FlatPlan, verify_flat, write_flat
+from .flat_convert import FlatPlan, verify_as_planned, verify_flat, write_flat
 from .gcpause import paused_gc
 from .geometry import numel
 from .layout import plan_file, stored_items
@@ -207,7 +207,9 @@ def verify_file(
     with paused_gc():  # per-tensor bookkeeping of a large checkpoint: see gcpause
         flat = read_flat_file(src, strip_prefix=strip_prefix, keep_names=keep_names) if key is None else None
         if flat is not None:  # no sharing in the source: nothing to detect about views
-            compared = verify_flat(flat, read_safetensors(dst))
+            compared = verify_as_planned(flat, Path(dst))  # tiesafe's own layout, read as it goes
+            if compared is None:
+                compared = verify_flat(flat, read_safetensors(dst))
             return VerifyReport(len(flat), compared, 0)
         ckpt = read_checkpoint(src, key=key, strict=strict, strip_prefix=strip_prefix, keep_names=keep_names)
         out = read_safetensors(dst)

@@ -401,3 +401,57 @@ def test_verify_names_what_differs(tamper: str, tmp_path: Path) -> None:
     }[tamper]
     with pytest.raises(VerificationError, match=message):
         verify_file(source, out)
+
+
+def test_verify_reads_tiesafes_own_layout_as_it_goes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from safetensors.torch import save_file
+
+    from converter.flat_convert import verify_as_planned, verify_flat
+    from converter.stfile import read_safetensors
+
+    state = _experts(300)
+    source = tmp_path / "x.bin"
+    torch.save(state, source)
+    out = Path(converter.convert_file(source).output)
+    flat = read_flat_file(source)
+    assert flat is not None
+    assert verify_as_planned(flat, out) == verify_flat(flat, read_safetensors(out)) > 0
+    other = tmp_path / "other.safetensors"  # the same tensors as another writer lays them out
+    save_file(load_file(out), other)
+    assert verify_as_planned(flat, other) is None  # read whole instead, whose verdict stands
+    assert verify_file(source, other).names == len(state)
+
+    def unread(path: Any) -> None:
+        raise AssertionError("tiesafe's own output is read as it goes, never whole")
+
+    monkeypatch.setattr(convert_module, "read_safetensors", unread)
+    assert verify_file(source, out).names == len(state)
+    header_end, header = _header(out)
+    _, end = header["model.layers.0.mlp.experts.7.up_proj.weight"]["data_offsets"]
+    data = bytearray(out.read_bytes())
+    data[header_end + end - 1] ^= 1
+    out.write_bytes(bytes(data))
+    with pytest.raises(VerificationError, match=r"'model\.layers\.0\.mlp\.experts\.7\.up_proj\.weight' differs"):
+        verify_file(source, out)
+
+
+def test_a_name_set_twice_goes_to_the_general_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import zipfile
+
+    # torch.save never writes a name twice (a dict's keys are distinct), but a pickle can: the
+    # later value wins, as the general path reads it. "w7" written again where "w3" was.
+    state = {f"w{i}": torch.full((2,), float(i)) for i in range(9)}
+    plain, source = tmp_path / "plain.bin", tmp_path / "x.bin"
+    torch.save(state, plain)
+    with zipfile.ZipFile(plain) as archive, zipfile.ZipFile(source, "w", zipfile.ZIP_STORED) as out:
+        for info in archive.infolist():
+            data = archive.read(info)
+            if info.filename.endswith("/data.pkl"):
+                assert data.count(b"X\x02\x00\x00\x00w3") == 1
+                data = data.replace(b"X\x02\x00\x00\x00w3", b"X\x02\x00\x00\x00w7")
+            out.writestr(info.filename, data)
+    assert read_flat_file(source) is None
+    fast, fast_report, general, general_report = _both(tmp_path, monkeypatch, source)
+    assert fast == general and fast_report == general_report
+    loaded = load_file(tmp_path / "fast.safetensors")
+    assert "w3" not in loaded and torch.equal(loaded["w7"], state["w7"])

@@ -205,7 +205,7 @@ def _columns(data: bytes) -> tuple[Any, ...] | None:
 def _columns_of(data: bytes | Iterator[bytes]) -> tuple[Any, ...] | None:
     context = UnpickleContext()
     columns = read_flat_columns(data, context)
-    if columns is None:
+    if columns is None or not columns.names_distinct():
         return None
     dtypes = [d.code for d in columns.dtypes]
     return (

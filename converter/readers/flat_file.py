@@ -173,7 +173,7 @@ def read_flat_file(
                 return None  # only empty tensors: a placeholder file, which the general path refuses
             stored = table.stored(columns.keys, nbytes)
             del table
-            if stored is None:
+            if stored is None or not columns.names_distinct():  # a name set twice (told once the table is gone)
                 return None
             header_offsets, stored_sizes = stored
             del stored

@@ -17,9 +17,10 @@ a builder raises, makes it answer ``None`` and the general path reads the file, 
 its checks, as if this module did not exist. Hand-written because no library parses a
 pickle without running it; the tests hold both paths to the same trees.
 
-:func:`read_flat_columns` reads the same template into columns (lists of names, dtypes,
-shapes, storage keys) when every tensor is a whole storage of its own: a tight loop over one
-regular expression an entry, no object per tensor (see :mod:`.flat_file`).
+:func:`read_flat_columns` reads the same template into columns (names in one buffer, dtypes,
+shapes, storage numbers) when every tensor is a whole storage of its own: a tight loop over
+one regular expression an entry, no object per tensor (see :mod:`.flat_file`), and the pickle
+read a block at a time.
 
 What the template admits is safe by construction: its only globals are the tensor
 machinery (``_rebuild_tensor_v2``, storage classes, ``OrderedDict``) and they are called
@@ -34,6 +35,8 @@ import sys
 from array import array
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
+from itertools import islice
+from operator import eq
 from typing import Any, NamedTuple, TypeVar
 
 from ..dtypes import BYTE, DType
@@ -557,6 +560,29 @@ class FlatColumns(NamedTuple):
     shapes: list[tuple[int, ...]]
     nbytes: list[int]
     locations: list[str]  # the device each storage was saved from ("cpu"): recorded, never needed
+    name_hashes: array[int]  # each name's hash: for names_distinct
+
+    def names_distinct(self) -> bool:
+        """Whether no name repeats (a name set twice): sorted hashes, then any two alike compared
+        exactly. Left to the caller, to run once it has released what it held for the reading
+        (the sort takes 4 MB at 100,000 names; a set of the names would take 14).
+
+        Example:
+            >>> read_flat_columns(pickle_bytes, UnpickleContext()).names_distinct()  # doctest: +SKIP
+            True
+        """
+        ordered = sorted(self.name_hashes)
+        if not any(map(eq, ordered, islice(ordered, 1, None))):
+            return True
+        twice = {h for h, after in zip(ordered, islice(ordered, 1, None), strict=False) if h == after}
+        del ordered
+        seen: set[bytes] = set()
+        for name, h in zip(self.names.encoded(), self.name_hashes, strict=True):
+            if h in twice:
+                if name in seen:
+                    return False
+                seen.add(name)
+        return True
 
 
 def _memo_writes(first: int, stop: int) -> bytes:
@@ -586,30 +612,6 @@ _MARGIN = 1 << 18  # bytes of pickle held ahead of each entry read from blocks: 
 _WRITES_AHEAD = 1 << 14  # memo slots whose writes are made at a time (80 KiB): not all 800,000 at once
 
 
-def _distinct(names: Callable[[], Iterable[bytes]]) -> bool:
-    """Whether no name of ``names()`` repeats: a bitmap of their hashes (1 MiB), the names of
-    colliding hashes then compared exactly, where a set of 100,000 names would take 4 MB."""
-    bits, mask = bytearray(1 << 20), (1 << 23) - 1
-    suspects: set[int] = set()
-    for name in names():
-        h = hash(name) & mask
-        byte, bit = h >> 3, 1 << (h & 7)
-        if bits[byte] & bit:
-            suspects.add(h)
-        else:
-            bits[byte] |= bit
-    if not suspects:
-        return True
-    del bits
-    seen: set[bytes] = set()
-    for name in names():
-        if hash(name) & mask in suspects:
-            if name in seen:
-                return False
-            seen.add(name)
-    return True
-
-
 class _Columns(_Reader):
     """The template read into :class:`FlatColumns`: runs of :data:`_ROW` entries in a tight
     loop, any other entry by :meth:`_Reader.entry` (the first of each storage class, say).
@@ -625,7 +627,7 @@ class _Columns(_Reader):
     def __init__(self, data: bytes | Iterable[bytes], context: UnpickleContext) -> None:
         self.records: dict[str, tuple[DType, int, str]] = {}  # storage key -> dtype, element count, location
         super().__init__(data, context, self.storage)
-        self.columns = FlatColumns(NameColumn(), array("q"), [], [], [], [])
+        self.columns = FlatColumns(NameColumn(), array("q"), [], [], [], [], array("q"))
         self.writes = b""  # the memo writes expected from slot ``written_from`` on, made a window at a time
         self.written_from = 0
         # memo reads -> dtype (None: not the template), location
@@ -646,8 +648,8 @@ class _Columns(_Reader):
         columns = self.columns
         if not columns.names:
             raise _NotTemplate  # no tensor: nothing to read as columns
-        if not _distinct(columns.names.encoded) or not distinct_numbers(columns.keys):
-            raise _NotTemplate  # a name set twice, or a storage under two names
+        if not distinct_numbers(columns.keys):
+            raise _NotTemplate  # a storage under two names (names set twice: names_distinct, the caller's)
         return columns
 
     def rows(self, pos: int) -> int:
@@ -667,6 +669,7 @@ class _Columns(_Reader):
             raise _NotTemplate
         columns = self.columns
         columns.names.append(name)
+        columns.name_hashes.append(hash(name.encode("utf-8", "surrogatepass")))
         if not is_storage_number(ref.storage):
             raise _NotTemplate  # torch numbers its storages 0, 1, ...: any other key, the general path reads
         columns.keys.append(int(ref.storage))
@@ -680,8 +683,8 @@ class _Columns(_Reader):
         """Read :data:`_ROW` entries from ``pos`` while they come; where the run ends."""
         data, match = self.data, _ROW.match
         readbacks, geometry, numbers = self.readbacks, self.geometry, self.numbers
-        names, keys, dtypes, shapes, sizes, locations = self.columns
-        add_name = names.append_encoded
+        names, keys, dtypes, shapes, sizes, locations, hashes = self.columns
+        add_name, add_hash = names.append_encoded, hashes.append
         slot, writes, written_from = self.slots, self.writes, self.written_from
         byte_counts: dict[int, int] = {}  # experts repeat a few sizes: one int object each
         limit = len(data) - _MARGIN if self.rest is not None else len(data)  # past it, the window moves on
@@ -729,6 +732,7 @@ class _Columns(_Reader):
             name = data[start:end]
             name.decode("utf-8", "surrogatepass")  # as BINUNICODE decodes it (checked: kept as bytes)
             add_name(name)
+            add_hash(hash(name))
             keys.append(int(key))
             dtypes.append(dtype)
             shapes.append(layout[0])
@@ -769,7 +773,9 @@ def read_flat_columns(data: bytes | Iterable[bytes], context: UnpickleContext) -
     every tensor is a whole storage of its own (no shared storage, no views); else ``None``.
 
     As :func:`read_flat_state_dict`, ``None`` is never a verdict: the caller reads the
-    file by another path, which decides.
+    file by another path, which decides. ``data`` is the pickle whole or in blocks (then
+    read as it goes: a window of it is held). Whether a name is set twice is left to the
+    caller (:meth:`FlatColumns.names_distinct`), which reads the file by another path if so.
 
     Example:
         >>> read_flat_columns(pickle_bytes, UnpickleContext()).names[:1]  # doctest: +SKIP
