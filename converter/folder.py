@@ -20,7 +20,7 @@ import functools
 import json
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Container, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -297,6 +297,17 @@ def read_folder_checkpoint(
         stamps=stamps,
         prefixes_removed=prefixes_removed,
     )
+
+
+def _declared_tie_present(groups: list[list[str]], names: Sequence[str]) -> bool:
+    """Whether a tie the model declares has two or more of its names among ``names``.
+
+    A model declares a few (the embedding and ``lm_head``): each name is searched for
+    in the names as they are held (one buffer, :class:`.readers.name_column.NameColumn`);
+    a set of 100,000 names, 14 MB, is built only for many.
+    """
+    present: Container[str] = set(names) if sum(map(len, groups)) > 64 else names
+    return any(sum(name in present for name in group) > 1 for group in groups)
 
 
 def _add_flat(
@@ -674,8 +685,7 @@ def _plan_flat_set(
         if flat.prefixes_removed:
             flat.names = names = [renamed[name] for name in names]
     declared = resolve_declared(weights.folder, names)
-    present = set(names)
-    if any(sum(name in present for name in group) > 1 for group in declared.groups):
+    if _declared_tie_present(declared.groups, names):
         return None  # a tie the model declares: the general path checks and records it
     warnings = [_not_searched(costly)]
     plan = FlatPlan(flat, None)
