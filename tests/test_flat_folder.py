@@ -237,3 +237,16 @@ def test_a_dry_run_reads_the_local_headers_a_conversion_would_meet(tmp_path: Pat
     assert results["damaged"].status == "failed"  # listed as the conversion would end: refused
     assert results["damaged"].error is not None and "no valid local header" in results["damaged"].error
     assert not (tmp_path / "out").exists()
+
+
+def test_a_declared_tie_is_found_among_the_names_as_held() -> None:
+    from converter.folder import _declared_tie_present
+    from converter.readers.name_column import NameColumn
+
+    names = NameColumn([f"model.layers.{i}.w" for i in range(200)] + ["embed.weight", "lm_head.weight"])
+    assert _declared_tie_present([["embed.weight", "lm_head.weight"]], names)
+    assert not _declared_tie_present([["embed.weight", "head.weight"]], names)
+    assert not _declared_tie_present([["lm_head"], ["embed"]], names)  # parts of names are not names
+    many = [[f"model.layers.{i}.w", f"other.{i}"] for i in range(40)]  # a set of the names, for many
+    assert not _declared_tie_present(many, names)
+    assert _declared_tie_present([*many, ["model.layers.3.w", "model.layers.4.w"]], names)
