@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 from .conventions import WEIGHT_SUFFIXES, converted_name
 from .descriptors import Checkpoint
@@ -234,7 +234,7 @@ class InspectReport:
 
     path: str
     format: str  # "safetensors", "zip" or "legacy"
-    tensors: list[TensorInfo]
+    tensors: Sequence[TensorInfo]  # a list, or rows made as they are read (a flat checkpoint's)
     groups: list[SharedGroup] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     bytes_all_names: int = 0
@@ -320,17 +320,43 @@ def inspect(
     )
 
 
+class _FlatTensors(Sequence[TensorInfo]):
+    """A flat checkpoint's rows as :class:`TensorInfo`, each made as it is read: 100,000 of
+    them held at once would take 25 MB, where a listing reads them once, in order."""
+
+    def __init__(self, flat: FlatFile) -> None:
+        self._flat = flat
+
+    def __len__(self) -> int:
+        return len(self._flat)
+
+    @overload
+    def __getitem__(self, index: int) -> TensorInfo: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[TensorInfo]: ...
+
+    def __getitem__(self, index: int | slice) -> TensorInfo | list[TensorInfo]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        flat = self._flat
+        return TensorInfo(
+            flat.names[index], flat.dtypes[index].code, list(flat.shapes[index]), flat.nbytes[index], "stored"
+        )
+
+    def __iter__(self) -> Iterator[TensorInfo]:
+        flat = self._flat
+        for name, dtype, shape, size in zip(flat.names, flat.dtypes, flat.shapes, flat.nbytes, strict=True):
+            yield TensorInfo(name, dtype.code, list(shape), size, "stored")
+
+
 def _inspect_flat(flat: FlatFile) -> InspectReport:
     """A flat checkpoint of unshared tensors: every tensor stored, nothing skipped."""
-    tensors = [
-        TensorInfo(name, dtype.code, list(shape), size, "stored")
-        for name, dtype, shape, size in zip(flat.names, flat.dtypes, flat.shapes, flat.nbytes, strict=True)
-    ]
     total = sum(flat.nbytes)
     return InspectReport(
         str(flat.path),
         "zip",
-        tensors,
+        _FlatTensors(flat),
         bytes_all_names=total,
         bytes_stored=total,
         prefixes_removed=list(flat.prefixes_removed),

@@ -360,10 +360,15 @@ def test_inspect_and_verify_alike(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     torch.save(_experts(300), source)
     out = converter.convert_file(source).output
     fast = (inspect(source).to_dict(), verify_file(source, out))
+    rows = inspect(source).tensors  # made as they are read
     with monkeypatch.context() as patch:
         _general(patch)
         general = (inspect(source).to_dict(), verify_file(source, out))
+        listed = inspect(source).tensors
     assert fast == general
+    assert not isinstance(rows, list) and isinstance(listed, list)
+    assert list(rows) == listed and len(rows) == len(listed)
+    assert rows[-1] == listed[-1] and rows[7] == listed[7] and rows[5:9] == listed[5:9]
 
 
 def _header(path: Path) -> tuple[int, dict[str, Any]]:
