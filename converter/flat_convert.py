@@ -348,13 +348,25 @@ def _members(pieces: Iterable[str]) -> Iterator[tuple[str, object]]:
     if text[at : at + 1] != "{":
         raise ValueError("not an object")
     pos, first = at + 1, True
+    scan, space = _SCAN, _SPACE_CHARS  # (whitespace skipped only where there is some: none in tiesafe's)
     while True:  # members, each with the comma or brace after it
         try:
-            at = _skip(text, pos)
+            at = _skip(text, pos) if text[pos : pos + 1] in space else pos
             if first and text[at : at + 1] == "}":
                 member, closing = None, at  # an empty object
             else:
-                member, closing = _member(text, at)
+                if text[at : at + 1] != '"':
+                    raise ValueError("a key is not a string")
+                key, at = scan(text, at)  # a string: its opening quote is there
+                if text[at : at + 1] != ":":
+                    at = _skip(text, at)
+                    if text[at : at + 1] != ":":
+                        raise ValueError("no colon after a key")
+                at += 1
+                value, closing = scan(text, _skip(text, at) if text[at : at + 1] in space else at)
+                if text[closing : closing + 1] in space:
+                    closing = _skip(text, closing)
+                member = (key, value)
         except (ValueError, StopIteration, IndexError):
             if ended or not more():
                 raise ValueError("not a JSON object") from None
@@ -376,18 +388,6 @@ def _members(pieces: Iterable[str]) -> Iterator[tuple[str, object]]:
             raise ValueError("text after the object")
         if not more():
             return
-
-
-def _member(text: str, pos: int) -> tuple[tuple[str, object], int]:
-    """The member (key, value) at ``pos`` and where the comma or brace after it is (or the text's end)."""
-    if text[pos : pos + 1] != '"':
-        raise ValueError("a key is not a string")
-    key, pos = _SCAN(text, pos)  # a string: its opening quote is there
-    pos = _skip(text, pos)
-    if text[pos : pos + 1] != ":":
-        raise ValueError("no colon after a key")
-    value, pos = _SCAN(text, _skip(text, pos + 1))
-    return (key, value), _skip(text, pos)
 
 
 def _planned_places(plan: FlatPlan, nbytes: list[int], data_start: int) -> Iterator[tuple[int, int, int]]:

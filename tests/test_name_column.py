@@ -26,6 +26,12 @@ def test_a_name_column_is_the_list_of_its_names(seed: int) -> None:
         for probe in [a + b for a in _PIECES for b in _PIECES[:4]]:
             assert (probe in column) == (probe in names), (names, probe)
         assert column.has_lone_surrogates() == any("\ud800" in n for n in names)
+        extended = NameColumn()
+        encoded = [n.encode("utf-8", "surrogatepass") for n in names]
+        cut = rng.randint(0, len(encoded))
+        extended.extend_encoded(encoded[:cut])
+        extended.extend_encoded(encoded[cut:])
+        assert list(extended) == names and [extended[i] for i in range(len(names))] == names
         with pytest.raises(IndexError):
             column[len(names)]
 

@@ -609,6 +609,7 @@ def _memo_write_position(slot: int) -> int:
 
 
 _MARGIN = 1 << 18  # bytes of pickle held ahead of each entry read from blocks: an entry is far shorter
+_NAMES_AT_ONCE = 4096  # names read before they join the column
 _WRITES_AHEAD = 1 << 14  # memo slots whose writes are made at a time (80 KiB): not all 800,000 at once
 
 
@@ -684,7 +685,8 @@ class _Columns(_Reader):
         data, match = self.data, _ROW.match
         readbacks, geometry, numbers = self.readbacks, self.geometry, self.numbers
         names, keys, dtypes, shapes, sizes, locations, hashes = self.columns
-        add_name, add_hash = names.append_encoded, hashes.append
+        add_hash = hashes.append
+        pending: list[bytes] = []  # names read, added to the column a chunk at a time (in C)
         slot, writes, written_from = self.slots, self.writes, self.written_from
         byte_counts: dict[int, int] = {}  # experts repeat a few sizes: one int object each
         limit = len(data) - _MARGIN if self.rest is not None else len(data)  # past it, the window moves on
@@ -731,7 +733,10 @@ class _Columns(_Reader):
                 break
             name = data[start:end]
             name.decode("utf-8", "surrogatepass")  # as BINUNICODE decodes it (checked: kept as bytes)
-            add_name(name)
+            pending.append(name)
+            if len(pending) == _NAMES_AT_ONCE:
+                names.extend_encoded(pending)
+                pending.clear()
             add_hash(hash(name))
             keys.append(int(key))
             dtypes.append(dtype)
@@ -741,6 +746,7 @@ class _Columns(_Reader):
             locations.append(where)
             slot += 6 + (shape_write != b"") + (stride_write != b"")
             pos = found.end()
+        names.extend_encoded(pending)
         self.slots = slot
         return pos
 

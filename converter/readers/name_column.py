@@ -14,7 +14,8 @@ import re
 from array import array
 from bisect import bisect_left
 from collections.abc import Iterable, Iterator, Sequence
-from itertools import chain
+from itertools import accumulate, chain, repeat
+from operator import add
 from typing import overload
 
 _SURROGATE = re.compile(rb"\xed[\xa0-\xbf]")  # U+D800..U+DFFF as "surrogatepass" encodes them
@@ -48,6 +49,18 @@ class NameColumn(Sequence[str]):
             self._split = False
         self._blob += encoded
         self._ends.append(len(self._blob))
+        self._blob.append(0)
+
+    def extend_encoded(self, names: list[bytes]) -> None:
+        """:meth:`append_encoded` of each of ``names``, in C (a run of rows read from the pickle)."""
+        if not names:
+            return
+        if self._split and any(map(bytes.__contains__, names, repeat(b"\x00"))):
+            self._split = False
+        lengths = list(map(len, names))
+        starts = accumulate(map((1).__add__, lengths), initial=len(self._blob))  # each name, then its NUL
+        self._ends.extend(map(add, starts, lengths))
+        self._blob += b"\x00".join(names)
         self._blob.append(0)
 
     def __len__(self) -> int:
