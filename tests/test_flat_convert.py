@@ -460,3 +460,22 @@ def test_a_name_set_twice_goes_to_the_general_path(tmp_path: Path, monkeypatch: 
     assert fast == general and fast_report == general_report
     loaded = load_file(tmp_path / "fast.safetensors")
     assert "w3" not in loaded and torch.equal(loaded["w7"], state["w7"])
+
+
+@pytest.mark.parametrize("count", [0, 1, 4095, 4096, 4097, 9000])
+def test_a_header_in_pieces_is_the_json_of_the_whole(count: int) -> None:
+    import json
+
+    from converter.layout import encode_header, header_pieces
+
+    rows = [(f"n.{i}.\u00e9", "F32", (2, i), 8 * i, 8 * i + 8, None) for i in range(count)]
+    for metadata in ({}, {"format": "pt"}):
+        document: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
+        for name, dtype, shape, begin, end, _ in rows:
+            document[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [begin, end]}
+        expected = json.dumps(document, separators=(",", ":"), ensure_ascii=False).encode()
+        pieces = list(header_pieces(rows, metadata))
+        assert b"".join(pieces) == expected and all(pieces) and len(pieces) <= count // 4096 + 2
+        header = encode_header(rows, metadata)
+        assert header[8:].rstrip(b" ") == expected and len(header) % 8 == 0
+        assert int.from_bytes(header[:8], "little") == len(header) - 8
