@@ -372,12 +372,6 @@ class StagedWrites:
         _start_plan(fd, plan)
         return fd, tmp
 
-    def start_file(self, dst: Path, header: bytes, file_size: int) -> tuple[int, Path]:
-        """Stage ``dst`` as :meth:`start_plan` does, from its encoded header and final size."""
-        fd, tmp = self.open(dst)
-        _start_file(fd, header, file_size)
-        return fd, tmp
-
     def start_streamed(self, dst: Path, header: Iterable[bytes], data_size: int) -> tuple[int, Path, int]:
         """Stage ``dst`` from its header's JSON in pieces (:func:`.layout.header_pieces`), each
         written as it comes, then padded and prefixed as :func:`.layout.encode_header` does;
