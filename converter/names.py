@@ -81,6 +81,8 @@ def check_unique(renamed: dict[str, str]) -> None:
         return
     seen: dict[str, str] = {}
     for old, new in renamed.items():
+        if not old:  # empty before any prefix was removed: nothing to keep
+            raise TiesafeError("a tensor has an empty name ''; tiesafe does not make up names")
         if not new:
             raise TiesafeError(f"removing prefixes leaves {old!r} without a name; {_KEEP}")
         other = seen.setdefault(new, old)

@@ -171,7 +171,7 @@ def test_the_legacy_format_goes_to_the_general_path(tmp_path: Path) -> None:
         ({"a": torch.zeros(0), "b": torch.zeros(0, 2)}, "only empty tensors"),
         ({"state": torch.ones(1), "param_groups": torch.ones(1)}, "optimizer"),
         ({"w\ud800": torch.ones(2), "v": torch.ones(1)}, "lone surrogate"),
-        ({"": torch.ones(2), "v": torch.ones(1)}, "without a name"),
+        ({"": torch.ones(2), "v": torch.ones(1)}, "a tensor has an empty name"),
     ],
 )
 def test_files_the_general_path_refuses_are_refused(state: dict[str, Any], message: str, tmp_path: Path) -> None:
