@@ -479,3 +479,32 @@ def test_a_header_in_pieces_is_the_json_of_the_whole(count: int) -> None:
         header = encode_header(rows, metadata)
         assert header[8:].rstrip(b" ") == expected and len(header) % 8 == 0
         assert int.from_bytes(header[:8], "little") == len(header) - 8
+
+
+def test_a_file_of_many_tensors_read_and_written_in_blocks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from converter.readers import flat_state_dict
+
+    # 12,000 tensors at the default sizes: a pickle of more than one 1 MiB block (the window
+    # moves on), names in several chunks, a header of several pieces read back in two blocks.
+    torch.manual_seed(1)
+    state = {
+        f"model.layers.{i // 300}.mlp.experts.{i % 300}.w": torch.randn(2, dtype=torch.bfloat16) for i in range(12_000)
+    }
+    source = tmp_path / "pytorch_model.bin"
+    torch.save(state, source)
+    blocks = []
+    real = flat_state_dict._Reader.ahead
+
+    def ahead(self: Any, pos: int) -> int:
+        moved = real(self, pos)
+        blocks.append(moved != pos)
+        return moved
+
+    monkeypatch.setattr(flat_state_dict._Reader, "ahead", ahead)
+    flat = read_flat_file(source)
+    assert flat is not None and len(flat) == 12_000 and sum(blocks) >= 2
+    fast, fast_report, general, general_report = _both(tmp_path, monkeypatch, source)
+    assert fast == general and fast_report == general_report
+    assert int.from_bytes(fast[:8], "little") > 1 << 20  # the header is read back in two blocks
+    loaded = load_file(tmp_path / "fast.safetensors")
+    assert list(loaded) == list(state) and all(torch.equal(loaded[k], v) for k, v in state.items())
