@@ -15,16 +15,19 @@ from typing import Any, overload
 
 from .conventions import WEIGHT_SUFFIXES, converted_name
 from .descriptors import Checkpoint
+from .dtypes import DType
 from .errors import TiesafeError
 from .flat_convert import FlatPlan, verify_as_planned, verify_flat, write_flat
 from .gcpause import paused_gc
 from .geometry import numel
 from .layout import plan_file, stored_items
 from .readers.flat_file import FlatFile, NotFlat, read_flat_file
+from .readers.name_column import names_in_order
 from .readers.torchfile import checkpoint_from_tree, read_checkpoint, read_tree
 from .readers.unpickler import GROUPS
 from .reports import SavedBytesReport
 from .sharing import SharedGroup, SharingPlan, plan_sharing
+from .stcolumns import read_header_columns
 from .stfile import read_safetensors
 from .ties import TieRecord
 from .verify import VerifyReport, output_record, verify_output
@@ -320,15 +323,24 @@ def inspect(
     )
 
 
-class _FlatTensors(Sequence[TensorInfo]):
-    """A flat checkpoint's rows as :class:`TensorInfo`, each made as it is read: 100,000 of
-    them held at once would take 25 MB, where a listing reads them once, in order."""
+class _StoredRows(Sequence[TensorInfo]):
+    """Columns (names, dtypes, shapes, sizes) as :class:`TensorInfo` rows of stored tensors, in
+    ``order``, each made as it is read: 100,000 of them held at once would take 25 MB, where
+    a listing reads them once."""
 
-    def __init__(self, flat: FlatFile) -> None:
-        self._flat = flat
+    def __init__(
+        self,
+        names: Sequence[str],
+        dtypes: Sequence[DType],
+        shapes: Sequence[tuple[int, ...]],
+        nbytes: Sequence[int],
+        order: Sequence[int],
+    ) -> None:
+        self._columns = names, dtypes, shapes, nbytes
+        self._order = order
 
     def __len__(self) -> int:
-        return len(self._flat)
+        return len(self._order)
 
     @overload
     def __getitem__(self, index: int) -> TensorInfo: ...
@@ -339,15 +351,14 @@ class _FlatTensors(Sequence[TensorInfo]):
     def __getitem__(self, index: int | slice) -> TensorInfo | list[TensorInfo]:
         if isinstance(index, slice):
             return [self[i] for i in range(*index.indices(len(self)))]
-        flat = self._flat
-        return TensorInfo(
-            flat.names[index], flat.dtypes[index].code, list(flat.shapes[index]), flat.nbytes[index], "stored"
-        )
+        names, dtypes, shapes, nbytes = self._columns
+        row = self._order[index]
+        return TensorInfo(names[row], dtypes[row].code, list(shapes[row]), nbytes[row], "stored")
 
     def __iter__(self) -> Iterator[TensorInfo]:
-        flat = self._flat
-        for name, dtype, shape, size in zip(flat.names, flat.dtypes, flat.shapes, flat.nbytes, strict=True):
-            yield TensorInfo(name, dtype.code, list(shape), size, "stored")
+        names, dtypes, shapes, nbytes = self._columns
+        for row, name in zip(self._order, names_in_order(names, self._order), strict=True):
+            yield TensorInfo(name, dtypes[row].code, list(shapes[row]), nbytes[row], "stored")
 
 
 def _inspect_flat(flat: FlatFile) -> InspectReport:
@@ -356,7 +367,7 @@ def _inspect_flat(flat: FlatFile) -> InspectReport:
     return InspectReport(
         str(flat.path),
         "zip",
-        _FlatTensors(flat),
+        _StoredRows(flat.names, flat.dtypes, flat.shapes, flat.nbytes, range(len(flat))),
         bytes_all_names=total,
         bytes_stored=total,
         prefixes_removed=list(flat.prefixes_removed),
@@ -366,6 +377,13 @@ def _inspect_flat(flat: FlatFile) -> InspectReport:
 
 def _inspect_safetensors(path: Path) -> InspectReport:
     """Every name a safetensors file gives, stored and tied, as a loader sees them."""
+    columns = read_header_columns(path)  # a file with no ties: read as columns, a block at a time
+    if columns is not None:
+        total = sum(columns.nbytes)
+        rows = _StoredRows(columns.names, columns.dtypes, columns.shapes, columns.nbytes, columns.order)
+        return InspectReport(
+            str(path), "safetensors", rows, bytes_all_names=total, bytes_stored=total, metadata=columns.metadata
+        )
     st = read_safetensors(path)
     info, record = st.entries, st.record
     hidden = set(record.hidden)

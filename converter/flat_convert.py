@@ -15,19 +15,16 @@ tensor's bytes compared bit for bit with the source (:func:`verify_written`);
 
 from __future__ import annotations
 
-import codecs
 import contextlib
-import json
-import json.scanner
 import os
-import re
 from array import array
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
 from . import ties
 from .errors import CorruptFileError, TiesafeError, VerificationError
+from .jsonstream import header_text, members
 from .layout import FORMAT_METADATA, header_pieces
 from .readahead import READ_AHEAD_FROM, ReadAhead
 from .readers.flat_file import FlatFile, NotFlat, file_order
@@ -196,7 +193,7 @@ def verify_written(flat: FlatFile, plan: FlatPlan, path: Path) -> int:
     entry by entry, and every tensor's bytes equal the source's; the bytes compared.
 
     As :func:`verify_flat`, but the header is parsed one entry at a time by json's own
-    scanners (:func:`_members`) and each entry is compared with the one planned: a header of
+    scanners (:func:`.jsonstream.members`) and each entry is compared with the one planned: a header of
     100,000 entries is never held as 100,000 dicts at once (json.loads would take about
     0.6 KiB a tensor), and an entry that is not exactly the planned one (name, dtype, shape,
     offsets, in order) is an error.
@@ -255,11 +252,11 @@ def _read_planned_header(flat: FlatFile, plan: FlatPlan, f: BinaryIO) -> int:
     data_start = 8 + length
     if size != data_start + plan.data_size or (plan.header_size and data_start != plan.header_size):
         raise _NotAsPlanned("the output's size or header length differs from the one planned")
-    members = _members(_header_text(f, length))
-    if next(members) != ("__metadata__", plan.metadata):
+    read = members(header_text(f, length))
+    if next(read) != ("__metadata__", plan.metadata):
         raise _NotAsPlanned("the metadata read back differs from the one planned")
     position, order, planned_names = 0, iter(plan.order), names_in_order(names, plan.order)
-    for name, spec in members:
+    for name, spec in read:
         row = next(order, None)
         if row is None:
             raise _NotAsPlanned(f"output has a tensor the source lacks: {name!r}")
@@ -281,113 +278,6 @@ def _compare_planned(flat: FlatFile, plan: FlatPlan, path: Path, data_start: int
     if different is not None:
         raise VerificationError(f"tensor {flat.names[different]!r} differs from the source", path=path)
     return 2 * sum(flat.nbytes)
-
-
-# json's C scanner: one JSON value from a position -> (value, end). (typeshed types its argument
-# as a scanner, where json.decoder passes the decoder itself.)
-_SCAN: Callable[[str, int], tuple[Any, int]] = json.scanner.make_scanner(json.JSONDecoder())  # type: ignore[arg-type]
-_SPACE = re.compile(r"[ \t\n\r]*")  # JSON's whitespace (json.decoder.WHITESPACE)
-_SPACE_CHARS = frozenset(" \t\n\r")
-
-
-def _skip(text: str, pos: int) -> int:
-    """``pos`` moved past any JSON whitespace (none, in what tiesafe writes: no regex then)."""
-    if text[pos : pos + 1] not in _SPACE_CHARS:
-        return pos
-    match = _SPACE.match(text, pos)
-    return match.end() if match else pos
-
-
-def _header_text(f: BinaryIO, length: int) -> Iterator[str]:
-    """The ``length`` bytes of header from ``f``'s position, decoded a block at a time.
-
-    Raises ValueError (UnicodeDecodeError) for bytes that are not UTF-8 and for a file that ends early.
-    """
-    decoder = codecs.getincrementaldecoder("utf-8")()
-    while length > 0:
-        block = f.read(min(length, _HEADER_BLOCK))
-        if not block:
-            raise ValueError("the header is cut off")
-        length -= len(block)
-        yield decoder.decode(block, final=length == 0)
-
-
-_HEADER_BLOCK = 1 << 20
-
-
-def _members(pieces: Iterable[str]) -> Iterator[tuple[str, object]]:
-    """The members of the JSON object whose text comes in ``pieces``, in order, each value parsed on its own.
-
-    The grammar of the top level (braces, strings, colons, commas, whitespace) is walked
-    here; keys and values are read by json's own C scanner, so that a text this accepts
-    is one json.loads accepts, member for member. Raises ValueError or StopIteration on
-    anything else, including text after the object.
-
-    A member is taken only once the text holds the comma or brace after it (a prefix of
-    the text that holds that much parses as the whole text does); short of it, the next
-    piece is added and the member read again. Text before the member is dropped as it
-    goes: a header of 100,000 members is never held whole.
-    """
-    rest = iter(pieces)
-    text, pos, ended = "", 0, False
-
-    def more() -> bool:
-        nonlocal text, pos, ended
-        piece = next(rest, None)
-        if piece is None:
-            ended = True
-            return False
-        text = text[pos:] + piece  # pos: the start of what is still to read
-        pos = 0
-        return True
-
-    while True:  # the opening brace, after any whitespace
-        at = _skip(text, pos)
-        if at < len(text) or not more():
-            break
-    if text[at : at + 1] != "{":
-        raise ValueError("not an object")
-    pos, first = at + 1, True
-    scan, space = _SCAN, _SPACE_CHARS  # (whitespace skipped only where there is some: none in tiesafe's)
-    while True:  # members, each with the comma or brace after it
-        try:
-            at = _skip(text, pos) if text[pos : pos + 1] in space else pos
-            if first and text[at : at + 1] == "}":
-                member, closing = None, at  # an empty object
-            else:
-                if text[at : at + 1] != '"':
-                    raise ValueError("a key is not a string")
-                key, at = scan(text, at)  # a string: its opening quote is there
-                if text[at : at + 1] != ":":
-                    at = _skip(text, at)
-                    if text[at : at + 1] != ":":
-                        raise ValueError("no colon after a key")
-                at += 1
-                value, closing = scan(text, _skip(text, at) if text[at : at + 1] in space else at)
-                if text[closing : closing + 1] in space:
-                    closing = _skip(text, closing)
-                member = (key, value)
-        except (ValueError, StopIteration, IndexError):
-            if ended or not more():
-                raise ValueError("not a JSON object") from None
-            continue  # perhaps only cut off: read again with the next piece
-        if closing >= len(text):  # the separator is not in the text yet
-            if ended or not more():
-                raise ValueError("no comma or closing brace after a value")
-            continue
-        first = False
-        if member is not None:
-            yield member
-        separator, pos = text[closing], closing + 1
-        if separator == "}":
-            break
-        if separator != ",":
-            raise ValueError("no comma or closing brace after a value")
-    while True:  # nothing but whitespace after the object
-        if _skip(text, pos) != len(text):
-            raise ValueError("text after the object")
-        if not more():
-            return
 
 
 def _planned_places(plan: FlatPlan, nbytes: list[int], data_start: int) -> Iterator[tuple[int, int, int]]:

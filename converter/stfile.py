@@ -13,11 +13,11 @@ import json
 import math
 import os
 import struct
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from itertools import chain, repeat
-from operator import add, itemgetter, le, mul, sub
+from operator import add, eq, itemgetter, le, mul, sub
 from pathlib import Path
 from typing import Any, NamedTuple, cast
 
@@ -225,6 +225,60 @@ def _fast_header(raw: bytes, data_start: int, size: int) -> tuple[dict[str, Entr
     strings = "".join(chain(names, metadata, metadata.values()))
     if escapes and (b"\\ud" in raw or b"\\uD" in raw) and not _encodes(strings):  # a lone surrogate
         return None
+    columns = spec_columns(specs)
+    if columns is None:
+        return None
+    codes, shapes, offsets = columns
+    if raw.count(b":") != keys + 3 * n + len(metadata) + strings.count(":"):
+        return None  # a key given twice (or a colon the count cannot place): the reference path says which
+    del specs
+    header.clear()  # the entries' objects go now: the columns are all that is needed (peak memory)
+    checked = checked_values(codes, shapes, offsets)
+    del offsets
+    if checked is None:
+        return None
+    begins, ends, needed = checked
+    in_data_order = tiled(begins, ends, needed, size - data_start)
+    if in_data_order is None:
+        return None
+    starts = list(map(add, begins, repeat(data_start)))
+    dtypes = list(map(BY_CODE.__getitem__, codes))
+    # Entries straight from tuples (tuple.__new__ in C, no __init__ per entry), in data order.
+    tuples = list(map(tuple, shapes))
+    shared: dict[tuple[int, ...], tuple[int, ...]] = {}  # one tuple per distinct shape: experts repeat a few
+    tuples = list(map(shared.setdefault, tuples, tuples))
+    built = map(_new_entry, zip(names, dtypes, tuples, starts, needed, strict=True))
+    if in_data_order:
+        return dict(zip(names, built, strict=True)), metadata
+    ordered = sorted(built, key=_START)  # stable: equal starts (empty tensors) keep header order
+    return dict(zip(map(_NAME, ordered), ordered, strict=True)), metadata
+
+
+def tiled(begins: Sequence[int], ends: Sequence[int], needed: Sequence[int], data_size: int) -> bool | None:
+    """Whether the spans ``[begins[i], ends[i])`` tile ``[0, data_size)`` without gaps or overlaps
+    (None if not), and if so whether they come in data order already (True) or must be sorted."""
+    if not begins:
+        return True if data_size == 0 else None
+    # With no empty tensor: the k-th smallest start is the (k-1)-th smallest end and the first
+    # start is 0 exactly when every byte below the last end is in one tensor. An empty tensor
+    # may only sit where one tensor ends: sorted as the reference sorts them.
+    if 0 in needed:
+        spans = sorted(zip(begins, ends, strict=True))
+        firsts, lasts = list(map(itemgetter(0), spans)), list(map(itemgetter(1), spans))
+    else:
+        firsts, lasts = sorted(begins), sorted(ends)
+    if firsts[0] != 0 or firsts[1:] != lasts[:-1] or lasts[-1] != data_size:
+        return None
+    return all(map(eq, begins, firsts))  # as writers write them: no sort, names taken as they are
+
+
+def spec_columns(specs: list[Any]) -> tuple[list[str], list[list[int]], list[list[int]]] | None:
+    """The dtype codes, shapes and data offsets of header entries (``name -> spec`` values), if each
+    spec is an object of exactly those three keys, a known dtype and two lists; else None.
+    Checked column by column in C (a header may describe 100,000 tensors); the values are
+    :func:`checked_values`'."""
+    if not specs:
+        return [], [], []
     if set(map(type, specs)) != {dict} or set(map(len, specs)) != {3}:
         return None
     # Typed as what they are once checked below (untrusted JSON until then).
@@ -234,18 +288,23 @@ def _fast_header(raw: bytes, data_start: int, size: int) -> tuple[dict[str, Entr
     # Three keys each, all three found: no other key, no nested object, no string but the dtype.
     if not set(codes) <= _CODES or set(map(type, shapes)) != {list} or set(map(type, offsets)) != {list}:
         return None
-    if raw.count(b":") != keys + 3 * n + len(metadata) + strings.count(":"):
-        return None  # a key given twice (or a colon the count cannot place): the reference path says which
-    del specs
-    header.clear()  # the entries' objects go now: the columns are all that is needed (peak memory)
+    return codes, shapes, offsets
+
+
+def checked_values(
+    codes: list[str], shapes: list[list[int]], offsets: list[list[int]]
+) -> tuple[list[int], list[int], list[int]] | None:
+    """Each entry's data offsets (begins, ends) and byte size, if its shape and offsets hold
+    what the reference path accepts (ints in range, the size its dtype and shape need); else None."""
+    if not codes:
+        return [], [], []
     flat = chain.from_iterable
     if max(map(len, shapes)) > MAX_DIMS or (any(shapes) and set(map(type, flat(shapes))) != _INT):
         return None
     if any(shapes) and (min(flat(shapes)) < 0 or max(flat(shapes)) > MAX_INT64):
         return None
     bounds = list(flat(offsets))
-    del offsets
-    if len(bounds) != 2 * n or set(map(type, bounds)) != _INT:
+    if len(bounds) != 2 * len(codes) or set(map(type, bounds)) != _INT:
         return None
     begins, ends = bounds[0::2], bounds[1::2]
     if min(begins) < 0 or max(ends) >= _USIZE or not all(map(le, begins, ends)):
@@ -259,29 +318,7 @@ def _fast_header(raw: bytes, data_start: int, size: int) -> tuple[dict[str, Entr
         return None
     if 0 in counts and not all(_fits_usize(s, i) for s, c, i in zip(shapes, counts, itemsizes, strict=True) if c == 0):
         return None
-    # The tiling. With no empty tensor: the k-th smallest start is the (k-1)-th smallest end
-    # and the first start is 0 exactly when every byte below the last end is in one tensor.
-    # An empty tensor may only sit where one tensor ends: sorted as the reference sorts them.
-    if 0 in needed:
-        spans = sorted(zip(begins, ends, strict=True))
-        firsts, lasts = list(map(itemgetter(0), spans)), list(map(itemgetter(1), spans))
-    else:
-        firsts, lasts = sorted(begins), sorted(ends)
-    if firsts[0] != 0 or firsts[1:] != lasts[:-1] or data_start + lasts[-1] != size:
-        return None
-    in_data_order = begins == firsts  # as writers write them: no sort, names taken as they are
-    del firsts, lasts
-    starts = list(map(add, begins, repeat(data_start)))
-    dtypes = list(map(BY_CODE.__getitem__, codes))
-    # Entries straight from tuples (tuple.__new__ in C, no __init__ per entry), in data order.
-    tuples = list(map(tuple, shapes))
-    shared: dict[tuple[int, ...], tuple[int, ...]] = {}  # one tuple per distinct shape: experts repeat a few
-    tuples = list(map(shared.setdefault, tuples, tuples))
-    built = map(_new_entry, zip(names, dtypes, tuples, starts, needed, strict=True))
-    if in_data_order:
-        return dict(zip(names, built, strict=True)), metadata
-    ordered = sorted(built, key=_START)  # stable: equal starts (empty tensors) keep header order
-    return dict(zip(map(_NAME, ordered), ordered, strict=True)), metadata
+    return begins, ends, needed
 
 
 def _encodes(text: str) -> bool:

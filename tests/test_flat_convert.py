@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import os
+import random
 import struct
 from collections.abc import Iterable
 from pathlib import Path
@@ -22,7 +23,7 @@ from safetensors.torch import load_file
 
 import converter
 from converter import convert as convert_module
-from converter import flat_convert
+from converter import flat_convert, jsonstream
 from converter.convert import inspect, verify_file
 from converter.errors import TiesafeError, VerificationError
 from converter.readers.flat_file import read_flat_file
@@ -332,12 +333,12 @@ def test_a_header_that_says_other_than_planned_is_caught(tmp_path: Path, monkeyp
 def test_members_are_what_json_reads(text: str) -> None:
     import json
 
-    members = list(flat_convert._members([text]))
+    members = list(jsonstream.members([text]))
     assert dict(members) == json.loads(text)
     assert [key for key, _ in members] == [key for key, _ in json.loads(text, object_pairs_hook=list)]
     for cut in range(len(text) + 1):  # the text in pieces, cut anywhere (a header read a block at a time)
         for pieces in ([text[:cut], text[cut:]], [text[:cut], "", *text[cut:]]):
-            assert list(flat_convert._members(pieces)) == members, pieces
+            assert list(jsonstream.members(pieces)) == members, pieces
 
 
 @pytest.mark.parametrize(
@@ -349,10 +350,10 @@ def test_members_refuse_what_json_refuses(text: str) -> None:
     with pytest.raises(ValueError):
         json.loads(text)
     with pytest.raises(ValueError):
-        list(flat_convert._members([text]))
+        list(jsonstream.members([text]))
     for cut in range(len(text) + 1):
         with pytest.raises(ValueError):
-            list(flat_convert._members([text[:cut], *text[cut:]]))
+            list(jsonstream.members([text[:cut], *text[cut:]]))
 
 
 def test_inspect_and_verify_alike(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -508,3 +509,34 @@ def test_a_file_of_many_tensors_read_and_written_in_blocks(tmp_path: Path, monke
     assert int.from_bytes(fast[:8], "little") > 1 << 20  # the header is read back in two blocks
     loaded = load_file(tmp_path / "fast.safetensors")
     assert list(loaded) == list(state) and all(torch.equal(loaded[k], v) for k, v in state.items())
+
+
+def test_inspect_of_a_safetensors_file_as_columns_is_the_whole_headers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import json
+
+    from converter.stcolumns import read_header_columns
+
+    source = tmp_path / "x.bin"
+    torch.save(_experts(300), source)
+    ours = Path(converter.convert_file(source).output)
+    shuffled = tmp_path / "shuffled.safetensors"  # header order is not data order
+    header_end, header = _header(ours)
+    items = list(header.items())
+    random.Random(5).shuffle(items)
+    text = json.dumps(dict(items)).encode()
+    text += b" " * (-len(text) % 8)
+    shuffled.write_bytes(len(text).to_bytes(8, "little") + text + ours.read_bytes()[header_end:])
+    tied = tmp_path / "tied.bin"
+    weight = torch.randn(4, 3)
+    torch.save({"embed.weight": weight, "lm_head.weight": weight}, tied)
+    tied_out = Path(converter.convert_file(tied).output)
+    columns = read_header_columns(shuffled)
+    assert columns is not None and not isinstance(columns.order, range)
+    assert read_header_columns(tied_out) is None  # ties: read whole
+    for path in (ours, shuffled, tied_out):
+        report = inspect(path).to_dict()
+        with monkeypatch.context() as patch:
+            patch.setattr(convert_module, "read_header_columns", lambda *args: None)
+            assert report == inspect(path).to_dict(), path

@@ -192,3 +192,60 @@ def test_a_large_header_is_read_by_the_fast_path(tmp_path: Path, monkeypatch: py
     st = read_safetensors(path)
     assert len(st.entries) == 2000
     assert [e.start for e in st.entries.values()] == list(range(8 + len(raw), 8 + len(raw) + begin, 16))
+
+
+def test_columns_answer_as_the_reference_or_defer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from converter import stcolumns
+
+    # inspect's columns (read a block and a few members at a time) on the same headers: when
+    # they answer, read_safetensors accepts the file and gives the same tensors in data order.
+    monkeypatch.setattr(stcolumns, "_AT_ONCE", 2)  # members checked together: across chunks too
+    rng = random.Random(17)
+    answered = deferred = 0
+    path = tmp_path / "model.safetensors"
+    for trial in range(2000):
+        header = _valid_header(rng)
+        if rng.random() < 0.3:
+            header = _moved(header, rng)
+        text = json.dumps(header, ensure_ascii=rng.random() < 0.5)
+        for _ in range(rng.randint(0, 2)):
+            try:
+                text = _damaged(text, rng)
+            except (ValueError, IndexError):
+                break
+        raw = text.encode("utf-8", "surrogatepass")
+        path.write_bytes(
+            struct.pack("<Q", len(raw)) + raw + bytes(max(0, _data_size(header) + rng.choice([0, 0, 1, -1])))
+        )
+        columns = stcolumns.read_header_columns(path)
+        if columns is None:
+            deferred += 1
+            continue
+        answered += 1
+        st = read_safetensors(path)  # raises if the columns accepted what the reference refuses
+        assert not st.record, trial
+        listed = [(columns.names[r], columns.dtypes[r], columns.shapes[r], columns.nbytes[r]) for r in columns.order]
+        assert listed == [(e.name, e.dtype, e.shape, e.nbytes) for e in st.entries.values()], text
+        assert columns.metadata == st.metadata
+    assert answered > 250 and deferred > 500, (answered, deferred)
+
+
+def test_columns_leave_ties_and_problems_to_the_reference(tmp_path: Path) -> None:
+    from converter.stcolumns import read_header_columns
+
+    path = tmp_path / "model.safetensors"
+    spec = {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]}
+    one = json.dumps(spec)
+    for text, accepted in [
+        (json.dumps({"w": spec}), True),
+        (json.dumps({"__metadata__": {"format": "pt"}, "w": spec}), True),
+        (json.dumps({"__metadata__": {"format": "pt", "lm_head": "w"}, "w": spec}), False),  # the Hub's alias
+        ('{"w": ' + one + ', "w": ' + one + "}", False),  # a name twice
+        ('{"__metadata__": {}, "__metadata__": {}, "w": ' + one + "}", False),
+        (json.dumps({"w\ud800": spec}), False),  # a lone surrogate, escaped
+        (json.dumps({"w": {**spec, "extra": 1}}), False),
+        (json.dumps({"w": spec}) + "x", False),
+    ]:
+        raw = text.encode("utf-8", "surrogatepass")
+        path.write_bytes(struct.pack("<Q", len(raw)) + raw + b"\x00")
+        assert (read_header_columns(path) is not None) == accepted, text

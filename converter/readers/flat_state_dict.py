@@ -545,6 +545,30 @@ def read_flat_state_dict(
         return None
 
 
+def distinct_hashes(names: NameColumn, hashes: array[int]) -> bool:
+    """Whether no name repeats, given each name's hash in order: the hashes sorted, then the
+    names of any two alike compared exactly. (A set of 100,000 names would take 14 MB; the
+    sort takes 4.)
+
+    Example:
+        >>> names = NameColumn(["a", "b", "a"])
+        >>> distinct_hashes(names, array("q", map(hash, names.encoded())))
+        False
+    """
+    ordered = sorted(hashes)
+    if not any(map(eq, ordered, islice(ordered, 1, None))):
+        return True
+    twice = {h for h, after in zip(ordered, islice(ordered, 1, None), strict=False) if h == after}
+    del ordered
+    seen: set[bytes] = set()
+    for name, h in zip(names.encoded(), hashes, strict=True):
+        if h in twice:
+            if name in seen:
+                return False
+            seen.add(name)
+    return True
+
+
 class FlatColumns(NamedTuple):
     """A flat state dict whose every tensor is a whole storage of its own, as columns.
 
@@ -571,18 +595,7 @@ class FlatColumns(NamedTuple):
             >>> read_flat_columns(pickle_bytes, UnpickleContext()).names_distinct()  # doctest: +SKIP
             True
         """
-        ordered = sorted(self.name_hashes)
-        if not any(map(eq, ordered, islice(ordered, 1, None))):
-            return True
-        twice = {h for h, after in zip(ordered, islice(ordered, 1, None), strict=False) if h == after}
-        del ordered
-        seen: set[bytes] = set()
-        for name, h in zip(self.names.encoded(), self.name_hashes, strict=True):
-            if h in twice:
-                if name in seen:
-                    return False
-                seen.add(name)
-        return True
+        return distinct_hashes(self.names, self.name_hashes)
 
 
 def _memo_writes(first: int, stop: int) -> bytes:

@@ -113,21 +113,36 @@ class NameColumn(Sequence[str]):
             yield bytes(blob[start:end])
             start = end + 1
 
-    def __contains__(self, name: object) -> bool:
-        """Whether ``name`` is one of the names: a search of the buffer, then a check of the boundaries."""
-        if not isinstance(name, str):
-            return False
+    def index(self, name: str, start: int = 0, stop: int | None = None) -> int:
+        """The first row from ``start`` holding ``name``: a search of the buffer, then a check of
+        the boundaries; ValueError if there is none."""
         target = name.encode("utf-8", "surrogatepass")
-        blob, ends = self._blob, self._ends
+        ends = self._ends
+        stop = len(ends) if stop is None else min(stop, len(ends))
         if not target:  # an empty name: one that ends a byte after the one before it
-            return any(map(int.__eq__, ends, chain((0,), map((1).__add__, ends))))
-        at = blob.find(target)
+            for i in range(start, stop):
+                if ends[i] == (ends[i - 1] + 1 if i else 0):
+                    return i
+            raise ValueError("'' is not a name here")
+        at = self._blob.find(target, ends[start - 1] + 1 if start else 0)
         while at >= 0:
             i = bisect_left(ends, at + len(target))  # the name that ends there, if one does
-            if i < len(ends) and ends[i] == at + len(target) and (ends[i - 1] + 1 if i else 0) == at:
-                return True
-            at = blob.find(target, at + 1)
-        return False
+            if i >= stop:
+                break
+            if ends[i] == at + len(target) and (ends[i - 1] + 1 if i else 0) == at:
+                return i
+            at = self._blob.find(target, at + 1)
+        raise ValueError(f"{name!r} is not a name here")
+
+    def __contains__(self, name: object) -> bool:
+        """Whether ``name`` is one of the names (:meth:`index`)."""
+        if not isinstance(name, str):
+            return False
+        try:
+            self.index(name)
+        except ValueError:
+            return False
+        return True
 
     def has_lone_surrogates(self) -> bool:
         """Whether a name holds a lone surrogate, which UTF-8 proper cannot encode (the general path names it)."""
