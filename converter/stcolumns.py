@@ -68,7 +68,10 @@ class _Stored(Mapping[str, StoredInfo]):
         self._names, self._dtypes, self._shapes = names, dtypes, shapes
 
     def __getitem__(self, name: str) -> StoredInfo:
-        row = self._names.index(name)
+        try:
+            row = self._names.index(name)
+        except ValueError:
+            raise KeyError(name) from None
         return StoredInfo(self._dtypes[row].code, self._shapes[row])
 
     def __contains__(self, name: object) -> bool:
