@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import random
 import struct
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -115,6 +116,21 @@ def _moved(header: dict[str, Any], rng: random.Random) -> dict[str, Any]:
     return header
 
 
+def _headers(rng: random.Random, count: int) -> Iterator[tuple[dict[str, Any], str]]:
+    """Valid headers of every kind, some with tensors moved, and their JSON text, damaged or not."""
+    for _ in range(count):
+        header = _valid_header(rng)
+        if rng.random() < 0.3:
+            header = _moved(header, rng)
+        text = json.dumps(header, ensure_ascii=rng.random() < 0.5)
+        for _ in range(rng.randint(0, 2)):
+            try:
+                text = _damaged(text, rng)
+            except (ValueError, IndexError):
+                break
+        yield header, text
+
+
 def _reference(raw: bytes, data_start: int, size: int) -> object:
     try:
         return _checked_header(raw, data_start, size)
@@ -125,16 +141,7 @@ def _reference(raw: bytes, data_start: int, size: int) -> object:
 def test_fast_path_answers_as_the_reference_or_defers() -> None:
     rng = random.Random(16)
     answered = deferred = refused = 0
-    for _ in range(3000):
-        header = _valid_header(rng)
-        if rng.random() < 0.3:
-            header = _moved(header, rng)
-        text = json.dumps(header, ensure_ascii=rng.random() < 0.5)
-        for _ in range(rng.randint(0, 2)):
-            try:
-                text = _damaged(text, rng)
-            except (ValueError, IndexError):
-                break
+    for header, text in _headers(rng, 3000):
         raw = text.encode("utf-8", "surrogatepass")
         data_start = 8 + len(raw)
         size = data_start + _data_size(header) + rng.choice([0, 0, 0, 1, -1])
@@ -203,16 +210,7 @@ def test_columns_answer_as_the_reference_or_defer(tmp_path: Path, monkeypatch: p
     rng = random.Random(17)
     answered = deferred = 0
     path = tmp_path / "model.safetensors"
-    for trial in range(2000):
-        header = _valid_header(rng)
-        if rng.random() < 0.3:
-            header = _moved(header, rng)
-        text = json.dumps(header, ensure_ascii=rng.random() < 0.5)
-        for _ in range(rng.randint(0, 2)):
-            try:
-                text = _damaged(text, rng)
-            except (ValueError, IndexError):
-                break
+    for trial, (header, text) in enumerate(_headers(rng, 2000)):
         raw = text.encode("utf-8", "surrogatepass")
         path.write_bytes(
             struct.pack("<Q", len(raw)) + raw + bytes(max(0, _data_size(header) + rng.choice([0, 0, 1, -1])))
