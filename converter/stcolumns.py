@@ -119,6 +119,7 @@ def read_header_columns(path: str | Path) -> HeaderColumns | None:
 
     path = Path(path)
     metadata: object = None
+    seen_metadata = False
     try:
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
@@ -131,9 +132,9 @@ def read_header_columns(path: str | Path) -> HeaderColumns | None:
             chunk: list[tuple[str, object]] = []
             for key, value in members(header_text(f, length), _SCAN):
                 if key == "__metadata__":
-                    if metadata is not None:
+                    if seen_metadata:
                         return None  # given twice
-                    metadata = value
+                    metadata, seen_metadata = value, True
                     continue
                 chunk.append((key, value))
                 if len(chunk) == _AT_ONCE:

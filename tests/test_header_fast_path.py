@@ -240,6 +240,8 @@ def test_columns_leave_ties_and_problems_to_the_reference(tmp_path: Path) -> Non
         (json.dumps({"__metadata__": {"format": "pt", "lm_head": "w"}, "w": spec}), False),  # the Hub's alias
         ('{"w": ' + one + ', "w": ' + one + "}", False),  # a name twice
         ('{"__metadata__": {}, "__metadata__": {}, "w": ' + one + "}", False),
+        ('{"__metadata__": null, "__metadata__": null, "w": ' + one + "}", False),
+        ('{"__metadata__": null, "w": ' + one + "}", True),  # read as no metadata, as read_safetensors reads it
         (json.dumps({"w\ud800": spec}), False),  # a lone surrogate, escaped
         (json.dumps({"w": {**spec, "extra": 1}}), False),
         (json.dumps({"w": spec}) + "x", False),
