@@ -102,7 +102,7 @@ def members(pieces: Iterable[str], scan: Callable[[str, int], tuple[Any, int]] =
                 if text[closing : closing + 1] in space:
                     closing = _skip(text, closing)
                 member = (key, value)
-        except (ValueError, StopIteration, IndexError):
+        except (ValueError, StopIteration, IndexError, RecursionError):
             if ended or not more():
                 raise ValueError("not a JSON object") from None
             continue  # perhaps only cut off: read again with the next piece

@@ -540,3 +540,16 @@ def test_inspect_of_a_safetensors_file_as_columns_is_the_whole_headers(
         with monkeypatch.context() as patch:
             patch.setattr(convert_module, "read_header_columns", lambda *args: None)
             assert report == inspect(path).to_dict(), path
+
+
+def test_a_header_nested_too_deeply_is_refused_not_a_crash(tmp_path: Path) -> None:
+    deep = '{"w": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    with pytest.raises(ValueError):
+        list(jsonstream.members([deep]))
+    source, out = tmp_path / "x.bin", tmp_path / "x.safetensors"
+    torch.save({"w": torch.ones(2)}, source)
+    raw = ('{"__metadata__": {"format": "pt"}, ' + deep[1:]).encode()
+    out.write_bytes(struct.pack("<Q", len(raw)) + raw + bytes(8))
+    for check in (lambda: verify_file(source, out), lambda: inspect(out)):
+        with pytest.raises(TiesafeError, match="not valid JSON"):
+            check()
