@@ -17,9 +17,14 @@ import re
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, BinaryIO
 
-# json's C scanner: one JSON value from a position -> (value, end). (typeshed types its argument
-# as a scanner, where json.decoder passes the decoder itself.)
-_SCAN: Callable[[str, int], tuple[Any, int]] = json.scanner.make_scanner(json.JSONDecoder())  # type: ignore[arg-type]
+
+def scanner(decoder: json.JSONDecoder) -> Callable[[str, int], tuple[Any, int]]:
+    """json's C scanner for ``decoder`` (its hooks): one JSON value from a position -> (value, end)."""
+    # (typeshed types its argument as a scanner, where json.decoder passes the decoder itself.)
+    return json.scanner.make_scanner(decoder)  # type: ignore[arg-type]
+
+
+_SCAN = scanner(json.JSONDecoder())
 _SPACE = re.compile(r"[ \t\n\r]*")  # JSON's whitespace (json.decoder.WHITESPACE)
 _SPACE_CHARS = frozenset(" \t\n\r")
 
@@ -123,8 +128,3 @@ def members(pieces: Iterable[str], scan: Callable[[str, int], tuple[Any, int]] =
             raise ValueError("text after the object")
         if not more():
             return
-
-
-def scanner(decoder: json.JSONDecoder) -> Callable[[str, int], tuple[Any, int]]:
-    """json's C scanner for ``decoder`` (its hooks): one JSON value from a position -> (value, end)."""
-    return json.scanner.make_scanner(decoder)  # type: ignore[arg-type]

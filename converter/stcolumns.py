@@ -23,16 +23,14 @@ import struct
 from array import array
 from collections.abc import Iterator, Mapping, Sequence
 from itertools import chain
-from operator import methodcaller
 from pathlib import Path
 from typing import Any, NamedTuple
 
 from .dtypes import BY_CODE, DType
 from .errors import TiesafeError
 from .jsonstream import header_text, members, scanner
-from .readers.flat_state_dict import distinct_hashes
-from .readers.name_column import NameColumn
-from .stfile import MAX_HEADER_BYTES, checked_values, spec_columns, tiled
+from .readers.name_column import NameColumn, distinct_hashes
+from .stfile import MAX_HEADER_BYTES, checked_values, encodes, spec_columns, tiled
 from .ties import StoredInfo, decode
 
 _AT_ONCE = 4096  # members checked together
@@ -47,7 +45,6 @@ def _no_repeats(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 
 _SCAN = scanner(json.JSONDecoder(object_pairs_hook=_no_repeats))
-_ENCODE = methodcaller("encode", "utf-8", "surrogatepass")
 
 
 class HeaderColumns(NamedTuple):
@@ -106,9 +103,9 @@ def read_header_columns(path: str | Path) -> HeaderColumns | None:
         checked = None if columns is None else checked_values(*columns)
         if columns is None or checked is None:
             return False
-        encoded = list(map(_ENCODE, (name for name, _ in chunk)))
-        names.extend_encoded(encoded)
-        hashes.extend(map(hash, encoded))
+        keys = [name for name, _ in chunk]
+        names.extend(keys)
+        hashes.extend(map(hash, keys))
         dtypes.extend(map(BY_CODE.__getitem__, columns[0]))
         tuples = list(map(tuple, columns[1]))
         shapes.extend(map(shared.setdefault, tuples, tuples))
@@ -146,13 +143,9 @@ def read_header_columns(path: str | Path) -> HeaderColumns | None:
     except (OSError, ValueError, StopIteration, RecursionError, TypeError, OverflowError, KeyError):
         return None
     metadata = {} if metadata is None else metadata
-    if not isinstance(metadata, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
-    ):
-        return None
-    try:
-        "".join(chain(metadata, metadata.values())).encode("utf-8")
-    except UnicodeEncodeError:
+    if type(metadata) is not dict or set(map(type, chain(metadata, metadata.values()))) - {str}:
+        return None  # as read_safetensors' fast path tells it
+    if not encodes("".join(chain(metadata, metadata.values()))):
         return None  # a lone surrogate
     if names.has_lone_surrogates() or not distinct_hashes(names, hashes):
         return None

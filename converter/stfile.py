@@ -138,10 +138,8 @@ def _fits_usize(shape: list[int], itemsize: int) -> bool:
 
 def _utf8(text: str, what: str) -> None:
     # JSON may spell lone surrogates ("\ud800"); they are no UTF-8, and the library refuses them.
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        raise CorruptFileError(f"{what} {quoted(text)} is not valid Unicode (a lone surrogate)") from None
+    if not encodes(text):
+        raise CorruptFileError(f"{what} {quoted(text)} is not valid Unicode (a lone surrogate)")
 
 
 def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
@@ -223,7 +221,7 @@ def _fast_header(raw: bytes, data_start: int, size: int) -> tuple[dict[str, Entr
     names, specs = list(header), list[dict[str, Any]](header.values())
     n = len(names)
     strings = "".join(chain(names, metadata, metadata.values()))
-    if escapes and (b"\\ud" in raw or b"\\uD" in raw) and not _encodes(strings):  # a lone surrogate
+    if escapes and (b"\\ud" in raw or b"\\uD" in raw) and not encodes(strings):  # a lone surrogate
         return None
     columns = spec_columns(specs)
     if columns is None:
@@ -321,7 +319,8 @@ def checked_values(
     return begins, ends, needed
 
 
-def _encodes(text: str) -> bool:
+def encodes(text: str) -> bool:
+    """Whether ``text`` is UTF-8 proper (JSON may spell lone surrogates, which it cannot encode)."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:

@@ -35,14 +35,12 @@ import sys
 from array import array
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
-from itertools import islice
-from operator import eq
 from typing import Any, NamedTuple, TypeVar
 
 from ..dtypes import BYTE, DType
 from ..errors import TiesafeError
 from ..geometry import contiguous_strides
-from .name_column import NameColumn
+from .name_column import NameColumn, distinct_hashes
 from .unpickler import (
     _ALLOWED,
     GROUPS,
@@ -543,30 +541,6 @@ def read_flat_state_dict(
         return _Reader(data, context, on_storage).read()
     except (_NotTemplate, TiesafeError, IndexError, UnicodeDecodeError, ValueError):
         return None
-
-
-def distinct_hashes(names: NameColumn, hashes: array[int]) -> bool:
-    """Whether no name repeats, given each name's hash in order: the hashes sorted, then the
-    names of any two alike compared exactly. (A set of 100,000 names would take 14 MB; the
-    sort takes 4.)
-
-    Example:
-        >>> names = NameColumn(["a", "b", "a"])
-        >>> distinct_hashes(names, array("q", map(hash, names.encoded())))
-        False
-    """
-    ordered = sorted(hashes)
-    if not any(map(eq, ordered, islice(ordered, 1, None))):
-        return True
-    twice = {h for h, after in zip(ordered, islice(ordered, 1, None), strict=False) if h == after}
-    del ordered
-    seen: set[bytes] = set()
-    for name, h in zip(names.encoded(), hashes, strict=True):
-        if h in twice:
-            if name in seen:
-                return False
-            seen.add(name)
-    return True
 
 
 class FlatColumns(NamedTuple):

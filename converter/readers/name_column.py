@@ -14,12 +14,13 @@ import re
 from array import array
 from bisect import bisect_left
 from collections.abc import Iterable, Iterator, Sequence
-from itertools import accumulate, chain, repeat
-from operator import add
+from itertools import accumulate, chain, islice, repeat
+from operator import add, eq, methodcaller
 from typing import overload
 
 _SURROGATE = re.compile(rb"\xed[\xa0-\xbf]")  # U+D800..U+DFFF as "surrogatepass" encodes them
-_CHUNK = 4096  # names decoded at a time
+_CHUNK = 4096  # names decoded (and encoded) at a time
+_ENCODE = methodcaller("encode", "utf-8", "surrogatepass")
 
 
 class NameColumn(Sequence[str]):
@@ -37,22 +38,20 @@ class NameColumn(Sequence[str]):
         self._blob = bytearray()  # each name, then a NUL
         self._ends = array("q")  # where each name ends (its NUL); the next starts one byte on
         self._split = True  # no name holds a NUL: a run of names is split at the NULs
-        for name in names:
-            self.append(name)
+        self.extend(names)
+
+    def extend(self, names: Iterable[str]) -> None:
+        """Add ``names``, encoded and added a chunk at a time (in C)."""
+        rest = iter(names)
+        while chunk := list(islice(rest, _CHUNK)):
+            self.extend_encoded(list(map(_ENCODE, chunk)))
 
     def append(self, name: str) -> None:
-        self.append_encoded(name.encode("utf-8", "surrogatepass"))
-
-    def append_encoded(self, encoded: bytes) -> None:
-        """Add a name as ``BINUNICODE`` holds it (UTF-8, surrogates passed), checked by the caller."""
-        if 0 in encoded:
-            self._split = False
-        self._blob += encoded
-        self._ends.append(len(self._blob))
-        self._blob.append(0)
+        self.extend_encoded([_ENCODE(name)])
 
     def extend_encoded(self, names: list[bytes]) -> None:
-        """:meth:`append_encoded` of each of ``names``, in C (a run of rows read from the pickle)."""
+        """Add names as ``BINUNICODE`` holds them (UTF-8, surrogates passed; checked by the
+        caller), in C: a run of rows read from the pickle, or a chunk of a header."""
         if not names:
             return
         if self._split and any(map(bytes.__contains__, names, repeat(b"\x00"))):
@@ -147,6 +146,30 @@ class NameColumn(Sequence[str]):
     def has_lone_surrogates(self) -> bool:
         """Whether a name holds a lone surrogate, which UTF-8 proper cannot encode (the general path names it)."""
         return _SURROGATE.search(self._blob) is not None
+
+
+def distinct_hashes(names: NameColumn, hashes: array[int]) -> bool:
+    """Whether no name repeats, given each name's hash in order: the hashes sorted, then the
+    names of any two alike compared exactly. (A set of 100,000 names would take 14 MB; the
+    sort takes 4.)
+
+    Example:
+        >>> names = NameColumn(["a", "b", "a"])
+        >>> distinct_hashes(names, array("q", map(hash, names.encoded())))
+        False
+    """
+    ordered = sorted(hashes)
+    if not any(map(eq, ordered, islice(ordered, 1, None))):
+        return True
+    twice = {h for h, after in zip(ordered, islice(ordered, 1, None), strict=False) if h == after}
+    del ordered
+    seen: set[bytes] = set()
+    for name, h in zip(names.encoded(), hashes, strict=True):
+        if h in twice:
+            if name in seen:
+                return False
+            seen.add(name)
+    return True
 
 
 def names_in_order(names: Sequence[str], order: Sequence[int]) -> Iterator[str]:
