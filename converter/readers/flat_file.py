@@ -168,6 +168,9 @@ def read_flat_file(
             del pickle  # each structure goes once read: peak memory, at 100,000 tensors
             if columns is None or not columns.names or any(n in columns.names for n in _TRAINING_STATE_NAMES):
                 return None
+            names = columns.names
+            if names.has_lone_surrogates() or "__metadata__" in names:
+                return None  # not UTF-8 proper, or the name safetensors reserves: the general path names it
             nbytes = columns.nbytes
             if not any(nbytes):
                 return None  # only empty tensors: a placeholder file, which the general path refuses
@@ -195,11 +198,6 @@ def read_flat_file(
             )
             if read_starts:
                 flat.read_starts(raw)
-        names = columns.names
-        if names.has_lone_surrogates():
-            return None  # not UTF-8 proper: the general path names it
-        if "__metadata__" in names:
-            return None
         if strips_nothing(names, strip_prefix, auto=not keep_names):
             return flat
         renamed, flat.prefixes_removed = strip_prefixes(names, strip_prefix, auto=not keep_names)
